@@ -1,0 +1,155 @@
+"""What the pipeline knows about an SMTP session and the message in it (SPEC §2, §5.1).
+
+The milter session fills these from decoded commands; the pipeline and the
+checks read them.  Nothing here knows the wire format.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+from rmilter.netlist import normalise_sender
+
+if TYPE_CHECKING:
+    from rmilter.runtime import Runtime
+    from rmilter.spool import Spool
+
+#: macro stages in protocol order; a command of an earlier stage drops the later ones (SPEC §3.5)
+MACRO_STAGES = "CHMRTLNBE"
+
+
+def _macro_key(name: str) -> str:
+    """``i`` and ``{i}`` are the same macro (SPEC §3.5)."""
+    if name.startswith("{") and name.endswith("}"):
+        return name[1:-1]
+    return name
+
+
+class MacroStore:
+    """Macros sent by the MTA, per stage, searched newest stage first."""
+
+    def __init__(self) -> None:
+        self._stages: Dict[str, Dict[str, str]] = {}
+
+    def define(self, stage: str, pairs: Dict[str, str]) -> None:
+        """Store the macros of one MACRO packet, dropping the sets of all later stages."""
+        if stage in MACRO_STAGES:
+            position = MACRO_STAGES.index(stage)
+            for later in MACRO_STAGES[position + 1 :]:
+                self._stages.pop(later, None)
+        self._stages[stage] = {_macro_key(k): v for k, v in pairs.items()}
+
+    def get(self, name: str) -> Optional[str]:
+        key = _macro_key(name)
+        for stage in reversed(MACRO_STAGES):
+            values = self._stages.get(stage)
+            if values is not None and key in values:
+                return values[key]
+        for stage, values in self._stages.items():  # codes outside the known stages
+            if stage not in MACRO_STAGES and key in values:
+                return values[key]
+        return None
+
+    def clear(self) -> None:
+        self._stages.clear()
+
+
+@dataclass
+class ConnectionContext:
+    """One SMTP client session as the MTA described it at CONNECT and HELO (SPEC §5.2, §5.3)."""
+
+    macros: MacroStore = field(default_factory=MacroStore)
+    hostname: str = ""
+    family: str = "U"  # "4", "6", "L" (unix, treated as 127.0.0.1: B20) or "U" (unknown)
+    client_address: Optional[str] = None  # canonical text; None for family U
+    client_port: int = 0
+    helo: str = ""
+    daemon_name: Optional[str] = None  # {daemon_name}: sent to rspamd as MTA-Tag
+    mta_hostname: Optional[str] = None  # j macro, logged only
+    messages: int = 0  # transactions started on this connection
+
+    @property
+    def client_hostname(self) -> str:
+        """The hostname to report: CONNECT's argument, else ``{client_name}``, else ``unknown``."""
+        if self.hostname:
+            return self.hostname
+        return self.macros.get("{client_name}") or "unknown"
+
+
+def new_message_tag() -> str:
+    """10 random lowercase hex digits: prefixes every log line of a message (SPEC §2)."""
+    return os.urandom(5).hex()
+
+
+@dataclass
+class Recipient:
+    address: str  # raw, as the client wrote it, brackets and case kept (SPEC §5.5)
+    whitelisted: bool = False
+
+
+@dataclass
+class MessageContext:
+    """One transaction: envelope, headers, body spool and what the checks found.
+
+    A message keeps the runtime (configuration and backends) it started with, so a
+    reload never changes the rules in the middle of a message (SPEC §4.13).
+    """
+
+    connection: ConnectionContext
+    runtime: "Runtime"
+    tag: str = field(default_factory=new_message_tag)
+    queue_id: Optional[str] = None
+    raw_sender: str = ""  # argv[0] of MAIL
+    envelope_from: str = ""  # normalised sender (SPEC §5.4); "" = null sender
+    esmtp_args: Tuple[str, ...] = ()
+    user: Optional[str] = None  # SASL login, or the sender for our_networks clients
+    sasl_authenticated: bool = False
+    recipients: List[Recipient] = field(default_factory=list)
+    headers: List[Tuple[str, str]] = field(default_factory=list)
+    has_return_path: bool = False
+    subject: Optional[str] = None  # value of the last Subject header
+    strict: bool = True
+    reply_to_our_mail: Optional[str] = None  # the Message-ID that matched (SPEC §6.4)
+    spool: Optional["Spool"] = None
+    #: summary log fields filled in by the pipeline (SPEC §8.4)
+    log_fields: Dict[str, str] = field(default_factory=dict)
+    started: float = 0.0
+
+    @property
+    def authenticated(self) -> bool:
+        """SPEC §5.11 "Auth": SASL login or a client in ``our_networks``."""
+        return self.user is not None
+
+    @property
+    def client_address(self) -> Optional[str]:
+        return self.connection.client_address
+
+    @property
+    def recipient_addresses(self) -> List[str]:
+        return [r.address for r in self.recipients]
+
+    @property
+    def recipient_whitelisted(self) -> bool:
+        """All accepted recipients are in the global whitelist (B3)."""
+        return bool(self.recipients) and all(r.whitelisted for r in self.recipients)
+
+    @property
+    def queue_id_or_noqueue(self) -> str:
+        return self.queue_id or "NOQUEUE"
+
+    def header_values(self, name: str) -> List[str]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n.lower() == lname]
+
+    def header_count(self, name: str) -> int:
+        lname = name.lower()
+        return sum(1 for n, _ in self.headers if n.lower() == lname)
+
+    def set_sender(self, argv0: str, mail_addr_macro: Optional[str]) -> None:
+        """SPEC §5.4 step 1 with B19: fall back to argv[0] when ``{mail_addr}`` is absent."""
+        self.raw_sender = argv0
+        value = mail_addr_macro
+        if value is None or "@" not in value:
+            value = argv0
+        self.envelope_from = normalise_sender(value)
