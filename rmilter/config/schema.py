@@ -100,6 +100,9 @@ class GlobalConfig:
     progress_interval: float = 10.0
     #: on SIGTERM, how long messages in flight may take before the process exits
     shutdown_timeout: float = 30.0
+    #: when set, accepted messages get this header naming rmilter, the message tag, the client
+    #: address and the authenticated user: a trace for administrators (off by default)
+    trace_header: Optional[str] = None
 
 
 @dataclass(frozen=True)
