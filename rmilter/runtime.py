@@ -44,8 +44,18 @@ class Runtime:
         return self.reactor
 
     @classmethod
-    def build(cls, config: Config, reactor: Any, run_blocking: BlockingRunner) -> "Runtime":
-        """Create the backend clients the configuration asks for (no I/O happens here)."""
+    def build(
+        cls,
+        config: Config,
+        reactor: Any,
+        run_blocking: BlockingRunner,
+        dkim_keyring: Optional["Keyring"] = None,
+    ) -> "Runtime":
+        """Create the backend clients the configuration asks for (no network I/O happens here).
+
+        DKIM keys are read from disk by ``dkim.from_config``; a reload passes the
+        keyring it loaded in a thread so the reactor never waits for the disk.
+        """
         from rmilter.backends import clamd, redis, rspamd
         from rmilter.checks import dkim
 
@@ -53,7 +63,7 @@ class Runtime:
         runtime.rspamd = rspamd.from_config(config, reactor)
         runtime.clamd = clamd.from_config(config, reactor)
         runtime.redis = redis.from_config(config, reactor)
-        runtime.dkim = dkim.from_config(config)
+        runtime.dkim = dkim_keyring if dkim_keyring is not None else dkim.from_config(config)
         return runtime
 
     def new_spool(self) -> Spool:

@@ -1,0 +1,83 @@
+"""``twistd rmilter``: command-line options and the service they build (SPEC §8.1).
+
+    twistd -n --pidfile= rmilter --config /etc/rmilter.conf
+    twistd -n --pidfile= rmilter --listen unix:/run/rmilter/rmilter.sock:mode=660 --listen tcp:11339
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional
+
+from twisted.application import service
+from twisted.python import usage
+
+from rmilter import __version__
+from rmilter import config as rconfig
+from rmilter.config.schema import DEFAULT_BIND_SOCKET
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT ...]"
+    longdesc = (
+        "Milter for Postfix and Sendmail: spam scanning with Rspamd, virus scanning with ClamAV, "
+        "greylisting, rate limits, reply whitelisting and pub/sub copies with Redis, DKIM signing. "
+        "Without --config the embedded default configuration is used: listen on %s, no backends, "
+        "every message accepted. SIGHUP or SIGUSR1 reloads the configuration file; SIGTERM stops "
+        "accepting connections and lets messages in flight finish." % (DEFAULT_BIND_SOCKET,)
+    )
+    optParameters = [
+        ["config", "c", None, "rmilter.conf to read (default: the embedded default configuration)"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on ENDPOINT instead of bind_socket (repeatable): a bind_socket form
+        (unix:/path, inet:PORT@HOST, inet6:PORT@[::1], fd:N) or a Twisted endpoint
+        string (tcp:11339:interface=127.0.0.1, unix:/run/rmilter.sock:mode=660, systemd:domain=UNIX:index=0)."""
+        try:
+            rconfig.listen_endpoint(endpoint)
+        except rconfig.ConfigError as e:
+            raise usage.UsageError("--listen %s: %s" % (endpoint, "; ".join(e.errors)))
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print("Rapid Milter Version %s" % (__version__,))
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        try:
+            self["config_object"] = rconfig.load(path) if path else rconfig.default()
+        except rconfig.ConfigError as e:
+            raise usage.UsageError("invalid configuration:\n" + "\n".join(e.errors))
+        except OSError as e:
+            raise usage.UsageError("cannot read %s: %s" % (path, e.strerror))
+
+
+def makeService(options: Any, reactor: Any = None) -> service.IService:
+    from rmilter.service import RmilterService
+
+    return RmilterService(
+        options["config_object"],
+        config_path=options["config"],
+        listen=options["listen"],
+        reactor=reactor,
+    )
+
+
+def make_application_service(config_path: Optional[str], listen: Optional[List[str]] = None) -> service.IService:
+    """For rmilter.tac: the same service as ``twistd rmilter``, configured from arguments."""
+    options = Options()
+    args: List[str] = []
+    if config_path:
+        args += ["--config", config_path]
+    for endpoint in listen or ():
+        args += ["--listen", endpoint]
+    options.parseOptions(args)
+    return makeService(options)
