@@ -21,6 +21,7 @@ from rmilter.spool import spool_head
 from rmilter.verdict import (
     ACCEPT,
     BARE_TEMPFAIL,
+    AddHeader,
     CONTINUE,
     SERVICE_FAILURE,
     Action,
@@ -266,6 +267,8 @@ class Pipeline:
         fields["dkim"] = dkim_result.log
         results.append(dkim_result)
         replies.remember(msg)
+        if config.main.trace_header:
+            results.append(trace_result(msg, config.main.trace_header))
         return decide(results)
 
     def _spam_mode(self, msg: MessageContext, oversized: bool) -> str:
@@ -328,6 +331,20 @@ class Pipeline:
         if verdict is not None:
             log_summary(msg, verdict)
         msg.runtime.release()
+
+
+def trace_result(msg: MessageContext, header: str) -> CheckResult:
+    """The optional administrator trace header (extension directive ``trace_header``)."""
+    from rmilter import __version__
+
+    value = "rmilter %s; tag=%s; queue_id=%s; client=%s; user=%s" % (
+        __version__,
+        msg.tag,
+        msg.queue_id_or_noqueue,
+        msg.client_address or "unknown",
+        msg.user or "unauthorized",
+    )
+    return CheckResult("trace", "", edits=(AddHeader(header, value),))
 
 
 def log_summary(msg: MessageContext, verdict: Verdict) -> None:
