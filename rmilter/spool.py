@@ -76,7 +76,8 @@ class Spool:
         self.body_prefix = bytearray()  # first DATA_HASH_PREFIX body bytes
         self._memory = bytearray()  # body bytes not yet on disk (all of it while in memory)
         self.body_size = 0
-        self.path: Optional[str] = None
+        self.path: Optional[str] = None  # set by the writer thread when the file exists
+        self._on_disk = False  # set at once when the body starts moving to the file
         self._fd: Optional[int] = None
         self._tail: "Deferred[None]" = succeed(None)  # file operations run one after another
         self.failed: Optional[BaseException] = None
@@ -89,7 +90,7 @@ class Spool:
 
     @property
     def in_memory(self) -> bool:
-        return self.path is None
+        return not self._on_disk
 
     def set_head(self, head: bytes) -> None:
         self.head = head
@@ -102,8 +103,9 @@ class Spool:
             self.body_prefix += data[: DATA_HASH_PREFIX - len(self.body_prefix)]
         self.body_size += len(data)
         self._memory += data
-        if len(self._memory) <= self.memory_limit and self.path is None:
+        if not self._on_disk and len(self._memory) <= self.memory_limit:
             return None
+        self._on_disk = True
         chunk = bytes(self._memory)
         self._memory.clear()
         return self._chain(self._write_blocking, chunk)
@@ -112,9 +114,9 @@ class Spool:
         """Fires when every byte is where ``read`` can find it; fails if a write failed."""
         return self._chain(lambda: None)
 
-    def _chain(self, f: Callable[..., None], *args: object) -> "Deferred[None]":
+    def _chain(self, f: Callable[..., T], *args: object) -> "Deferred[T]":
         """Run ``f`` after every earlier file operation; the tail of the queue never fails."""
-        done: "Deferred[None]" = Deferred()
+        done: "Deferred[T]" = Deferred()
 
         def start(_: object) -> Optional["Deferred[None]"]:
             if self.failed is not None:
@@ -137,6 +139,7 @@ class Spool:
         if self._fd is None:
             fd, path = tempfile.mkstemp(prefix="msg.", dir=self.tempdir)
             os.fchmod(fd, self.mode)
+            # O_RDWR from mkstemp: the same descriptor serves pread for scanners
             self._fd, self.path = fd, path
         view = memoryview(chunk)
         while view:
@@ -147,24 +150,27 @@ class Spool:
     def read(self, offset: int, length: int) -> "Deferred[bytes]":
         """Up to ``length`` bytes of the whole spool (head + body) from ``offset``.
 
-        Served from memory when possible, from the file through the thread pool
-        otherwise.  Call after ``finish()`` fired.
+        Short only at the end of the spool.  Served from memory when possible, from
+        the file through the thread pool (after pending writes) otherwise.
         """
+        head = b""
         head_len = len(self.head)
         if offset < head_len:
-            return succeed(self.head[offset : offset + length])
+            head = self.head[offset : offset + length]
+            length -= len(head)
+            offset = head_len
+            if length <= 0:
+                return succeed(head)
         body_offset = offset - head_len
-        if self.path is None:
-            return succeed(bytes(self._memory[body_offset : body_offset + length]))
-        if body_offset < len(self.body_prefix) and body_offset + length <= len(self.body_prefix):
-            return succeed(bytes(self.body_prefix[body_offset : body_offset + length]))
-        return self._run(self._read_blocking, body_offset, length)
+        if not self._on_disk:
+            return succeed(head + bytes(self._memory[body_offset : body_offset + length]))
+        if body_offset + length <= len(self.body_prefix):
+            return succeed(head + bytes(self.body_prefix[body_offset : body_offset + length]))
+        return self._chain(self._read_blocking, body_offset, length).addCallback(lambda body: head + body)
 
     def _read_blocking(self, offset: int, length: int) -> bytes:
-        assert self.path is not None
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
+        assert self._fd is not None
+        return os.pread(self._fd, length, offset)
 
     def read_all(self) -> "Deferred[bytes]":
         """The whole spool in one buffer: only for small consumers (tests, pub/sub)."""
@@ -172,7 +178,7 @@ class Spool:
 
     def memory_bytes(self) -> Optional[bytes]:
         """The whole spool when it lives in memory, else None."""
-        if self.path is None:
+        if not self._on_disk:
             return self.head + bytes(self._memory)
         return None
 

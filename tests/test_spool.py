@@ -1,0 +1,159 @@
+"""The message spool: SPEC §5.14 bytes, memory limit, file in tempdir, cleanup."""
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from rmilter.spool import DATA_HASH_PREFIX, Spool, run_inline, spool_head
+
+
+class SpoolHeadTests(SynchronousTestCase):
+    def test_head_bytes_match_c_layout(self) -> None:
+        """Received line, headers with bare LF, synthetic Return-Path and X-Rcpt-To with CRLF (B30)."""
+        head = spool_head(
+            helo="mail.example.net",
+            hostname="mail.example.net",
+            client_address="192.0.2.10",
+            tag="0123456789",
+            headers=[("Subject", "hello"), ("X-Folded", "a\n\tb")],
+            has_return_path=False,
+            envelope_from="a@example.net",
+            recipients=["<b@example.org>", "<C@example.org>"],
+        )
+        self.assertEqual(
+            head,
+            b"Received: from mail.example.net (mail.example.net [192.0.2.10]) by localhost (Postfix) "
+            b"with ESMTP id 0123456789;\r\n"
+            b"Subject: hello\n"
+            b"X-Folded: a\n\tb\n"
+            b"Return-Path: <a@example.net>\r\n"
+            b"X-Rcpt-To: <b@example.org>\r\n"
+            b"X-Rcpt-To: <C@example.org>\r\n"
+            b"\r\n",
+        )
+
+    def test_existing_return_path_suppresses_synthetic_one(self) -> None:
+        head = spool_head(
+            helo="h", hostname="n", client_address=None, tag="t", headers=[("Return-Path", "<x@y>")],
+            has_return_path=True, envelope_from="", recipients=[],
+        )
+        self.assertEqual(head.count(b"Return-Path"), 1)
+        self.assertIn(b"(n [])", head)
+
+
+class SpoolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tempdir = tempfile.mkdtemp()
+        self.addCleanup(lambda: os.rmdir(self.tempdir))
+
+    def make(self, limit: int = 100) -> Spool:
+        spool = Spool(self.tempdir, 0o640, limit, run_inline)
+        self.addCleanup(spool.close)
+        spool.set_head(b"HEAD\r\n\r\n")
+        return spool
+
+    def test_small_body_stays_in_memory(self) -> None:
+        """Below the limit no file is created and reads are served from memory."""
+        spool = self.make()
+        self.assertIsNone(spool.append(b"hello\r\n"))
+        self.successResultOf(spool.finish())
+        self.assertTrue(spool.in_memory)
+        self.assertEqual(os.listdir(self.tempdir), [])
+        self.assertEqual(self.successResultOf(spool.read_all()), b"HEAD\r\n\r\nhello\r\n")
+        self.assertEqual(spool.size, 15)
+        self.assertEqual(spool.memory_bytes(), b"HEAD\r\n\r\nhello\r\n")
+
+    def test_large_body_moves_to_file_with_mode(self) -> None:
+        """Past the limit the body goes to tempdir/msg.* with tempfiles_mode; reads span head and file."""
+        spool = self.make(limit=10)
+        self.assertIsNone(spool.append(b"0123456789"))
+        pending = spool.append(b"abcdef")
+        self.assertIsNotNone(pending)
+        self.successResultOf(pending)
+        self.assertIsNone(self.successResultOf(spool.append(b"XYZ") or spool.finish()))
+        self.successResultOf(spool.finish())
+        self.assertFalse(spool.in_memory)
+        [name] = os.listdir(self.tempdir)
+        self.assertTrue(name.startswith("msg."))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.tempdir, name)).st_mode), 0o640)
+        self.assertEqual(self.successResultOf(spool.read_all()), b"HEAD\r\n\r\n0123456789abcdefXYZ")
+        self.assertEqual(self.successResultOf(spool.read(4, 8)), b"\r\n\r\n0123")
+        self.assertEqual(self.successResultOf(spool.read(8, 5)), b"01234")
+        self.assertEqual(self.successResultOf(spool.read(20, 100)), b"cdefXYZ")
+        self.assertIsNone(spool.memory_bytes())
+        spool.close()
+        self.assertEqual(os.listdir(self.tempdir), [])
+
+    def test_body_prefix_keeps_first_10k(self) -> None:
+        """The greylisting data hash needs the first 10240 body bytes even when the body is on disk."""
+        spool = self.make(limit=1000)
+        data = bytes(range(256)) * 100
+        self.successResultOf(spool.append(data))
+        self.assertEqual(bytes(spool.body_prefix), data[:DATA_HASH_PREFIX])
+        self.assertEqual(spool.body_size, len(data))
+        spool.close()
+
+    def test_empty_chunk_is_accepted(self) -> None:
+        """B35: an empty BODY chunk is not an error."""
+        spool = self.make()
+        self.assertIsNone(spool.append(b""))
+        self.assertEqual(spool.body_size, 0)
+
+    def test_write_failure_is_reported_and_sticky(self) -> None:
+        """A failed disk write fails the pending write and every later finish()."""
+        spool = Spool("/nonexistent-dir-for-rmilter-tests", 0o600, 1, run_inline)
+        failure = self.failureResultOf(spool.append(b"abc"))
+        self.assertIsInstance(failure.value, OSError)
+        self.failureResultOf(spool.finish(), OSError)
+        spool.close()
+
+
+class DeferredRunner:
+    """A BlockingRunner whose calls run only when the test says so (like a busy thread pool)."""
+
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.queue: list = []
+        self._Deferred = Deferred
+
+    def __call__(self, f, *args):  # type: ignore[no-untyped-def]
+        d = self._Deferred()
+        self.queue.append((f, args, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.queue:
+            f, args, d = self.queue.pop(0)
+            try:
+                d.callback(f(*args))
+            except Exception as e:  # the runner reports exceptions as failures, like deferToThread
+                d.errback(e)
+
+
+class SlowDiskTests(SynchronousTestCase):
+    def test_appends_while_a_write_is_pending_keep_order(self) -> None:
+        """Chunks arriving while the first disk write waits are written after it, in order, none lost."""
+        tempdir = tempfile.mkdtemp()
+        runner = DeferredRunner()
+        spool = Spool(tempdir, 0o600, 4, runner)
+        spool.set_head(b"H\r\n")
+        first = spool.append(b"aaaaa")
+        second = spool.append(b"bb")
+        finished = spool.finish()
+        self.assertNoResult(first)
+        self.assertNoResult(finished)
+        runner.run_all()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.successResultOf(finished)
+        read = spool.read_all()
+        runner.run_all()
+        self.assertEqual(self.successResultOf(read), b"H\r\naaaaabb")
+        spool.close()
+        runner.run_all()
+        self.assertEqual(os.listdir(tempdir), [])
+        os.rmdir(tempdir)
