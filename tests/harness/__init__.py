@@ -1,0 +1,84 @@
+"""Real services on loopback for integration tests: Redis, clamd, Rspamd, Postfix, rmilter.
+
+How to use it
+-------------
+Every fixture is a plain object with BLOCKING methods (``start()``, ``stop()``, helpers that
+send mail or query a server).  The services are separate processes, so blocking the test's
+thread never stalls them.  That makes two test styles possible, both with trial:
+
+- ``SynchronousTestCase`` (or ``TestCase``) calling the blocking helpers directly: the
+  simplest choice for tests that drive things with swaks, miltertest, redis commands;
+- ``TestCase`` returning Deferreds (e.g. driving the milter with ``rmilter.testing.mta``):
+  start the fixtures in ``setUp`` (blocking there is fine) and, while the reactor must keep
+  running, wrap slow blocking helpers in ``twisted.internet.threads.deferToThread``.
+
+Fixtures belonging to one test are started with the ``start_*`` functions below, which
+register ``testcase.addCleanup(fixture.stop)``.  Rspamd takes seconds to start, so
+``shared_rspamd()`` returns one instance per test process, stopped at interpreter exit.
+Anything still running at exit is stopped by pid (tests/harness/base.py).
+
+A service that is missing or does not answer in time raises ``ServiceUnavailable``, an
+``AssertionError``: the test FAILS with the reason and the tail of the service's log.  Tests
+never skip for a missing service.
+
+Scratch files live in one per-run directory ``/tmp/rmt-XXXXXX`` (short: unix sockets live there),
+removed at exit unless ``RMILTER_KEEP_SCRATCH=1``.  Ports are free ports picked by the kernel.
+
+Quick reference::
+
+    redis = start_redis(self)                    # redis.address, redis.command("GET", "k")
+    milter = start_rmilter(self, config_text)    # milter.milter_inet, milter.wait_for_log(...)
+    clamd = start_clamd(self)                    # clamd.address, clamd.socket_path, clamd.scan(b"...")
+    rspamd = shared_rspamd()                     # rspamd.address, rspamd.checkv2(msg, ...)
+    sink = start_smtp_sink(self)                 # sink.messages()
+    postfix = start_postfix(self, sink)          # postfix.set_milters(milter.milter_inet); postfix.swaks(...)
+    result = miltertest(sock=milter.milter_inet, hdr="X-Rmilter-Trace")   # result.status, result.output
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from tests.harness.base import (
+    ServiceUnavailable,
+    free_port,
+    scratch_dir,
+    scratch_root,
+    wait_until,
+)
+from tests.harness.redis import Redis, RedisError, RespClient, Subscription
+from tests.harness.rmilter import REPO_ROOT, Rmilter
+
+
+class _HasCleanup(Protocol):
+    def addCleanup(self, f: Any, *args: Any, **kwargs: Any) -> None: ...
+
+
+def start_redis(testcase: _HasCleanup, **kwargs: Any) -> Redis:
+    """A fresh redis-server for this test, stopped at its end."""
+    redis = Redis(**kwargs)
+    testcase.addCleanup(redis.stop)
+    return redis.start()
+
+
+def start_rmilter(testcase: _HasCleanup, config_text: str = "", **kwargs: Any) -> Rmilter:
+    """``twistd rmilter`` with this config text, listening on inet and unix; stopped at the end."""
+    milter = Rmilter(config_text, **kwargs)
+    testcase.addCleanup(milter.stop)
+    return milter.start()
+
+
+__all__ = [
+    "REPO_ROOT",
+    "Redis",
+    "RedisError",
+    "RespClient",
+    "Rmilter",
+    "ServiceUnavailable",
+    "Subscription",
+    "free_port",
+    "scratch_dir",
+    "scratch_root",
+    "start_redis",
+    "start_rmilter",
+    "wait_until",
+]

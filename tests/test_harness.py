@@ -1,0 +1,87 @@
+"""The real-service fixtures start and answer (tests/harness): quick checks of each one."""
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests import harness
+
+
+class RedisFixtureTests(SynchronousTestCase):
+    def test_ping_set_get(self) -> None:
+        """A started Redis answers PING and keeps a value; the port is the fixture's."""
+        redis = harness.start_redis(self)
+        self.assertTrue(redis.ping())
+        redis.command("SET", "harness:key", "value")
+        self.assertEqual(redis.get("harness:key"), b"value")
+        self.assertEqual(redis.address, "127.0.0.1:%d" % redis.port)
+
+    def test_stop_and_start_on_same_port(self) -> None:
+        """stop() makes the port refuse connections; start() serves again on it, empty."""
+        redis = harness.start_redis(self)
+        redis.command("SET", "k", "v")
+        port = redis.port
+        redis.stop()
+        self.assertRaises(OSError, redis.command, "PING")
+        redis.start()
+        self.assertEqual(redis.port, port)
+        self.assertTrue(redis.ping())
+        self.assertIsNone(redis.get("k"))
+
+    def test_publish_reaches_subscription(self) -> None:
+        """A Subscription sees what is published on its channel, byte for byte."""
+        redis = harness.start_redis(self)
+        sub = redis.subscribe("copies")
+        self.addCleanup(sub.close)
+        self.assertEqual(redis.command("PUBLISH", "copies", b"Subject: x\r\n\r\nbody"), 1)
+        self.assertEqual(sub.wait_messages(1, timeout=5), [b"Subject: x\r\n\r\nbody"])
+
+    def test_error_reply_raises(self) -> None:
+        """An error reply from Redis raises RedisError with its text."""
+        redis = harness.start_redis(self)
+        e = self.assertRaises(harness.RedisError, redis.command, "NOSUCHCOMMAND")
+        self.assertIn("unknown command", str(e))
+
+
+class RmilterFixtureTests(SynchronousTestCase):
+    def test_start_listen_and_stop(self) -> None:
+        """twistd rmilter starts with a config text, accepts on inet and unix, stops on TERM."""
+        milter = harness.start_rmilter(self, "# nothing configured\n")
+        self.assertTrue(harness.base.tcp_accepts("127.0.0.1", milter.port or 0))
+        self.assertTrue(harness.base.unix_accepts(milter.socket_path or ""))
+        self.assertEqual(milter.milter_inet, "inet:%d@127.0.0.1" % milter.port)
+        self.assertEqual(milter.stop(), 0)
+        self.assertFalse(milter.running())
+
+    def test_bad_config_fails_with_log(self) -> None:
+        """A config that does not parse makes start() fail the test, showing why."""
+        milter = harness.Rmilter("this is { not a config\n")
+        self.addCleanup(milter.stop)
+        e = self.assertRaises(harness.ServiceUnavailable, milter.start, 20)
+        self.assertIn("exited", str(e))
+
+    def test_reload_on_hup(self) -> None:
+        """SIGHUP re-reads the config file and the log says so; the process keeps serving."""
+        milter = harness.start_rmilter(self, "")
+        milter.write_config("max_size = 10M;\n")
+        milter.reload(wait_for="configuration reloaded")
+        self.assertTrue(milter.running())
+        self.assertTrue(harness.base.unix_accepts(milter.socket_path or ""))
+
+
+class ScratchTests(SynchronousTestCase):
+    def test_scratch_paths_short(self) -> None:
+        """Scratch directories are short enough for unix sockets (sun_path is 108 bytes)."""
+        path = harness.scratch_dir("sock")
+        self.assertTrue(os.path.isdir(path))
+        self.assertLess(len(os.path.join(path, "service.sock")), 80)
+
+    def test_missing_program_fails(self) -> None:
+        """A missing program is a failure (ServiceUnavailable is an AssertionError), never a skip."""
+        e = self.assertRaises(
+            harness.ServiceUnavailable, harness.base.find_program, "no-such-program-rmt"
+        )
+        self.assertIsInstance(e, AssertionError)
+        self.assertIn("install-deps.sh", str(e))
+
