@@ -1,28 +1,40 @@
 """Redis access for greylisting, rate limits, replies and pub/sub (SPEC §6.1, §6.6).
 
-API first (others code against it); the txredisapi pool behind it follows.
-
 Every role (``grey``, ``white``, ``limits``, ``id``, ``spam``, ``copy``) is a
-``RedisRole``: a server list with SPEC §6.6 health, keys placed by the
-consistent hash of ``UpstreamList.choose_hashed``.  Every call returns a
-Deferred that never fails and fires within ``redis.connect_timeout``: Redis
-being unreachable means fail open (SPEC §6.10), so callers only see "miss",
-``False`` or ``None``.
+``RedisRole``: a server list with SPEC §6.6 health, keys placed on servers by
+the consistent hash of ``UpstreamList.choose_hashed`` (so shards written by the
+C rmilter are found), one lazy txredisapi connection pool per server.
+
+Every call returns a Deferred that never fails and fires within
+``redis.connect_timeout``: Redis being unreachable means fail open (SPEC
+§6.10), so callers only ever see "miss", ``False`` or ``None``.
+
+A server that has just failed is not waited for again by every message: while
+it has no connection at all, or for ``retry_interval`` seconds after a timeout,
+its commands fail at once (and still count against it, SPEC §6.6); txredisapi
+keeps reconnecting in the background and the first command after that finds
+the server again.  So at most one message at a time pays the timeout.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from rmilter.config.schema import Config
+from rmilter.backends.upstream import UpstreamList
+from rmilter.config.schema import Config, RedisServer
+
+log = Logger(namespace="rmilter.redis")
 
 #: what a Lua script may be given as an argument (encoded as Redis bulk strings)
 ScriptArg = Union[bytes, str, int, float]
 
 
+# -- scripts ----------------------------------------------------------------------------------
 class ScriptStore(Protocol):
     """The keyspace as a script sees it: what a Python rendering of a Lua script may use."""
 
@@ -54,7 +66,11 @@ class LuaScript:
 
 
 def encode_arg(value: ScriptArg) -> bytes:
-    """Arguments as Redis sees them: floats with full precision (repr), text as UTF-8."""
+    """Arguments as Redis sees them: floats with full precision (repr), text as UTF-8.
+
+    txredisapi would format floats with six decimals; times and rates must reach
+    the script as the exact doubles rmilter computed with.
+    """
     if isinstance(value, bytes):
         return value
     if isinstance(value, bool):
@@ -66,22 +82,229 @@ def encode_arg(value: ScriptArg) -> bytes:
     return value.encode("utf-8")
 
 
-class IRedisRole(Protocol):
-    """What checks use: one role's server list (see module docstring)."""
+# -- errors a channel reports -----------------------------------------------------------------
+class RedisErrorReply(Exception):
+    """The server answered with an error reply (``-ERR ...``, ``-NOSCRIPT ...``): it is alive."""
 
-    name: str
 
+class RedisUnavailable(Exception):
+    """No usable connection to the server (refused, lost, authentication failed)."""
+
+
+# -- one server's connections -----------------------------------------------------------------
+class CommandChannel(Protocol):
+    """Send commands to one server; ``execute`` fires with the raw reply.
+
+    Errors: ``RedisErrorReply`` for an error reply, anything else for a
+    connection problem.  ``ready_connections`` is None until the first command
+    created the connections, then the number of usable connections.
+    """
+
+    @property
+    def ready_connections(self) -> Optional[int]: ...
+
+    def execute(self, args: Sequence[bytes]) -> "Deferred[Any]": ...
+
+    def close(self) -> "Deferred[None]": ...
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The ``redis { }`` directives every role shares."""
+
+    connect_timeout: float = 1.0
+    error_time: float = 10.0
+    dead_time: float = 300.0
+    maxerrors: int = 10
+    password: Optional[str] = None
+    dbid: Optional[int] = None
+    #: connections per server and role; commands are pipelined over them
+    poolsize: int = 2
+
+    @property
+    def retry_interval(self) -> float:
+        """How long a server that timed out is not waited for again."""
+        return max(1.0, self.connect_timeout)
+
+    @classmethod
+    def from_config(cls, config: Config) -> "RedisSettings":
+        r = config.redis
+        dbid: Optional[int] = None
+        if r.dbname not in (None, ""):
+            try:
+                dbid = int(r.dbname)  # type: ignore[arg-type]
+            except ValueError:
+                log.error("redis dbname {dbname!r} is not a number; using the default database", dbname=r.dbname)
+        return cls(
+            connect_timeout=r.connect_timeout,
+            error_time=r.error_time,
+            dead_time=r.dead_time,
+            maxerrors=r.maxerrors,
+            password=r.password or None,
+            dbid=dbid,
+        )
+
+
+class TxRedisChannel:
+    """A txredisapi connection pool to one server, opened by the first command.
+
+    Connections are made with ``charset=None`` and ``convertNumbers=False`` so
+    that 16-byte binary records come back as the bytes that were stored
+    (txredisapi would otherwise decode them as text or turn digits into ints).
+    AUTH and SELECT are sent by txredisapi on every new connection.
+    """
+
+    def __init__(self, server: RedisServer, settings: RedisSettings, reactor: Any) -> None:
+        self.server = server
+        self.settings = settings
+        self.reactor = reactor
+        self._factory: Any = None
+        self._handler: Any = None
+        self._response_error: Any = Exception
+
+    @property
+    def ready_connections(self) -> Optional[int]:
+        if self._factory is None:
+            return None
+        return int(self._factory.size)
+
+    def _connect(self) -> None:
+        # txredisapi imports the global reactor: import it only when a command is sent
+        import txredisapi
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        factory = txredisapi.RedisFactory(
+            "%s:%d" % (self.server.host, self.server.port),
+            self.settings.dbid,
+            self.settings.poolsize,
+            isLazy=True,
+            handler=txredisapi.ConnectionHandler,
+            charset=None,
+            password=self.settings.password,
+            replyTimeout=None,  # rmilter bounds every command itself, on its own clock
+            convertNumbers=False,
+        )
+        factory.reconnect = True
+        # come back quickly once the server returns; the default backs off to 10 s
+        factory.initialDelay = 0.2
+        factory.maxDelay = max(2.0, self.settings.connect_timeout)
+        endpoint = HostnameEndpoint(
+            self.reactor, self.server.host, self.server.port, timeout=max(1, int(self.settings.connect_timeout + 0.999))
+        )
+        factory.startConnecting(endpoint)
+        self._factory = factory
+        self._handler = factory.handler
+        self._response_error = txredisapi.ResponseError
+
+    def execute(self, args: Sequence[bytes]) -> "Deferred[Any]":
+        if self._handler is None:
+            self._connect()
+        try:
+            d: Deferred = self._handler.execute_command(*args)
+        except Exception:
+            return fail()
+        return d.addErrback(self._map_error)
+
+    def _map_error(self, failure: Failure) -> Failure:
+        if failure.check(self._response_error):
+            return Failure(RedisErrorReply(str(failure.value)))
+        return failure
+
+    def close(self) -> "Deferred[None]":
+        factory, self._factory, self._handler = self._factory, None, None
+        if factory is None:
+            return succeed(None)
+        return factory.disconnect().addBoth(lambda _: None)
+
+
+ChannelMaker = Callable[[RedisServer], CommandChannel]
+
+
+@dataclass
+class _Link:
+    """One server of a role: its channel and whether it recently failed."""
+
+    server: RedisServer
+    channel: CommandChannel
+    trouble: bool = False
+    wait_until: float = 0.0  # while in trouble and connected: no waiting before this time
+
+
+#: the value ``_command`` gives when the server could not be used
+class _Unavailable:
+    def __repr__(self) -> str:
+        return "UNAVAILABLE"
+
+
+UNAVAILABLE = _Unavailable()
+
+
+# -- a role --------------------------------------------------------------------------------------
+class RedisRole:
+    """One role's server list (see the module docstring): GET/SETEX/DEL/PUBLISH/EVALSHA."""
+
+    def __init__(
+        self,
+        name: str,
+        servers: Sequence[RedisServer],
+        settings: RedisSettings,
+        reactor: Any,
+        channel_maker: Optional[ChannelMaker] = None,
+    ) -> None:
+        if not servers:
+            raise ValueError("a Redis role needs at least one server")
+        self.name = name
+        self.settings = settings
+        self.clock = reactor
+        self.timeout = settings.connect_timeout
+        make = channel_maker or (lambda server: TxRedisChannel(server, settings, reactor))
+        self.upstreams: UpstreamList[RedisServer] = UpstreamList(
+            list(servers),
+            error_time=settings.error_time,
+            dead_time=settings.dead_time,
+            maxerrors=settings.maxerrors,
+            clock=reactor,
+        )
+        # channels are cheap objects; each opens its connections on its first command
+        self._links: Dict[int, _Link] = {}
+        for upstream in self.upstreams.upstreams:
+            self._links[id(upstream.server)] = _Link(upstream.server, make(upstream.server))
+        #: commands sent to servers (not the ones failed at once), for tests and benchmarks
+        self.commands_sent = 0
+
+    def __repr__(self) -> str:
+        return "<RedisRole %s %s>" % (self.name, ",".join(u.server.name for u in self.upstreams.upstreams))
+
+    # -- the commands ------------------------------------------------------------------------
     def get(self, key: bytes) -> "Deferred[Optional[bytes]]":
         """GET; a miss, an error reply or a failure is None (an empty value is a miss, SPEC §6.1)."""
 
+        def got(reply: Any) -> Optional[bytes]:
+            if isinstance(reply, bytes) and reply:
+                return reply
+            return None
+
+        return self._command(self.upstreams.choose_hashed(key), (b"GET", key)).addCallback(got)
+
     def setex(self, key: bytes, ttl: int, value: bytes) -> "Deferred[bool]":
-        """SETEX (SET when ttl == 0); False on failure."""
+        """SETEX (SET when ttl == 0); False on failure or an error reply."""
+        if ttl:
+            args: Tuple[bytes, ...] = (b"SETEX", key, str(int(ttl)).encode("ascii"), value)
+        else:
+            args = (b"SET", key, value)
+        return self._command(self.upstreams.choose_hashed(key), args).addCallback(_is_ok)
 
     def delete(self, key: bytes) -> "Deferred[bool]":
-        """DEL (B11); False on failure."""
+        """DEL (the C version sent ``DELETE``, which Redis does not know, B11)."""
+        return self._command(self.upstreams.choose_hashed(key), (b"DEL", key)).addCallback(
+            lambda reply: isinstance(reply, int)
+        )
 
     def publish(self, channel: str, payload: bytes) -> "Deferred[Optional[int]]":
         """PUBLISH on the first live server by priority; the subscriber count, None on failure."""
+        return self._command(
+            self.upstreams.choose_first(), (b"PUBLISH", channel.encode("utf-8"), payload)
+        ).addCallback(lambda reply: reply if isinstance(reply, int) else None)
 
     def eval_script(
         self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg]
@@ -90,25 +313,131 @@ class IRedisRole(Protocol):
 
         All ``keys`` must live on that server: group them with ``shard_of`` first.
         """
+        server = self.upstreams.choose_hashed(keys[0]) if keys else self.upstreams.choose_first()
+        tail = (str(len(keys)).encode("ascii"),) + tuple(keys) + tuple(encode_arg(a) for a in args)
+
+        def evaluated(reply: Any) -> Any:
+            if isinstance(reply, RedisErrorReply) and str(reply).startswith("NOSCRIPT"):
+                # first use of the script on this server (or after SCRIPT FLUSH / restart)
+                return self._command(server, (b"EVAL", script.source.encode("utf-8")) + tail).addCallback(done)
+            return done(reply)
+
+        def done(reply: Any) -> Any:
+            if reply is UNAVAILABLE:
+                return None
+            if isinstance(reply, RedisErrorReply):
+                log.error(
+                    "Redis {role} server {server}: script {script} failed: {error}",
+                    role=self.name, server=server.name, script=script.name, error=str(reply),
+                )
+                return None
+            return reply
+
+        return self._command(server, (b"EVALSHA", script.sha1.encode("ascii")) + tail, keep_errors=True).addCallback(
+            evaluated
+        )
 
     def shard_of(self, key: bytes) -> Any:
         """The server ``key`` hashes to right now (for grouping keys per script call)."""
+        return self.upstreams.choose_hashed(key)
 
     def stop(self) -> "Deferred[None]":
-        """Close every connection."""
+        closes = [link.channel.close() for link in self._links.values()]
+        return DeferredList(closes, consumeErrors=True).addCallback(lambda _: None)
+
+    # -- one command on one server ----------------------------------------------------------------
+    def _command(self, server: RedisServer, args: Sequence[bytes], keep_errors: bool = False) -> "Deferred[Any]":
+        """Send one command, bounded by ``connect_timeout``; never fails.
+
+        Fires with the reply, with ``UNAVAILABLE`` when the server could not be
+        used, and (``keep_errors``) with a ``RedisErrorReply`` for an error reply,
+        which otherwise is logged and becomes ``UNAVAILABLE``.
+        """
+        link = self._links[id(server)]
+        if link.trouble and not self._worth_waiting(link):
+            self.upstreams.failed(server)
+            log.debug(
+                "Redis {role} server {server} unavailable, {command} skipped",
+                role=self.name, server=server.name, command=args[0].decode("ascii"),
+            )
+            return succeed(UNAVAILABLE)
+        self.commands_sent += 1
+        try:
+            d = link.channel.execute(args)
+        except Exception:
+            d = fail()
+        d.addTimeout(self.timeout, self.clock)
+        return d.addCallbacks(
+            self._succeeded, self._failed, callbackArgs=(link,), errbackArgs=(link, args[0], keep_errors)
+        )
+
+    def _worth_waiting(self, link: _Link) -> bool:
+        """A server in trouble is tried again once it has a connection and its pause is over."""
+        ready = link.channel.ready_connections
+        if ready is not None and ready <= 0:
+            return False
+        return self.clock.seconds() >= link.wait_until
+
+    def _succeeded(self, reply: Any, link: _Link) -> Any:
+        self.upstreams.succeeded(link.server)
+        if link.trouble:
+            link.trouble = False
+            log.info("Redis {role} server {server} is reachable again", role=self.name, server=link.server.name)
+        return reply
+
+    def _failed(self, failure: Failure, link: _Link, command: bytes, keep_errors: bool) -> Any:
+        if failure.check(RedisErrorReply):
+            # the server is alive; the command or the configuration is wrong
+            self._succeeded(None, link)
+            if keep_errors:
+                return failure.value
+            log.error(
+                "Redis {role} server {server}: {command} failed: {error}",
+                role=self.name, server=link.server.name, command=command.decode("ascii"), error=failure.getErrorMessage(),
+            )
+            return UNAVAILABLE
+        self.upstreams.failed(link.server)
+        link.wait_until = self.clock.seconds() + self.settings.retry_interval
+        if not link.trouble:
+            link.trouble = True
+            log.warn(
+                "Redis {role} server {server}: {command} failed ({error}); failing open until it answers again",
+                role=self.name, server=link.server.name, command=command.decode("ascii"),
+                error=_describe(failure, self.timeout),
+            )
+        else:
+            log.debug(
+                "Redis {role} server {server}: {command} failed again ({error})",
+                role=self.name, server=link.server.name, command=command.decode("ascii"),
+                error=_describe(failure, self.timeout),
+            )
+        return UNAVAILABLE
 
 
+def _is_ok(reply: Any) -> bool:
+    return reply == b"OK" or reply == "OK"
+
+
+def _describe(failure: Failure, timeout: float) -> str:
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
+
+    if failure.check(DeferredTimeout):
+        return "no reply within %gs" % (timeout,)
+    return "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
+
+
+# -- all roles ---------------------------------------------------------------------------------
 class RedisRoles:
     """The Redis roles of one runtime; a role is None when its server list is empty."""
 
     def __init__(
         self,
-        grey: Optional[IRedisRole] = None,
-        white: Optional[IRedisRole] = None,
-        limits: Optional[IRedisRole] = None,
-        id: Optional[IRedisRole] = None,
-        spam: Optional[IRedisRole] = None,
-        copy: Optional[IRedisRole] = None,
+        grey: Optional[Any] = None,
+        white: Optional[Any] = None,
+        limits: Optional[Any] = None,
+        id: Optional[Any] = None,
+        spam: Optional[Any] = None,
+        copy: Optional[Any] = None,
     ) -> None:
         self.grey = grey
         self.white = white
@@ -117,20 +446,48 @@ class RedisRoles:
         self.spam = spam
         self.copy = copy
 
-    def roles(self) -> Sequence[IRedisRole]:
-        seen: list = []
+    def roles(self) -> List[Any]:
+        """Every distinct role object (``white`` may be the ``grey`` role itself)."""
+        seen: List[Any] = []
         for role in (self.grey, self.white, self.limits, self.id, self.spam, self.copy):
             if role is not None and all(role is not r for r in seen):
                 seen.append(role)
         return seen
 
     def stop(self) -> "Deferred[None]":
-        from twisted.internet.defer import DeferredList
-
         stops = [role.stop() for role in self.roles()]
         return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
 
 
-def from_config(config: Config, reactor: Any) -> Optional[RedisRoles]:
-    """Placeholder: the txredisapi pool lands with issue 6."""
-    return None
+def from_config(config: Config, reactor: Any, channel_maker: Optional[ChannelMaker] = None) -> Optional[RedisRoles]:
+    """The roles the configuration asks for, or None when no Redis feature is configured.
+
+    Nothing connects here: each server's pool opens on its first command.
+    """
+    if not config.redis_enabled:
+        return None
+    r = config.redis
+    lists = {
+        "grey": r.servers_grey,
+        "limits": r.servers_limits,
+        "id": r.servers_id,
+        "spam": r.servers_spam,
+        "copy": r.servers_copy,
+    }
+    if not any(lists.values()):
+        return None
+    settings = RedisSettings.from_config(config)
+
+    def role(name: str, servers: Sequence[RedisServer]) -> Optional[RedisRole]:
+        return RedisRole(name, servers, settings, reactor, channel_maker) if servers else None
+
+    grey = role("grey", r.servers_grey)
+    white = role("white", r.servers_white) if r.servers_white else grey
+    return RedisRoles(
+        grey=grey,
+        white=white,
+        limits=role("limits", r.servers_limits),
+        id=role("id", r.servers_id),
+        spam=role("spam", r.servers_spam),
+        copy=role("copy", r.servers_copy),
+    )
