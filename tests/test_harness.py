@@ -85,3 +85,29 @@ class ScratchTests(SynchronousTestCase):
         self.assertIsInstance(e, AssertionError)
         self.assertIn("install-deps.sh", str(e))
 
+
+
+class ClamdFixtureTests(SynchronousTestCase):
+    def test_ping_and_eicar(self) -> None:
+        """clamd answers PING; EICAR in a mail body is FOUND on TCP, a clean body is OK."""
+        clamd = harness.start_clamd(self)
+        self.assertTrue(clamd.ping())
+        self.assertEqual(
+            clamd.scan(b"Subject: hi\r\n\r\n" + harness.EICAR + b"\r\n"),
+            "stream: %s FOUND" % harness.EICAR_NAME,
+        )
+        self.assertEqual(clamd.scan(b"Subject: hi\r\n\r\nclean body\r\n"), "stream: OK")
+
+    def test_unix_socket_and_harness_string(self) -> None:
+        """The unix socket scans too, and the harness string has its own signature name."""
+        clamd = harness.start_clamd(self)
+        self.assertEqual(
+            clamd.scan(b"x\r\n" + harness.HARNESS_VIRUS_STRING + b"\r\n", unix=True),
+            "stream: %s FOUND" % harness.HARNESS_VIRUS_NAME,
+        )
+
+    def test_stream_max_length(self) -> None:
+        """Uploads above StreamMaxLength get clamd's size-limit error."""
+        clamd = harness.start_clamd(self, stream_max_length="100K")
+        self.assertEqual(clamd.scan(b"\0" * 200000), "INSTREAM size limit exceeded. ERROR")
+        self.assertEqual(clamd.scan(b"a" * 50000), "stream: OK")

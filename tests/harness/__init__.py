@@ -45,6 +45,7 @@ from tests.harness.base import (
     scratch_root,
     wait_until,
 )
+from tests.harness.clamd import EICAR, EICAR_NAME, HARNESS_VIRUS_NAME, HARNESS_VIRUS_STRING, Clamd
 from tests.harness.redis import Redis, RedisError, RespClient, Subscription
 from tests.harness.rmilter import REPO_ROOT, Rmilter
 
@@ -60,6 +61,13 @@ def start_redis(testcase: _HasCleanup, **kwargs: Any) -> Redis:
     return redis.start()
 
 
+def start_clamd(testcase: _HasCleanup, **kwargs: Any) -> Clamd:
+    """A clamd with the harness signatures (EICAR, HARNESS_VIRUS_STRING), stopped at the end."""
+    clamd = Clamd(**kwargs)
+    testcase.addCleanup(clamd.stop)
+    return clamd.start()
+
+
 def start_rmilter(testcase: _HasCleanup, config_text: str = "", **kwargs: Any) -> Rmilter:
     """``twistd rmilter`` with this config text, listening on inet and unix; stopped at the end."""
     milter = Rmilter(config_text, **kwargs)
@@ -68,6 +76,11 @@ def start_rmilter(testcase: _HasCleanup, config_text: str = "", **kwargs: Any) -
 
 
 __all__ = [
+    "Clamd",
+    "EICAR",
+    "EICAR_NAME",
+    "HARNESS_VIRUS_NAME",
+    "HARNESS_VIRUS_STRING",
     "REPO_ROOT",
     "Redis",
     "RedisError",
@@ -78,6 +91,7 @@ __all__ = [
     "free_port",
     "scratch_dir",
     "scratch_root",
+    "start_clamd",
     "start_redis",
     "start_rmilter",
     "wait_until",
