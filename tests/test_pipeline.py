@@ -1,0 +1,331 @@
+"""The order of checks for one message (SPEC §5, §5.9, §5.11), with the checks replaced by recorders."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tempfile
+from typing import Any, List, Optional
+
+from twisted.internet.defer import succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from rmilter import pipeline as pipeline_module
+from rmilter.checks import copies, dkim, greylist, ratelimit, replies, spam, virus
+from rmilter.checks.spam import SpamOutcome
+from rmilter.config.schema import (
+    ClamavConfig,
+    Config,
+    GlobalConfig,
+    GreylistingConfig,
+    LimitsConfig,
+    RedisConfig,
+    RedisServer,
+    ServerSpec,
+    SpamdConfig,
+    Bucket,
+)
+from rmilter.context import ConnectionContext
+from rmilter.netlist import NetList, RecipientList
+from rmilter.pipeline import Pipeline
+from rmilter.runtime import Runtime
+from rmilter.spool import run_inline
+from rmilter.verdict import Action, AddHeader, CheckResult, reject, tempfail
+
+SPAMD = (ServerSpec("rspamd", host="127.0.0.1", port=11333),)
+CLAMD = (ServerSpec("clamd", host="127.0.0.1", port=3310),)
+REDIS = (RedisServer("127.0.0.1", "127.0.0.1"),)
+
+
+def make_config(**sections: Any) -> Config:
+    tempdir = tempfile.gettempdir()
+    main = sections.pop("main", GlobalConfig())
+    return Config(main=dataclasses.replace(main, tempdir=tempdir), **sections)
+
+
+class Recorder:
+    """Replaces the check entry points and records what the pipeline asked for."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.calls: List[tuple] = []
+        self.spam = SpamOutcome(CheckResult("spam", "no spam"))
+        self.virus = CheckResult("virus", "clean")
+        self.grey = CheckResult("greylist", "new record", edits=(AddHeader("X-Rmilter-Greylist", "n"),))
+        self.rate: Optional[Any] = None
+        self.reply_hit: Optional[str] = None
+        test.patch(spam, "scan", self.scan_spam)
+        test.patch(virus, "scan", self.scan_virus)
+        test.patch(greylist, "check", self.check_grey)
+        test.patch(ratelimit, "check", self.check_rate)
+        test.patch(ratelimit, "update", lambda msg: self.record("rate_update") or succeed(None))
+        test.patch(dkim, "sign", lambda msg: self.record("dkim") or succeed(CheckResult("dkim", "signed", edits=(AddHeader("DKIM-Signature", "sig"),))))
+        test.patch(copies, "publish", lambda msg, kind: self.record("publish", kind) or succeed(None))
+        test.patch(replies, "lookup", lambda msg, ids: self.record("reply_lookup", tuple(ids)))
+        test.patch(replies, "settle", self.settle)
+        test.patch(replies, "remember", lambda msg: self.record("remember"))
+
+    def record(self, *call: Any) -> None:
+        self.calls.append(call)
+
+    def names(self) -> List[str]:
+        return [c[0] for c in self.calls]
+
+    def scan_spam(self, msg, dkim_only):  # type: ignore[no-untyped-def]
+        self.record("spam", dkim_only)
+        return succeed(self.spam)
+
+    def scan_virus(self, msg):  # type: ignore[no-untyped-def]
+        self.record("virus")
+        return succeed(self.virus)
+
+    def check_grey(self, msg, with_data_hash):  # type: ignore[no-untyped-def]
+        self.record("greylist", with_data_hash)
+        return succeed(self.grey)
+
+    def check_rate(self, msg, rcpt):  # type: ignore[no-untyped-def]
+        self.record("rate_check", rcpt)
+        return succeed(self.rate)
+
+    def settle(self, msg):  # type: ignore[no-untyped-def]
+        if self.reply_hit:
+            msg.reply_to_our_mail = self.reply_hit
+            msg.strict = False
+        return succeed(None)
+
+
+class PipelineTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rec = Recorder(self)
+
+    def run_message(self, config: Config, *, auth: Optional[str] = None, ip: Optional[str] = "192.0.2.10",
+                    rcpts=("<bob@example.org>",), body: bytes = b"Hello\r\n", headers=(("Subject", "hi"),)):
+        runtime = Runtime(config, None, run_inline)
+        self.pipeline = Pipeline(lambda: runtime)
+        conn = ConnectionContext(hostname="mail.example.net", family="4" if ip else "U", client_address=ip)
+        self.assertEqual(self.pipeline.connect(conn).action, Action.CONTINUE)
+        self.pipeline.helo(conn, "mail.example.net")
+        macros = {"{mail_addr}": "alice@example.net"}
+        if auth:
+            macros["{auth_authen}"] = auth
+        conn.macros.define("M", macros)
+        msg, verdict = self.pipeline.mail(conn, ["<alice@example.net>", "SIZE=10"])
+        self.assertEqual(verdict.action, Action.CONTINUE)
+        for rcpt in rcpts:
+            self.successResultOf(self.pipeline.rcpt(msg, [rcpt]))
+        conn.macros.define("T", {"i": "QID1"})
+        data = self.successResultOf(self.pipeline.data(msg))
+        if data.action is not Action.CONTINUE:
+            return msg, data
+        for name, value in headers:
+            self.pipeline.header(msg, name, value)
+        self.pipeline.eoh(msg)
+        self.successResultOf(self.pipeline.body(msg, body))
+        verdict = self.successResultOf(self.pipeline.eom(msg))
+        self.pipeline.finish(msg, verdict)
+        return msg, verdict
+
+
+class PassThroughTests(PipelineTestCase):
+    def test_no_backends_accepts_and_runs_no_scan(self) -> None:
+        """Issue 2: with no checks configured every message ends in ACCEPT (SPEC §5.9 step 11)."""
+        msg, verdict = self.run_message(make_config())
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertNotIn("spam", self.rec.names())
+        self.assertNotIn("virus", self.rec.names())
+        self.assertEqual(msg.log_fields["spam"], "skipped, no spamd servers defined")
+        self.assertEqual(msg.log_fields["virus"], "skipped, no av servers")
+        self.assertEqual(msg.queue_id, "QID1")
+        self.assertEqual(self.pipeline.stages_needing_replies(), ("eom",))
+
+    def test_trace_header(self) -> None:
+        config = make_config(main=GlobalConfig(trace_header="X-Rmilter-Trace"))
+        _, verdict = self.run_message(config, auth="alice")
+        [edit] = [e for e in verdict.edits if isinstance(e, AddHeader) and e.name == "X-Rmilter-Trace"]
+        self.assertIn("user=alice", edit.value)
+        self.assertIn("client=192.0.2.10", edit.value)
+        self.assertIn("queue_id=QID1", edit.value)
+
+    def test_spool_holds_spec_bytes(self) -> None:
+        msg, _ = self.run_message(make_config(), headers=(("Subject", "hi"),))
+        self.assertTrue(msg.spool.closed)
+        self.assertEqual(msg.spool.head.splitlines()[1:], [b"Subject: hi", b"Return-Path: <alice@example.net>",
+                                                          b"X-Rcpt-To: <bob@example.org>", b""])
+
+
+class WhoIsScannedTests(PipelineTestCase):
+    def test_full_scan_for_unauthenticated(self) -> None:
+        config = make_config(spamd=SpamdConfig(servers=SPAMD), clamav=ClamavConfig(servers=CLAMD))
+        msg, verdict = self.run_message(config)
+        self.assertIn(("spam", False), self.rec.calls)
+        self.assertIn(("virus",), self.rec.calls)
+        self.assertEqual(verdict.action, Action.ACCEPT)
+
+    def test_authenticated_not_spam_scanned_but_virus_scanned(self) -> None:
+        """SPEC §5.11: Auth skips rspamd (without strict_auth) but not clamav."""
+        config = make_config(spamd=SpamdConfig(servers=SPAMD), clamav=ClamavConfig(servers=CLAMD))
+        msg, _ = self.run_message(config, auth="alice")
+        self.assertNotIn("spam", self.rec.names())
+        self.assertIn("virus", self.rec.names())
+        self.assertEqual(msg.log_fields["spam"], "ignored, authenticated user")
+        self.assertFalse(msg.strict)
+
+    def test_strict_auth_scans_authenticated(self) -> None:
+        config = make_config(main=GlobalConfig(strict_auth=True), spamd=SpamdConfig(servers=SPAMD))
+        self.run_message(config, auth="alice")
+        self.assertIn(("spam", False), self.rec.calls)
+
+    def test_our_networks_is_authenticated_with_sender_as_user(self) -> None:
+        config = make_config(main=GlobalConfig(our_networks=NetList([ipaddress.ip_network("192.0.2.0/24")])),
+                             spamd=SpamdConfig(servers=SPAMD))
+        msg, _ = self.run_message(config)
+        self.assertEqual(msg.user, "alice@example.net")
+        self.assertFalse(msg.sasl_authenticated)
+        self.assertNotIn("spam", self.rec.names())
+
+    def test_recipient_whitelist_needs_all_recipients(self) -> None:
+        config = make_config(main=GlobalConfig(whitelist=RecipientList(["postmaster"])),
+                             spamd=SpamdConfig(servers=SPAMD), clamav=ClamavConfig(servers=CLAMD))
+        msg, _ = self.run_message(config, rcpts=("<postmaster@example.org>",))
+        self.assertEqual(self.rec.names().count("spam"), 0)
+        self.assertEqual(msg.log_fields["virus"], "skipped, recipient whitelist")
+        self.rec.calls.clear()
+        self.run_message(config, rcpts=("<postmaster@example.org>", "<bob@example.org>"))
+        self.assertIn("spam", self.rec.names())
+        self.assertIn("virus", self.rec.names())
+
+    def test_dkim_only_scan_when_skipped_and_rspamd_sign(self) -> None:
+        from rmilter.config.schema import DkimConfig
+
+        config = make_config(spamd=SpamdConfig(servers=SPAMD), dkim=DkimConfig(rspamd_sign=True))
+        self.run_message(config, auth="alice")
+        self.assertIn(("spam", True), self.rec.calls)
+
+    def test_oversized_skips_scans_and_copy_but_updates_rates(self) -> None:
+        config = make_config(main=GlobalConfig(max_size=10), spamd=SpamdConfig(servers=SPAMD),
+                             clamav=ClamavConfig(servers=CLAMD))
+        msg, verdict = self.run_message(config, body=b"x" * 100)
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertEqual(msg.log_fields["spam"], "skipped(oversized)")
+        self.assertEqual(msg.log_fields["virus"], "skipped(oversized)")
+        self.assertNotIn("publish", self.rec.names())
+        self.assertIn("rate_update", self.rec.names())
+        self.assertIn("dkim", self.rec.names())
+
+    def test_reply_to_our_mail_skips_full_scan(self) -> None:
+        """SPEC §6.4: a reply hit clears strict, so no rspamd full scan and no EOM greylisting."""
+        self.rec.reply_hit = "<orig@example.com>"
+        config = make_config(spamd=SpamdConfig(servers=SPAMD))
+        msg, _ = self.run_message(config, headers=(("In-Reply-To", " <orig@example.com> "),
+                                                   ("References", "<a@x> <orig@example.com>")))
+        self.assertIn(("reply_lookup", ("<orig@example.com>",)), self.rec.calls)
+        self.assertIn(("reply_lookup", ("<a@x>", "<orig@example.com>")), self.rec.calls)
+        self.assertNotIn("spam", self.rec.names())
+        self.assertEqual(msg.log_fields["spam"], "skipped, reply to our message")
+
+
+class EomOrderTests(PipelineTestCase):
+    def config(self, **spamd: Any) -> Config:
+        return make_config(
+            spamd=SpamdConfig(servers=SPAMD, **spamd),
+            clamav=ClamavConfig(servers=CLAMD),
+            redis=RedisConfig(servers_grey=REDIS),
+        )
+
+    def test_spam_reject_wins_and_publishes_spam_copy(self) -> None:
+        self.rec.spam = SpamOutcome(CheckResult("spam", "rejected, action: reject", verdict=reject("Gtube")),
+                                    action="reject", rejected=True)
+        self.rec.virus = CheckResult("virus", "rejected, virus found", verdict=reject("Infected: X"))
+        msg, verdict = self.run_message(self.config())
+        self.assertEqual(verdict.action, Action.REJECT)
+        self.assertEqual(verdict.reply.text, "Gtube")  # type: ignore[union-attr]
+        self.assertIn(("publish", "spam"), self.rec.calls)
+        self.assertNotIn(("publish", "copy"), self.rec.calls)
+        self.assertNotIn("rate_update", self.rec.names())
+        self.assertNotIn("dkim", self.rec.names())
+        self.assertEqual(msg.log_fields["virus"], "skipped, spam detected")
+        self.assertEqual(msg.log_fields["dkim"], "skipped, spam detected")
+
+    def test_add_header_action_greylists_at_eom(self) -> None:
+        """SPEC §5.9 4b: greylist / add header / rewrite subject are greylisted after rspamd."""
+        self.rec.spam = SpamOutcome(CheckResult("spam", "action: add header"), action="add header",
+                                    wants_greylist=True)
+        self.rec.grey = CheckResult("greylist", "greylisted", verdict=tempfail("Try again later"))
+        msg, verdict = self.run_message(self.config())
+        self.assertIn(("greylist", True), self.rec.calls)
+        self.assertEqual(verdict.action, Action.TEMPFAIL)
+        self.assertEqual(msg.log_fields["spam"], "greylisted, action: add header")
+        self.assertEqual(msg.log_fields["virus"], "skipped, spamd greylist")
+
+    def test_greylist_pass_adds_header_and_continues(self) -> None:
+        self.rec.spam = SpamOutcome(CheckResult("spam", "action: greylist"), action="greylist", wants_greylist=True)
+        _, verdict = self.run_message(self.config())
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertIn(AddHeader("X-Rmilter-Greylist", "n"), verdict.edits)
+
+    def test_no_eom_greylisting_for_authenticated_with_strict_auth(self) -> None:
+        config = dataclasses.replace(self.config(), main=dataclasses.replace(self.config().main, strict_auth=True))
+        self.rec.spam = SpamOutcome(CheckResult("spam", "action: greylist"), action="greylist", wants_greylist=True)
+        self.run_message(config, auth="alice")
+        self.assertNotIn("greylist", self.rec.names())
+
+    def test_scan_failure_with_tempfail(self) -> None:
+        self.rec.spam = SpamOutcome(CheckResult("spam_failure", "delayed, temporary fail",
+                                                verdict=tempfail("Temporary service failure."), failed=True))
+        msg, verdict = self.run_message(self.config(tempfail_on_error=True))
+        self.assertEqual(verdict.action, Action.TEMPFAIL)
+        self.assertEqual(msg.log_fields["virus"], "skipped, spamd tempfail")
+
+    def test_scan_failure_without_tempfail_skips_copy_keeps_virus(self) -> None:
+        self.rec.spam = SpamOutcome(CheckResult("spam", "ignored, temporary fail", failed=True))
+        _, verdict = self.run_message(self.config())
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertNotIn(("publish", "copy"), self.rec.calls)
+        self.assertIn("virus", self.rec.names())
+
+    def test_virus_rejects_after_clean_spam(self) -> None:
+        self.rec.virus = CheckResult("virus", "rejected, virus found", verdict=reject("Infected: Eicar"))
+        msg, verdict = self.run_message(self.config())
+        self.assertEqual(verdict.reply.text, "Infected: Eicar")  # type: ignore[union-attr]
+        self.assertEqual(msg.log_fields["dkim"], "skipped, clamav virus")
+        self.assertIn(("publish", "copy"), self.rec.calls)
+        self.assertNotIn("rate_update", self.rec.names())
+
+    def test_accepted_message_updates_rates_signs_and_remembers(self) -> None:
+        _, verdict = self.run_message(self.config())
+        names = self.rec.names()
+        self.assertLess(names.index("rate_update"), names.index("dkim"))
+        self.assertIn("remember", names)
+        self.assertIn(AddHeader("DKIM-Signature", "sig"), verdict.edits)
+
+
+class EarlyStageTests(PipelineTestCase):
+    def test_rate_limit_at_rcpt_drops_recipient(self) -> None:
+        config = make_config(redis=RedisConfig(servers_limits=REDIS), limits=LimitsConfig(limit_to=Bucket(1, 1.0)))
+        self.rec.rate = tempfail("Rate limit exceeded")
+        runtime = Runtime(config, None, run_inline)
+        pipeline = Pipeline(lambda: runtime)
+        conn = ConnectionContext(family="4", client_address="192.0.2.1")
+        msg, _ = pipeline.mail(conn, ["<a@b>"])
+        verdict = self.successResultOf(pipeline.rcpt(msg, ["<c@d>"]))
+        self.assertEqual(verdict.reply.text, "Rate limit exceeded")  # type: ignore[union-attr]
+        self.assertEqual(msg.recipients, [])
+        self.assertEqual(pipeline.stages_needing_replies(), ("eom", "rcpt"))
+
+    def test_greylisting_at_data_when_rspamd_does_not_decide(self) -> None:
+        config = make_config(spamd=SpamdConfig(spamd_greylist=False), redis=RedisConfig(servers_grey=REDIS))
+        self.rec.grey = CheckResult("greylist", "new", verdict=tempfail("Try again later"))
+        msg, verdict = self.run_message(config)
+        self.assertEqual(verdict.action, Action.TEMPFAIL)
+        self.assertIn(("greylist", False), self.rec.calls)
+        self.assertIn("data", Pipeline(lambda: Runtime(config, None, run_inline)).stages_needing_replies())
+
+    def test_no_data_greylisting_for_authenticated_or_unknown_ip(self) -> None:
+        config = make_config(spamd=SpamdConfig(spamd_greylist=False), redis=RedisConfig(servers_grey=REDIS))
+        self.run_message(config, auth="alice")
+        self.run_message(config, ip=None)
+        self.assertNotIn("greylist", self.rec.names())
+
+    def test_greylisting_disabled(self) -> None:
+        config = make_config(spamd=SpamdConfig(spamd_greylist=False), redis=RedisConfig(servers_grey=REDIS),
+                             greylisting=GreylistingConfig(enable=False))
+        self.run_message(config)
+        self.assertNotIn("greylist", self.rec.names())
