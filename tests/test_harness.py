@@ -111,3 +111,49 @@ class ClamdFixtureTests(SynchronousTestCase):
         clamd = harness.start_clamd(self, stream_max_length="100K")
         self.assertEqual(clamd.scan(b"\0" * 200000), "INSTREAM size limit exceeded. ERROR")
         self.assertEqual(clamd.scan(b"a" * 50000), "stream: OK")
+
+
+HAM = (
+    b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\nSubject: Lunch\r\n"
+    b"Date: Thu, 26 Nov 2026 12:00:00 +0000\r\nMessage-ID: <ham-1@example.com>\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    b"Hi Bob, lunch tomorrow?\r\n"
+)
+
+SCAN_HEADERS = {
+    "IP": "198.51.100.7",
+    "Hostname": "mail.example.net",
+    "Helo": "mail.example.net",
+    "From": "alice@example.com",
+    "Rcpt": "bob@example.org",
+}
+
+
+class RspamdFixtureTests(SynchronousTestCase):
+    def test_ping_ham_and_gtube(self) -> None:
+        """Rspamd answers /ping; ham gets no action, GTUBE is rejected with its message."""
+        rspamd = harness.shared_rspamd()
+        self.assertTrue(rspamd.ping())
+        ham = rspamd.checkv2(HAM, SCAN_HEADERS)
+        self.assertEqual(ham["action"], "no action")
+        gtube = rspamd.checkv2(HAM + harness.GTUBE + b"\r\n", SCAN_HEADERS)
+        self.assertEqual(gtube["action"], "reject")
+        self.assertEqual(gtube["messages"].get("smtp_message"), "Gtube pattern")
+
+    def test_harness_hooks(self) -> None:
+        """The harness Lua hooks force an action or a score from a body line."""
+        rspamd = harness.shared_rspamd()
+        soft = rspamd.checkv2(HAM + b"RSPAMD-TEST-ACTION: soft reject\r\n", SCAN_HEADERS)
+        self.assertEqual(soft["action"], "soft reject")
+        scored = rspamd.checkv2(HAM + b"RSPAMD-TEST-SCORE: 6.5\r\n", SCAN_HEADERS)
+        self.assertEqual(scored["action"], "add header")
+        self.assertAlmostEqual(scored["score"], 6.5, places=2)
+
+    def test_dkim_signing_for_authenticated(self) -> None:
+        """Authenticated mail from example.com comes back with a DKIM signature by key 'test'."""
+        rspamd = harness.shared_rspamd()
+        signed = rspamd.checkv2(HAM, dict(SCAN_HEADERS, User="alice"))
+        signature = signed["milter"]["add_headers"]["DKIM-Signature"]["value"]
+        self.assertIn("d=example.com", signature)
+        self.assertIn("s=test", signature)
+        self.assertTrue(rspamd.dkim_txt_record.startswith("v=DKIM1"))

@@ -47,6 +47,15 @@ from tests.harness.base import (
 )
 from tests.harness.clamd import EICAR, EICAR_NAME, HARNESS_VIRUS_NAME, HARNESS_VIRUS_STRING, Clamd
 from tests.harness.redis import Redis, RedisError, RespClient, Subscription
+from tests.harness.rspamd import (
+    GTUBE,
+    GTUBE_ADD_HEADER,
+    GTUBE_NO_ACTION,
+    GTUBE_REWRITE_SUBJECT,
+    Rspamd,
+    register_lua,
+    shared_rspamd,
+)
 from tests.harness.rmilter import REPO_ROOT, Rmilter
 
 
@@ -79,6 +88,10 @@ __all__ = [
     "Clamd",
     "EICAR",
     "EICAR_NAME",
+    "GTUBE",
+    "GTUBE_ADD_HEADER",
+    "GTUBE_NO_ACTION",
+    "GTUBE_REWRITE_SUBJECT",
     "HARNESS_VIRUS_NAME",
     "HARNESS_VIRUS_STRING",
     "REPO_ROOT",
@@ -86,11 +99,14 @@ __all__ = [
     "RedisError",
     "RespClient",
     "Rmilter",
+    "Rspamd",
     "ServiceUnavailable",
     "Subscription",
     "free_port",
+    "register_lua",
     "scratch_dir",
     "scratch_root",
+    "shared_rspamd",
     "start_clamd",
     "start_redis",
     "start_rmilter",
