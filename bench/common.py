@@ -37,6 +37,10 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError("nothing listens on 127.0.0.1:%d after %.0f s" % (port, timeout))
 
 
+#: run twistd from the interpreter given (``python -m twisted`` is ``twist``, not ``twistd``)
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
 class Rmilter:
     """``twistd -n rmilter`` in a subprocess with a config given as text."""
 
@@ -49,7 +53,7 @@ class Rmilter:
         self.log_path = os.path.join(self.dir, "rmilter.log")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            [python, "-m", "twisted", "-n", "--pidfile=", "--logfile", self.log_path, "rmilter",
+            [python, "-c", TWISTD, "-n", "--pidfile=", "--logfile", self.log_path, "rmilter",
              "--config", self.config_path, "--listen", "tcp:%d:interface=127.0.0.1" % self.port],
             cwd=self.dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
