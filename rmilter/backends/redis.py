@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
@@ -424,6 +424,35 @@ def _describe(failure: Failure, timeout: float) -> str:
     if failure.check(DeferredTimeout):
         return "no reply within %gs" % (timeout,)
     return "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
+
+
+T = TypeVar("T")
+
+
+def within(running: "Deferred[T]", seconds: float, clock: Any, on_timeout: Callable[[], T]) -> "Deferred[T]":
+    """``running``'s result, or ``on_timeout()`` once ``seconds`` have passed on ``clock``.
+
+    Each Redis command is bounded already; this bounds a check made of several,
+    so that a message never waits longer than one ``connect_timeout`` for Redis
+    even when several servers hang.  A late result is dropped (what it wrote
+    stays written); a failure of ``running`` is passed on unless it comes late.
+    """
+    bounded: "Deferred[T]" = Deferred()
+
+    def expired() -> None:
+        bounded.callback(on_timeout())
+
+    timer = clock.callLater(seconds, expired)
+
+    def finished(value: Any) -> None:
+        if timer.active():
+            timer.cancel()
+            bounded.callback(value)
+        elif isinstance(value, Failure):
+            log.failure("Redis check failed after its deadline", value)
+
+    running.addBoth(finished)
+    return bounded
 
 
 # -- all roles ---------------------------------------------------------------------------------

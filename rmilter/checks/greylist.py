@@ -1,11 +1,252 @@
-"""Greylisting (SPEC §6.2). Placeholder until issue 6 lands."""
+"""Greylisting (SPEC §6.2) with records a site switching from the C rmilter keeps.
+
+Keys, values and TTLs are the C ones: ``grey_prefix``/``white_prefix`` + base64
+of a BLAKE2b-512 digest (the standard algorithm, B1), values 16 bytes (int64
+seconds + int64 microseconds, little-endian), grey records live ``expire``,
+white records ``expire_white``.  Two digests: the data hash (first 10240 body
+bytes, EOM only) and the envelope hash (sender, the client's address block,
+sorted raw recipients).
+
+Round trips per digest: GET white, then one script that reads the grey record
+and writes it when missing (C sends GET and SETEX), then SETEX white once the
+grey record is old enough.  A check waits at most ``redis.connect_timeout``
+for Redis in total; an unreachable Redis lets the message pass (SPEC §6.10).
+"""
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, succeed
+import base64
+import hashlib
+import ipaddress
+import math
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Generator, Iterable, List, Optional, Sequence
 
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rmilter.backends.redis import LuaScript, ScriptStore, within
 from rmilter.context import MessageContext
-from rmilter.verdict import CheckResult
+from rmilter.verdict import AddHeader, CheckResult, tempfail
+
+log = Logger(namespace="rmilter.greylist")
+
+#: body bytes that make up the data hash (SPEC §6.2; Spool.body_prefix keeps as many)
+DATA_HASH_BYTES = 10240
+HEADER_NAME = "X-Rmilter-Greylist"
+TYPE_DATA = "data hash"
+TYPE_ENVELOPE = "sender, IP, recipients"
+
+_TIMEVAL = struct.Struct("<qq")  # struct timeval on x86-64: tv_sec, tv_usec
+
+
+# -- record and key encodings -------------------------------------------------------------------
+def encode_time(now: float) -> bytes:
+    """The 16-byte record value: seconds and microseconds since the epoch, little-endian."""
+    seconds = math.floor(now)
+    micros = int((now - seconds) * 1e6)
+    return _TIMEVAL.pack(int(seconds), min(micros, 999999))
+
+
+def decode_time(value: bytes) -> Optional[float]:
+    """The time in a 16-byte record; None for anything else."""
+    if len(value) != _TIMEVAL.size:
+        return None
+    seconds, micros = _TIMEVAL.unpack(value)
+    return seconds + micros / 1e6
+
+
+def address_block(client_address: str) -> bytes:
+    """The 16 bytes of the client address that go into the envelope hash (SPEC §6.2).
+
+    IPv4: octets 1-2, the low 3 bits of octet 3, octet 4 zeroed, then 12 zero
+    bytes: what C's "/19" mask really keeps on little-endian hosts (B17, kept for
+    record compatibility).  IPv6: the /64 then 8 zero bytes.
+    """
+    ip = ipaddress.ip_address(client_address)
+    packed = ip.packed
+    if ip.version == 4:
+        return bytes((packed[0], packed[1], packed[2] & 0x07, 0)) + bytes(12)
+    return packed[:8] + bytes(8)
+
+
+def envelope_data(envelope_from: str, client_address: str, recipients: Iterable[str]) -> bytes:
+    """Normalised sender (``<>`` when null), address block, raw recipients sorted bytewise."""
+    sender = (envelope_from or "<>").encode("utf-8")
+    rcpts = sorted(r.encode("utf-8") for r in recipients)
+    return sender + address_block(client_address) + b"".join(rcpts)
+
+
+def digest(data: bytes) -> bytes:
+    """Standard BLAKE2b-512 (B1: the C build's digest was miscompiled)."""
+    return hashlib.blake2b(data, digest_size=64).digest()
+
+
+def record_key(prefix: str, digest_bytes: bytes) -> bytes:
+    """Prefix (verbatim, no separator) + standard base64 with padding."""
+    return prefix.encode("utf-8") + base64.b64encode(digest_bytes)
+
+
+def local_time(t: float) -> str:
+    """Times in notes: local time ``YYYY-MM-DD HH:MM:SS`` (SPEC §6.2)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+# -- the grey record step as one atomic script ------------------------------------------------------
+_GREY_STEP_LUA = """\
+local v = redis.call('GET', KEYS[1])
+if v and #v == 16 then
+  return v
+end
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then
+  redis.call('SETEX', KEYS[1], ttl, ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+def _grey_step_reference(store: ScriptStore, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+    value = store.get(keys[0])
+    if value is not None and len(value) == 16:
+        return value
+    store.setex(keys[0], int(args[0]), bytes(args[1]))
+    return 0
+
+
+#: GET grey+H; on a miss (or a value that is not a record) SETEX grey+H expire <now>.
+#: Replies the existing record, or 0 when it stored a new one.
+GREY_STEP = LuaScript("greylist_grey_step", _GREY_STEP_LUA, _grey_step_reference)
+
+
+# -- the check ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HashOutcome:
+    """The result of checking one digest."""
+
+    greylisted: bool
+    grey_record_existed: bool  # step 3 of SPEC §6.2: decides the overall result for the data hash
+    note: str
+
+
+class _Settings:
+    """What one check needs from the runtime, looked up once."""
+
+    def __init__(self, msg: MessageContext) -> None:
+        runtime = msg.runtime
+        config = runtime.config
+        self.clock = runtime.reactor
+        self.grey = runtime.redis.grey if runtime.redis is not None else None
+        self.white = (runtime.redis.white if runtime.redis is not None else None) or self.grey
+        self.grey_prefix = config.redis.grey_prefix
+        self.white_prefix = config.redis.white_prefix
+        g = config.greylisting
+        self.timeout = g.timeout
+        self.expire = g.expire
+        self.expire_white = g.expire_white
+        self.deadline = config.redis.connect_timeout
+
+
+@inlineCallbacks
+def check_hash(settings: _Settings, digest_bytes: bytes, kind: str) -> Generator[Deferred, Any, HashOutcome]:
+    """SPEC §6.2 "Checking one hash H"."""
+    grey, white = settings.grey, settings.white
+    assert grey is not None and white is not None
+    white_key = record_key(settings.white_prefix, digest_bytes)
+    stored_white = yield white.get(white_key)
+    if stored_white is not None:
+        white_time = decode_time(stored_white)
+        till = local_time((white_time or 0.0) + settings.expire_white)
+        return HashOutcome(False, False, "Whitelisted till %s, type: %s" % (till, kind))
+
+    now = settings.clock.seconds()
+    grey_key = record_key(settings.grey_prefix, digest_bytes)
+    reply = yield grey.eval_script(GREY_STEP, [grey_key], [int(settings.expire), encode_time(now)])
+    if reply is None:
+        # Redis unreachable (or the script failed): nothing stored, fail open
+        log.warn("greylisting ({kind}): Redis unavailable, message passes", kind=kind)
+        return HashOutcome(False, False, "Redis unavailable, not greylisted (fail open), type: %s" % (kind,))
+    stored = decode_time(reply) if isinstance(reply, bytes) else None
+    if stored is None:
+        return HashOutcome(
+            True,
+            False,
+            "0 seconds passed (new record), greylisted till %s, expire at %s, type: %s"
+            % (local_time(now + settings.timeout), local_time(now + settings.expire), kind),
+        )
+    if stored > now:
+        log.info("greylisting ({kind}): record {key} is in the future, ignored", kind=kind, key=grey_key)
+        return HashOutcome(False, True, "Record time is in the future, ignored, type: %s" % (kind,))
+    elapsed = int(math.floor(now)) - int(math.floor(stored))
+    if elapsed < settings.timeout:
+        return HashOutcome(
+            True,
+            True,
+            "%d seconds passed, greylisted till %s, expire at %s, type: %s"
+            % (elapsed, local_time(stored + settings.timeout), local_time(now + settings.expire), kind),
+        )
+    stored_ok = yield white.setex(white_key, int(settings.expire_white), encode_time(now))
+    if not stored_ok:
+        log.warn("greylisting ({kind}): cannot store white record {key}", kind=kind, key=white_key)
+    return HashOutcome(
+        False,
+        True,
+        "Greylisted for %d seconds, whitelisted till %s, type: %s"
+        % (elapsed, local_time(stored + settings.expire_white), kind),
+    )
+
+
+@inlineCallbacks
+def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool) -> Generator[Deferred, Any, HashOutcome]:
+    """SPEC §6.2 "Overall": the data hash decides when its grey record existed."""
+    if with_data_hash and msg.spool is not None:
+        body = bytes(msg.spool.body_prefix[:DATA_HASH_BYTES])
+        outcome = yield check_hash(settings, digest(body), TYPE_DATA)
+        if outcome.grey_record_existed:
+            return outcome
+    assert msg.client_address is not None
+    envelope = envelope_data(msg.envelope_from, msg.client_address, msg.recipient_addresses)
+    outcome = yield check_hash(settings, digest(envelope), TYPE_ENVELOPE)
+    return outcome
 
 
 def check(msg: MessageContext, with_data_hash: bool) -> "Deferred[CheckResult]":
-    return succeed(CheckResult("greylist", "not checked"))
+    """Greylist the message (DATA: envelope hash only; EOM: data hash too).
+
+    The pipeline decides the stage and the authentication rule; this checks that
+    greylisting is active, that the client address is known and not in
+    ``greylisting.whitelist``.  At EOM the last note is added as the
+    ``X-Rmilter-Greylist`` header whatever the result.
+    """
+    runtime = msg.runtime
+    config = runtime.config
+    ip = msg.client_address
+    if not config.greylisting_active or runtime.redis is None or runtime.redis.grey is None:
+        return succeed(CheckResult("greylist", "not checked, greylisting inactive"))
+    if ip is None:
+        return succeed(CheckResult("greylist", "not checked, unknown client address"))
+
+    def result(outcome: HashOutcome) -> CheckResult:
+        edits = (AddHeader(HEADER_NAME, outcome.note),) if with_data_hash else ()
+        verdict = tempfail(config.greylisting.greylisted_message) if outcome.greylisted else None
+        return CheckResult("greylist", outcome.note, verdict=verdict, edits=edits)
+
+    if ip in config.greylisting.whitelist:
+        return succeed(result(HashOutcome(False, False, "Sender IP %s is whitelisted by configuration" % (ip,))))
+
+    settings = _Settings(msg)
+
+    def late() -> HashOutcome:
+        log.warn("greylisting: no answer from Redis within {timeout}s, message passes", timeout=settings.deadline)
+        return HashOutcome(False, False, "Redis timeout, not greylisted (fail open)")
+
+    def broken(failure: Failure) -> HashOutcome:
+        log.failure("greylisting failed, message passes", failure)
+        return HashOutcome(False, False, "internal error, not greylisted (fail open)")
+
+    running = _run(msg, settings, with_data_hash)
+    return within(running, settings.deadline, settings.clock, late).addErrback(broken).addCallback(result)

@@ -1,17 +1,271 @@
-"""Rate limits (SPEC §6.3). Placeholder until issue 6 lands."""
+"""Rate limits (SPEC §6.3): leaky buckets per recipient, shared with the C rmilter.
+
+Keys are the C keys (lowercased, no prefix), values the C value (16 bytes: two
+little-endian doubles, last update time and count) with a one-day TTL.  Unlike
+C, which read a bucket with GET and wrote it back with SETEX (losing updates
+when several rmilter processes share one Redis), every bucket step runs inside
+one Lua script (EVALSHA): all buckets of a recipient at RCPT, all buckets of all
+recipients at EOM, in one call per Redis server.  The time is rmilter's clock
+(B7), passed to the script so that tests with a ``Clock`` and all hosts agree.
+"""
 from __future__ import annotations
 
-from typing import Optional
+import struct
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from rmilter.backends.redis import LuaScript, ScriptStore, within
+from rmilter.config.schema import Bucket, Config
 from rmilter.context import MessageContext
-from rmilter.verdict import Verdict
+from rmilter.verdict import RATE_LIMIT_EXCEEDED, Verdict, tempfail
+
+log = Logger(namespace="rmilter.ratelimit")
+
+#: TTL of every bucket record (C: fixed one day)
+BUCKET_TTL = 86400
+
+_BUCKET = struct.Struct("<dd")  # last update (seconds with fraction), count
 
 
+@dataclass(frozen=True)
+class BucketState:
+    last: float = 0.0
+    count: float = 0.0
+
+    def encode(self) -> bytes:
+        return _BUCKET.pack(self.last, self.count)
+
+    @classmethod
+    def decode(cls, value: Optional[bytes]) -> "BucketState":
+        """A stored bucket; a miss (or anything that is not a bucket) is {0, 0}."""
+        if value is None or len(value) != _BUCKET.size:
+            return cls()
+        last, count = _BUCKET.unpack(value)
+        return cls(last, count)
+
+
+def leak(state: BucketState, now: float, rate: float, increment: int) -> BucketState:
+    """One bucket step, in C's order of operations (SPEC §6.3) so the doubles agree."""
+    count = state.count
+    if count > 0:
+        count -= (now - state.last) * rate
+    count += increment
+    if count < 0:
+        count = 0.0
+    return BucketState(now, count)
+
+
+# -- the script -----------------------------------------------------------------------------------
+_BUCKETS_LUA = """\
+-- KEYS: bucket keys in order; ARGV: now, increment (0 check, 1 update), ttl,
+-- then burst and rate of each key.  Replies the 1-based index of the first
+-- exceeded bucket when checking (the rest are left alone), else 0.
+local now = tonumber(ARGV[1])
+local inc = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+for i = 1, #KEYS do
+  local burst = tonumber(ARGV[2 + 2 * i])
+  local rate = tonumber(ARGV[3 + 2 * i])
+  local last, count = 0, 0
+  local v = redis.call('GET', KEYS[i])
+  if v and #v == 16 then
+    last, count = struct.unpack('<dd', v)
+  end
+  if count > 0 then
+    count = count - (now - last) * rate
+  end
+  count = count + inc
+  last = now
+  if count < 0 then
+    count = 0
+  end
+  if inc == 1 and count == 0 then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('SETEX', KEYS[i], ttl, struct.pack('<dd', last, count))
+  end
+  if inc == 0 and count > burst then
+    return i
+  end
+end
+return 0
+"""
+
+
+def _buckets_reference(store: ScriptStore, keys: Sequence[bytes], args: Sequence[bytes]) -> int:
+    now, increment, ttl = float(args[0]), int(args[1]), int(args[2])
+    for i, key in enumerate(keys, 1):
+        burst, rate = float(args[1 + 2 * i]), float(args[2 + 2 * i])
+        state = leak(BucketState.decode(store.get(key)), now, rate, increment)
+        if increment == 1 and state.count == 0:
+            store.delete(key)
+        else:
+            store.setex(key, ttl, state.encode())
+        if increment == 0 and state.count > burst:
+            return i
+    return 0
+
+
+BUCKETS = LuaScript("ratelimit_buckets", _BUCKETS_LUA, _buckets_reference)
+
+
+# -- which buckets apply ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BucketKey:
+    name: str  # the directive: limit_to, limit_to_ip, ...
+    key: bytes
+    bucket: Bucket
+
+
+def is_bounce(envelope_from: str, bounce_addrs: Sequence[str]) -> bool:
+    """SPEC §5.12 intended rule (B10): ``<>`` for the null sender, else the local part."""
+    if not envelope_from:
+        candidate = "<>"
+    elif "@" in envelope_from:
+        candidate = envelope_from.rpartition("@")[0].lower()
+    else:
+        candidate = envelope_from.lower()
+    return any(candidate == entry.lower() for entry in bounce_addrs)
+
+
+def exempt(config: Config, client_address: Optional[str], recipient: str) -> bool:
+    """Whitelisted recipient or client address: no bucket (for IPv6 clients too, B8)."""
+    limits = config.limits
+    return (
+        limits.limit_whitelist_rcpt.matches(recipient)
+        or config.main.whitelist.matches(recipient)
+        or client_address in limits.limit_whitelist
+    )
+
+
+def bucket_keys(config: Config, msg: MessageContext, recipient: str) -> List[BucketKey]:
+    """The enabled buckets of one recipient, in C's order: bounce_to, bounce_to_ip, to_ip_from, to_ip, to."""
+    limits = config.limits
+    rcpt = recipient
+    ip = msg.client_address or ""
+    sender = msg.envelope_from
+    candidates: List[Tuple[str, str, Bucket]] = []
+    if is_bounce(sender, limits.limit_bounce_addrs):
+        candidates.append(("limit_bounce_to", "%s:<>" % (rcpt,), limits.limit_bounce_to))
+        candidates.append(("limit_bounce_to_ip", "%s:%s:<>" % (rcpt, ip), limits.limit_bounce_to_ip))
+    candidates.append(("limit_to_ip_from", "%s:%s:%s" % (rcpt, ip, sender), limits.limit_to_ip_from))
+    candidates.append(("limit_to_ip", "%s:%s" % (rcpt, ip), limits.limit_to_ip))
+    candidates.append(("limit_to", rcpt, limits.limit_to))
+    return [
+        BucketKey(name, key.lower().encode("utf-8"), bucket)
+        for name, key, bucket in candidates
+        if bucket.enabled
+    ]
+
+
+def _script_args(now: float, increment: int, keys: Sequence[BucketKey]) -> List[Any]:
+    args: List[Any] = [now, increment, BUCKET_TTL]
+    for k in keys:
+        args.append(k.bucket.burst)
+        args.append(float(k.bucket.rate))
+    return args
+
+
+def _runs(role: Any, keys: Sequence[BucketKey]) -> List[List[BucketKey]]:
+    """Consecutive keys on the same server: one script call each, order kept."""
+    runs: List[List[BucketKey]] = []
+    last_shard: Any = None
+    for k in keys:
+        shard = role.shard_of(k.key)
+        if runs and shard is last_shard:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+            last_shard = shard
+    return runs
+
+
+# -- the entry points -----------------------------------------------------------------------------
 def check(msg: MessageContext, recipient: str) -> "Deferred[Optional[Verdict]]":
-    return succeed(None)
+    """RCPT: None when the recipient may be accepted, else TEMPFAIL ``Rate limit exceeded``.
+
+    Redis being unreachable lets the recipient pass (SPEC §6.10); the check waits
+    at most ``redis.connect_timeout``.
+    """
+    runtime = msg.runtime
+    config = runtime.config
+    role = runtime.redis.limits if runtime.redis is not None else None
+    if not config.limits_active or role is None or exempt(config, msg.client_address, recipient):
+        return succeed(None)
+    keys = bucket_keys(config, msg, recipient)
+    if not keys:
+        return succeed(None)
+    now = runtime.reactor.seconds()
+    runs = _runs(role, keys)
+
+    def next_run(index: int) -> "Deferred[Optional[Verdict]]":
+        run = runs[index]
+        d = role.eval_script(BUCKETS, [k.key for k in run], _script_args(now, 0, run))
+        return d.addCallback(checked, index)
+
+    def checked(reply: Any, index: int) -> Any:
+        if isinstance(reply, int) and 1 <= reply <= len(runs[index]):
+            exceeded = runs[index][reply - 1]
+            log.info(
+                "{tag}; rate limit exceeded for {rcpt}: bucket {bucket} ({key})",
+                tag=msg.tag, rcpt=recipient, bucket=exceeded.name, key=exceeded.key.decode("utf-8", "replace"),
+            )
+            return tempfail(RATE_LIMIT_EXCEEDED)
+        if reply is None:
+            log.debug("{tag}; rate limit check for {rcpt} skipped: Redis unavailable", tag=msg.tag, rcpt=recipient)
+        if index + 1 < len(runs):
+            return next_run(index + 1)
+        return None
+
+    def late() -> Optional[Verdict]:
+        log.warn("{tag}; rate limit check for {rcpt}: no answer from Redis in time, accepted", tag=msg.tag, rcpt=recipient)
+        return None
+
+    return within(next_run(0), config.redis.connect_timeout, runtime.reactor, late).addErrback(_broken, msg, None)
 
 
 def update(msg: MessageContext) -> "Deferred[None]":
-    return succeed(None)
+    """EOM of an accepted message: add it to every bucket of every recipient.
+
+    One script call per Redis server for all recipients; never fails, waits at
+    most ``redis.connect_timeout``.
+    """
+    runtime = msg.runtime
+    config = runtime.config
+    role = runtime.redis.limits if runtime.redis is not None else None
+    if not config.limits_active or role is None:
+        return succeed(None)
+    keys: List[BucketKey] = []
+    for rcpt in msg.recipient_addresses:
+        if not exempt(config, msg.client_address, rcpt):
+            keys.extend(bucket_keys(config, msg, rcpt))
+    if not keys:
+        return succeed(None)
+    now = runtime.reactor.seconds()
+    groups: Dict[int, List[BucketKey]] = {}
+    for k in keys:
+        groups.setdefault(id(role.shard_of(k.key)), []).append(k)
+    calls = [
+        role.eval_script(BUCKETS, [k.key for k in group], _script_args(now, 1, group)) for group in groups.values()
+    ]
+
+    def done(results: Any) -> None:
+        if any(ok and reply is None for ok, reply in results):
+            log.debug("{tag}; rate limit update incomplete: Redis unavailable", tag=msg.tag)
+        return None
+
+    def late() -> None:
+        log.warn("{tag}; rate limit update: no answer from Redis in time", tag=msg.tag)
+        return None
+
+    running = DeferredList(calls, consumeErrors=True).addCallback(done)
+    return within(running, config.redis.connect_timeout, runtime.reactor, late).addErrback(_broken, msg, None)
+
+
+def _broken(failure: Failure, msg: MessageContext, value: Any) -> Any:
+    log.failure("{tag}; rate limit failed, message passes", failure, tag=msg.tag)
+    return value

@@ -1,0 +1,122 @@
+"""Helpers shared by the greylisting, rate-limit and Redis tests: configs, messages, channels."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from rmilter.config.schema import (
+    Bucket,
+    Config,
+    GlobalConfig,
+    GreylistingConfig,
+    LimitsConfig,
+    RedisConfig,
+    RedisServer,
+)
+from rmilter.context import ConnectionContext, MessageContext, Recipient
+from rmilter.runtime import Runtime
+from rmilter.spool import Spool, run_inline
+from rmilter.testing.fake_redis import FakeRedisRoles
+
+REDIS = (RedisServer("127.0.0.1", "127.0.0.1"),)
+
+#: a fixed "now" for notes and records: 2023-11-14 22:13:20 UTC
+NOW = 1700000000.25
+
+
+def make_config(
+    greylisting: Optional[GreylistingConfig] = None,
+    limits: Optional[LimitsConfig] = None,
+    redis: Optional[RedisConfig] = None,
+    main: Optional[GlobalConfig] = None,
+) -> Config:
+    return Config(
+        main=dataclasses.replace(main or GlobalConfig(), tempdir=tempfile.gettempdir()),
+        redis=redis or RedisConfig(servers_grey=REDIS, servers_limits=REDIS),
+        greylisting=greylisting or GreylistingConfig(),
+        limits=limits or LimitsConfig(),
+    )
+
+
+def make_runtime(config: Config, clock: Optional[Clock] = None, roles: Any = None) -> Runtime:
+    if clock is None:
+        clock = Clock()
+        clock.advance(NOW)
+    runtime = Runtime(config=config, reactor=clock, run_blocking=run_inline)
+    runtime.redis = roles if roles is not None else FakeRedisRoles(clock)
+    return runtime
+
+
+def make_message(
+    runtime: Runtime,
+    sender: str = "sender@example.net",
+    ip: Optional[str] = "192.0.2.10",
+    recipients: Sequence[str] = ("<rcpt@example.org>",),
+    body: Optional[bytes] = None,
+) -> MessageContext:
+    family = "U" if ip is None else ("6" if ":" in ip else "4")
+    conn = ConnectionContext(family=family, client_address=ip, client_port=25000)
+    msg = MessageContext(connection=conn, runtime=runtime)
+    msg.set_sender("<%s>" % sender if sender else "<>", None)
+    msg.recipients = [Recipient(r) for r in recipients]
+    if body is not None:
+        spool = Spool(tempfile.gettempdir(), 0o600, 1 << 20, run_inline)
+        spool.set_head(b"Subject: test\n\r\n")
+        spool.append(body)
+        msg.spool = spool
+    return msg
+
+
+class ScriptedChannel:
+    """A CommandChannel for RedisRole unit tests: replies from a dict, or hangs, or fails.
+
+    ``replies`` maps the command name (``b"GET"``) to a reply or an exception;
+    ``hang`` leaves every Deferred unfired; ``ready`` is what
+    ``ready_connections`` reports once the first command was sent.
+    """
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.sent: List[Tuple[bytes, ...]] = []
+        self.replies: Dict[bytes, Any] = {}
+        self.hang = False
+        self.ready = 1
+        self.started = False
+        self.closed = False
+        self.pending: List[Deferred] = []
+
+    @property
+    def ready_connections(self) -> Optional[int]:
+        return self.ready if self.started else None
+
+    def execute(self, args: Sequence[bytes]) -> "Deferred[Any]":
+        self.started = True
+        self.sent.append(tuple(args))
+        if self.hang:
+            d: Deferred = Deferred()
+            self.pending.append(d)
+            return d
+        reply = self.replies.get(args[0], b"OK")
+        if isinstance(reply, Exception):
+            return fail(reply)
+        return succeed(reply)
+
+    def close(self) -> "Deferred[None]":
+        self.closed = True
+        return succeed(None)
+
+
+class ChannelMaker:
+    """Makes one ScriptedChannel per server and remembers them by server name."""
+
+    def __init__(self) -> None:
+        self.channels: Dict[str, ScriptedChannel] = {}
+
+    def __call__(self, server: RedisServer) -> ScriptedChannel:
+        channel = ScriptedChannel(server)
+        self.channels[server.name] = channel
+        return channel
