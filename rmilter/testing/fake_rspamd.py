@@ -1,0 +1,326 @@
+"""An in-memory Rspamd for unit tests: a twisted.web resource behind treq's in-memory agent.
+
+``FakeRspamd`` records every request it gets (method, path, header lines in
+arrival order, body - decompressed when the client used ``Compression: zstd``)
+and answers with configured replies: a JSON document, any bytes with any HTTP
+status, "never answer" (to exercise deadlines) or "connection refused".  Its
+``agent()`` is an ``IAgent`` built on ``treq.testing.RequestTraversalAgent``, so
+the real ``RspamdClient`` (treq, Twisted's HTTP/1.1 client, the body producer)
+runs unchanged; no socket and no reactor are involved.
+
+Typical use::
+
+    fakes = FakeRspamdCluster({"r1": FakeRspamd(), "r2": FakeRspamd()})
+    fakes["r1"].answer(checkv2_reply(action="reject", smtp_message="Gtube pattern"))
+    fakes["r2"].refuse()
+    client = RspamdClient(config.spamd, clock, agent_for=fakes.agent_for)
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred, fail
+from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from treq.testing import RequestTraversalAgent
+
+from rmilter.config.schema import ServerSpec
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the fake Rspamd received it."""
+
+    method: str
+    path: str
+    #: (lower-case name, value) in arrival order, repeated names kept
+    headers: Tuple[Tuple[str, str], ...]
+    body: bytes
+    #: the body as sent on the wire (differs from ``body`` when compressed)
+    raw_body: bytes = b""
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def header_values(self, name: str) -> List[str]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n == lname]
+
+    @property
+    def header_names(self) -> List[str]:
+        """Names in arrival order, each once."""
+        return list(dict.fromkeys(n for n, _ in self.headers))
+
+
+@dataclass(frozen=True)
+class FakeReply:
+    """What the fake does with one request."""
+
+    body: bytes = b""
+    code: int = 200
+    headers: Tuple[Tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    #: never answer (until ``FakeRspamd.release``)
+    hang: bool = False
+    #: refuse the connection: the request never reaches the resource
+    refuse: bool = False
+    #: send the headers and this much of the body, then stall
+    partial: Optional[int] = None
+
+
+REFUSE = FakeReply(refuse=True)
+HANG = FakeReply(hang=True)
+
+
+def json_reply(document: Any, code: int = 200) -> FakeReply:
+    return FakeReply(json.dumps(document).encode("utf-8"), code)
+
+
+def _symbol_map(symbols: Union[None, Mapping[str, Any], Sequence[Tuple[str, float, Sequence[str]]]]) -> Dict[str, Any]:
+    """Symbols given as ``{name: score}``, ``{name: (score, [options])}`` or triples."""
+    out: Dict[str, Any] = {}
+    if symbols is None:
+        return out
+    items: Iterable[Tuple[str, Any]]
+    if isinstance(symbols, Mapping):
+        items = symbols.items()
+    else:
+        items = ((name, (score, options)) for name, score, options in symbols)
+    for name, spec in items:
+        if isinstance(spec, (int, float)):
+            score, options = float(spec), []
+        else:
+            score, options = float(spec[0]), list(spec[1])
+        entry: Dict[str, Any] = {"name": name, "score": score, "metric_score": score}
+        if options:
+            entry["options"] = options
+        out[name] = entry
+    return out
+
+
+def checkv2_reply(
+    action: str = "no action",
+    score: float = 0.0,
+    required_score: float = 15.0,
+    symbols: Any = None,
+    subject: Optional[str] = None,
+    smtp_message: Optional[str] = None,
+    message_id: Optional[str] = None,
+    dkim_signature: Union[None, str, List[str]] = None,
+    milter: Optional[Mapping[str, Any]] = None,
+    **extra: Any,
+) -> Dict[str, Any]:
+    """A /checkv2 reply document as Rspamd 3.x writes it (SPEC §6.8.2)."""
+    doc: Dict[str, Any] = {
+        "is_skipped": False,
+        "score": score,
+        "required_score": required_score,
+        "action": action,
+        "symbols": _symbol_map(symbols),
+        "messages": {},
+        "time_real": 0.01,
+    }
+    if subject is not None:
+        doc["subject"] = subject
+    if smtp_message is not None:
+        doc["messages"]["smtp_message"] = smtp_message
+    if message_id is not None:
+        doc["message-id"] = message_id
+    if dkim_signature is not None:
+        doc["dkim-signature"] = dkim_signature
+    if milter is not None:
+        doc["milter"] = dict(milter)
+    doc.update(extra)
+    return doc
+
+
+def legacy_reply(
+    action: str = "no action",
+    score: float = 0.0,
+    required_score: float = 15.0,
+    symbols: Any = None,
+    subject: Optional[str] = None,
+    smtp_message: Optional[str] = None,
+    message_id: Optional[str] = None,
+    dkim_signature: Optional[str] = None,
+    rmilter: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """A /symbols (v1) reply: the scan inside ``default``, changes in ``rmilter``."""
+    metric: Dict[str, Any] = {
+        "is_spam": score > required_score,
+        "is_skipped": False,
+        "score": score,
+        "required_score": required_score,
+        "action": action,
+    }
+    if subject is not None:
+        metric["subject"] = subject
+    metric.update(_symbol_map(symbols))
+    doc: Dict[str, Any] = {"default": metric}
+    if smtp_message is not None:
+        doc["messages"] = {"smtp_message": smtp_message}
+    if message_id is not None:
+        doc["message-id"] = message_id
+    if dkim_signature is not None:
+        doc["dkim-signature"] = dkim_signature
+    if rmilter is not None:
+        doc["rmilter"] = dict(rmilter)
+    return doc
+
+
+def _zstd(data: bytes, compress: bool) -> bytes:
+    import zstandard
+
+    if compress:
+        return zstandard.ZstdCompressor(level=1).compress(data)
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+class FakeRspamd(Resource):
+    """An Rspamd normal worker in memory; every path answers like /checkv2 or /symbols."""
+
+    isLeaf = True
+
+    def __init__(self, reply: Union[None, FakeReply, Mapping[str, Any]] = None) -> None:
+        super().__init__()
+        self.requests: List[RecordedRequest] = []
+        self._default: FakeReply = self._as_reply(reply if reply is not None else checkv2_reply())
+        self._queue: Deque[FakeReply] = deque()
+        self._down = False
+        #: requests left waiting by a ``hang`` or ``partial`` reply
+        self.pending: List[Request] = []
+        #: compress replies to requests that came compressed (what Rspamd does)
+        self.compress_replies = True
+        self._agent: Optional[RequestTraversalAgent] = None
+
+    @staticmethod
+    def _as_reply(reply: Union[FakeReply, Mapping[str, Any]]) -> FakeReply:
+        return reply if isinstance(reply, FakeReply) else json_reply(reply)
+
+    # -- configuring ---------------------------------------------------------------------------
+    def answer(self, reply: Union[FakeReply, Mapping[str, Any]]) -> None:
+        """The reply for every request from now on (after any queued ones)."""
+        self._default = self._as_reply(reply)
+
+    def answer_next(self, *replies: Union[FakeReply, Mapping[str, Any]]) -> None:
+        """Replies for the next requests, in order; then the default again."""
+        self._queue.extend(self._as_reply(r) for r in replies)
+
+    def refuse(self, down: bool = True) -> None:
+        """Refuse every connection (a stopped Rspamd) until ``refuse(False)``."""
+        self._down = down
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    def _next_reply(self) -> FakeReply:
+        return self._queue.popleft() if self._queue else self._default
+
+    # -- the HTTP side -------------------------------------------------------------------------
+    def render(self, request: Request) -> Union[bytes, int]:
+        raw = request.content.read()
+        headers = tuple(
+            (name.decode("latin-1").lower(), value.decode("utf-8", "surrogateescape"))
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        )
+        compressed = any(n == "compression" and v.strip().lower() == "zstd" for n, v in headers)
+        body = _zstd(raw, False) if compressed else raw
+        self.requests.append(RecordedRequest(
+            method=request.method.decode("ascii"),
+            path=request.path.decode("utf-8", "replace"),
+            headers=headers,
+            body=body,
+            raw_body=raw,
+        ))
+        reply = self._next_reply()
+        if reply.refuse:
+            raise AssertionError("a refused connection reached the resource")
+        if reply.hang:
+            self.pending.append(request)
+            return NOT_DONE_YET
+        request.setResponseCode(reply.code)
+        for name, value in reply.headers:
+            request.setHeader(name, value)
+        payload = reply.body
+        if compressed and self.compress_replies:
+            payload = _zstd(payload, True)
+            request.setHeader("Compression", "zstd")
+        if reply.partial is not None:
+            request.setHeader("Content-Length", str(len(payload)))
+            request.write(payload[: reply.partial])
+            self.pending.append(request)
+            return NOT_DONE_YET
+        return payload
+
+    def release(self, reply: Union[None, FakeReply, Mapping[str, Any]] = None) -> None:
+        """Answer every hung request with ``reply`` (default: the default reply)."""
+        answer = self._as_reply(reply) if reply is not None else self._default
+        pending, self.pending = self.pending, []
+        for request in pending:
+            if request.finished or request._disconnected:
+                continue
+            request.setResponseCode(answer.code)
+            for name, value in answer.headers:
+                request.setHeader(name, value)
+            request.write(answer.body)
+            request.finish()
+        self.flush()
+
+    # -- the client side -----------------------------------------------------------------------
+    def agent(self) -> IAgent:
+        """An agent that talks to this fake (and refuses when it is down)."""
+        return FakeRspamdAgent(self)
+
+    def _traversal(self) -> RequestTraversalAgent:
+        if self._agent is None:
+            self._agent = RequestTraversalAgent(self)
+        return self._agent
+
+    def flush(self) -> None:
+        """Deliver bytes written by the resource after ``render`` returned."""
+        if self._agent is not None:
+            self._agent.flush()
+
+
+@implementer(IAgent)
+class FakeRspamdAgent:
+    """``IAgent`` for one ``FakeRspamd``: refused connections fail like a real connect."""
+
+    def __init__(self, fake: FakeRspamd) -> None:
+        self.fake = fake
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Optional[IBodyProducer] = None) -> "Deferred[Any]":
+        fake = self.fake
+        if fake.down or (fake._queue and fake._queue[0].refuse):
+            if not fake.down:
+                fake._queue.popleft()
+            return fail(net_error.ConnectionRefusedError("fake rspamd is down"))
+        return fake._traversal().request(method, uri, headers, bodyProducer)
+
+
+class FakeRspamdCluster(Dict[str, FakeRspamd]):
+    """Fakes by server name, with the ``agent_for`` hook ``RspamdClient`` takes."""
+
+    def __init__(self, fakes: Optional[Mapping[str, FakeRspamd]] = None) -> None:
+        super().__init__(fakes or {})
+
+    def agent_for(self, server: ServerSpec) -> IAgent:
+        fake = self.get(server.name)
+        if fake is None:
+            fake = self[server.name] = FakeRspamd()
+        return fake.agent()
+
+    @property
+    def requests(self) -> List[Tuple[str, RecordedRequest]]:
+        """Every request of every fake, as (server name, request)."""
+        return [(name, r) for name, fake in self.items() for r in fake.requests]
