@@ -1,0 +1,265 @@
+"""The virus check (SPEC §5.9 steps 7-8, §6.9, §8.4) over the in-memory clamd, alone and in the pipeline."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Any, List, Optional, Sequence, Tuple
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from rmilter.backends import clamd
+from rmilter.checks import spam, virus
+from rmilter.checks.spam import SpamOutcome
+from rmilter.config.schema import ClamavConfig, Config, GlobalConfig, ServerSpec, SpamdConfig
+from rmilter.context import ConnectionContext, MessageContext
+from rmilter.netlist import NetList, RecipientList
+from rmilter.pipeline import Pipeline
+from rmilter.runtime import Runtime
+from rmilter.spool import run_inline
+from rmilter.testing.fake_clamd import REFUSE, MemoryClamdNetwork, Script
+from rmilter.verdict import Action, CheckResult, SmtpReply, decide, reject
+
+CLAMD = ServerSpec(name="127.0.0.1:3310", host="127.0.0.1", port=3310)
+ADDR = ("127.0.0.1", 3310)
+SPAMD = ServerSpec(name="127.0.0.1:11333", host="127.0.0.1", port=11333)
+
+
+def make_config(*, tempfail_on_error: bool = False, retry_count: int = 2, spamd_servers: Sequence[ServerSpec] = (),
+                clamav_whitelist: Sequence[str] = (), whitelist: Sequence[str] = (), max_size: int = 0,
+                tempdir: str = "/tmp") -> Config:
+    return Config(
+        main=GlobalConfig(tempdir=tempdir, max_size=max_size, whitelist=RecipientList(whitelist)),
+        clamav=ClamavConfig(
+            servers=(CLAMD,),
+            whitelist=NetList(ipaddress.ip_network(n) for n in clamav_whitelist),
+        ),
+        spamd=SpamdConfig(
+            servers=tuple(spamd_servers), retry_count=retry_count, retry_timeout=1.0,
+            tempfail_on_error=tempfail_on_error,
+        ),
+    )
+
+
+class LogCapture:
+    """Collects formatted log lines of the test."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.lines: List[str] = []
+        globalLogPublisher.addObserver(self)
+        test.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: Any) -> None:
+        self.lines.append(formatEvent(event))
+
+    def matching(self, text: str) -> List[str]:
+        return [line for line in self.lines if text in line]
+
+
+class VirusCheckBase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.log = LogCapture(self)
+
+    def runtime_for(self, config: Config) -> Runtime:
+        self.reactor = MemoryReactorClock()
+        self.network = MemoryClamdNetwork(self.reactor)
+        runtime = Runtime(config, self.reactor, run_inline)
+        runtime.clamd = clamd.from_config(config, self.reactor)
+        return runtime
+
+    def message(self, config: Config, body: bytes = b"Hello\r\n") -> MessageContext:
+        runtime = self.runtime_for(config)
+        conn = ConnectionContext(hostname="mail.example.net", family="4", client_address="192.0.2.10")
+        msg = MessageContext(connection=conn, runtime=runtime)
+        msg.spool = runtime.new_spool()
+        msg.spool.set_head(b"Received: from x\r\nSubject: hi\n\r\n")
+        msg.spool.append(body)
+        self.successResultOf(msg.spool.finish())
+        self.addCleanup(msg.spool.close)
+        return msg
+
+    def scan(self, msg: MessageContext) -> CheckResult:
+        d = virus.scan(msg)
+        self.network.run()
+        for _ in range(10):  # retries wait retry_timeout between attempts
+            if d.called:
+                break
+            self.reactor.advance(1.0)
+            self.network.run()
+        return self.successResultOf(d)
+
+
+class VirusCheckTests(VirusCheckBase):
+    """CheckResult per scan outcome (SPEC §5.9 step 8, §8.4 V values)."""
+
+    def test_virus_rejects_with_name(self) -> None:
+        """A virus: REJECT 554 5.7.1 Infected: <name>, log "rejected, virus found", scan line logged."""
+        msg = self.message(make_config())
+        self.network.add(ADDR, Script.found("Harness.Eicar.Body.UNOFFICIAL"))
+        result = self.scan(msg)
+        self.assertEqual((result.check, result.log, result.failed), ("virus", "rejected, virus found", False))
+        assert result.verdict is not None
+        self.assertEqual(result.verdict.action, Action.REJECT)
+        self.assertEqual(result.verdict.reply, SmtpReply("554", "5.7.1", "Infected: Harness.Eicar.Body.UNOFFICIAL"))
+        details = dict(result.details)
+        self.assertEqual((details["virus"], details["clamd_server"]), ("Harness.Eicar.Body.UNOFFICIAL", CLAMD.name))
+        (line,) = self.log.matching("clamscan: scan")
+        self.assertRegex(line, r"^%s; clamscan: scan \d+\.\d{3}, 127\.0\.0\.1:3310, found Harness\.Eicar\.Body\.UNOFFICIAL$"
+                         % msg.tag)
+
+    def test_clean_has_no_verdict(self) -> None:
+        """Clean: no verdict, log "clean", scan time and server in the details."""
+        msg = self.message(make_config())
+        self.network.add(ADDR, Script.ok())
+        result = self.scan(msg)
+        self.assertEqual((result.log, result.verdict, result.failed), ("clean", None, False))
+        self.assertIn(("clamd_server", CLAMD.name), result.details)
+        self.assertIn("clamd_scan_time", dict(result.details))
+        self.assertEqual(len(self.log.matching("clamscan: scan")), 1)
+
+    def test_failure_with_tempfail_on_error(self) -> None:
+        """clamd unusable after retries with tempfail_on_error: TEMPFAIL 451 4.7.1 Temporary service failure."""
+        msg = self.message(make_config(tempfail_on_error=True))
+        self.network.add(ADDR, REFUSE)
+        result = self.scan(msg)
+        self.assertEqual((result.log, result.failed), ("delayed, temporary fail", True))
+        assert result.verdict is not None
+        self.assertEqual(result.verdict.action, Action.TEMPFAIL)
+        self.assertEqual(result.verdict.reply, SmtpReply("451", "4.7.1", "Temporary service failure."))
+        self.assertEqual(len(self.network.attempts), 2)  # spamd.retry_count attempts
+
+    def test_failure_without_tempfail_continues(self) -> None:
+        """Without tempfail_on_error a failed scan demands nothing: "ignored, temporary fail"."""
+        msg = self.message(make_config(tempfail_on_error=False))
+        self.network.add(ADDR, Script.error())
+        result = self.scan(msg)
+        self.assertEqual((result.log, result.verdict, result.failed), ("ignored, temporary fail", None, True))
+        self.assertIn("size limit", dict(result.details)["clamd_error"])
+
+    def test_never_fails_on_internal_error(self) -> None:
+        """A bug inside the client still gives a result (the configured failure outcome), logged once."""
+        msg = self.message(make_config(tempfail_on_error=True))
+
+        class Broken:
+            def scan(self, source: Any, tag: str = "") -> Deferred:
+                return fail(RuntimeError("boom"))
+
+        msg.runtime.clamd = Broken()  # type: ignore[assignment]
+        result = self.successResultOf(virus.scan(msg))
+        self.assertEqual((result.log, result.failed), ("delayed, temporary fail", True))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_no_client_is_no_av_servers(self) -> None:
+        """Called without a clamd client the check reports "skipped, no av servers"."""
+        msg = self.message(make_config())
+        msg.runtime.clamd = None
+        self.assertEqual(self.successResultOf(virus.scan(msg)).log, "skipped, no av servers")
+
+    def test_virus_result_wins_over_clean_spam_in_decide(self) -> None:
+        """decide() orders results: a virus REJECT ends the message after a clean spam scan."""
+        verdict = decide([CheckResult("spam", "no spam"), CheckResult("virus", "rejected, virus found",
+                                                                      verdict=reject("Infected: X"))])
+        self.assertEqual((verdict.action, verdict.reply), (Action.REJECT, SmtpReply("554", "5.7.1", "Infected: X")))
+
+
+class PipelineVirusTests(VirusCheckBase):
+    """The pipeline with the real virus check and the in-memory clamd (SPEC §5.9, §5.11)."""
+
+    def run_message(self, config: Config, *, ip: str = "192.0.2.10", rcpts: Sequence[str] = ("<bob@example.org>",),
+                    body: bytes = b"Hello\r\n", settle: bool = True) -> Tuple[MessageContext, "Deferred[Any]"]:
+        runtime = self.runtime_for(config)
+        pipeline = Pipeline(lambda: runtime)
+        conn = ConnectionContext(hostname="mail.example.net", family="4", client_address=ip)
+        pipeline.connect(conn)
+        pipeline.helo(conn, "mail.example.net")
+        conn.macros.define("M", {"{mail_addr}": "alice@example.net"})
+        msg, _ = pipeline.mail(conn, ["<alice@example.net>"])
+        for rcpt in rcpts:
+            self.successResultOf(pipeline.rcpt(msg, [rcpt]))
+        conn.macros.define("T", {"i": "QID1"})
+        self.successResultOf(pipeline.data(msg))
+        pipeline.header(msg, "Subject", "hi")
+        pipeline.eoh(msg)
+        self.successResultOf(pipeline.body(msg, body))
+        d = pipeline.eom(msg)
+        if settle:
+            self.network.run()
+            for _ in range(10):
+                if d.called:
+                    break
+                self.reactor.advance(1.0)
+                self.network.run()
+        d.addCallback(lambda verdict: (pipeline.finish(msg, verdict), verdict)[1])
+        return msg, d
+
+    def test_infected_message_is_rejected(self) -> None:
+        """A message clamd finds a virus in ends with 554 5.7.1 Infected: <name>; the spool reached clamd."""
+        msg, d = self.run_message(make_config(tempdir=self.tmp()), body=b"X5O!P%@AP...\r\n", settle=False)
+        self.network.add(ADDR, Script.found("Eicar-Signature"))
+        self.network.run()
+        verdict = self.successResultOf(d)
+        self.assertEqual((verdict.action, verdict.reply), (Action.REJECT, SmtpReply("554", "5.7.1", "Infected: Eicar-Signature")))
+        self.assertEqual(msg.log_fields["virus"], "rejected, virus found")
+        self.assertEqual(msg.log_fields["dkim"], "skipped, clamav virus")
+        (server,) = self.network.servers(ADDR)
+        self.assertTrue(bytes(server.received).endswith(b"\r\n\r\nX5O!P%@AP...\r\n"))
+        (summary,) = self.log.matching("msg done")
+        self.assertIn("virus scan: rejected, virus found", summary)
+
+    def tmp(self) -> str:
+        import os
+
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+    def test_clean_message_is_accepted(self) -> None:
+        """A clean message is accepted with "virus scan: clean"."""
+        msg, d = self.run_message(make_config(tempdir=self.tmp()), settle=False)
+        self.network.add(ADDR, Script.ok())
+        self.network.run()
+        verdict = self.successResultOf(d)
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertEqual(msg.log_fields["virus"], "clean")
+
+    def test_failure_outcomes_follow_tempfail_on_error(self) -> None:
+        """clamd down: TEMPFAIL 451 4.7.1 with tempfail_on_error, ACCEPT (unscanned) without."""
+        msg, d = self.run_message(make_config(tempdir=self.tmp(), tempfail_on_error=True))
+        verdict = self.successResultOf(d)
+        self.assertEqual((verdict.action, verdict.reply),
+                         (Action.TEMPFAIL, SmtpReply("451", "4.7.1", "Temporary service failure.")))
+        self.assertEqual(msg.log_fields["virus"], "delayed, temporary fail")
+        msg, d = self.run_message(make_config(tempdir=self.tmp(), tempfail_on_error=False))
+        self.assertEqual(self.successResultOf(d).action, Action.ACCEPT)
+        self.assertEqual(msg.log_fields["virus"], "ignored, temporary fail")
+
+    def test_exemptions_open_no_connection(self) -> None:
+        """clamav.whitelist clients, all-whitelisted recipients and oversized messages are not scanned."""
+        cases = [
+            (make_config(tempdir=self.tmp(), clamav_whitelist=["192.0.2.0/24"]), {}, "skipped, ip whitelist"),
+            (make_config(tempdir=self.tmp(), whitelist=["bob@example.org"]), {}, "skipped, recipient whitelist"),
+            (make_config(tempdir=self.tmp(), max_size=10), {}, "skipped(oversized)"),
+        ]
+        for config, kwargs, expected in cases:
+            msg, d = self.run_message(config, **kwargs)
+            self.assertEqual(self.successResultOf(d).action, Action.ACCEPT)
+            self.assertEqual(msg.log_fields["virus"], expected)
+            self.assertEqual(self.network.attempts, [])
+
+    def test_rspamd_and_clamd_run_concurrently(self) -> None:
+        """clamd is already scanning while rspamd has not answered; decide() orders both results."""
+        pending_spam: "Deferred[SpamOutcome]" = Deferred()
+        self.patch(spam, "scan", lambda msg, dkim_only: pending_spam)
+        msg, d = self.run_message(make_config(tempdir=self.tmp(), spamd_servers=[SPAMD]), settle=False)
+        self.network.add(ADDR, Script.found("Win.Test.Virus"))
+        self.network.run()
+        self.assertEqual(len(self.network.attempts), 1)  # clamd connected before rspamd answered
+        (server,) = self.network.servers(ADDR)
+        self.assertTrue(server.replied)
+        self.assertNoResult(d)
+        pending_spam.callback(SpamOutcome(CheckResult("spam", "no spam"), action="no action"))
+        verdict = self.successResultOf(d)
+        self.assertEqual(verdict.reply, SmtpReply("554", "5.7.1", "Infected: Win.Test.Virus"))
+        self.assertEqual((msg.log_fields["spam"], msg.log_fields["virus"]), ("no spam", "rejected, virus found"))
