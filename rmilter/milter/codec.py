@@ -1,0 +1,1069 @@
+"""The milter wire format, sans-IO (SPEC §3): frames, commands, replies, negotiation.
+
+Nothing here touches a socket, a clock or a logger (h11 / wsproto style):
+
+- ``CommandReader`` (filter side) and ``ReplyReader`` (MTA side) are fed bytes with
+  ``receive_data`` and hand back one typed event per frame from ``next_event``.
+  The receive buffer is the bytes last received, or a ``bytearray`` plus an offset
+  when a frame spans reads; a frame header announcing a length of 0 or above the
+  limit raises ``FrameError`` before any of that frame's payload is stored.
+- Every command (``Negotiate`` ... ``QuitNoClose``) and every reply (``Continue`` ...
+  ``NegotiateReply``) is a small frozen class carrying its wire ``code``;
+  ``encode(event)`` gives the frame.  Both directions exist so the test MTA in
+  ``rmilter.testing.mta`` and the property tests share this code.
+- ``negotiate`` is SPEC §3.4 as a pure function; ``verdict_packets`` turns a
+  ``rmilter.verdict.Verdict`` into the bytes that answer one command.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Tuple, Union
+
+from rmilter import verdict as verdicts
+from rmilter.milter import constants as c
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """The peer broke the milter protocol; the connection cannot go on."""
+
+
+class FrameError(ProtocolError):
+    """A frame length of 0 or above the limit (SPEC §3.1, §3.8)."""
+
+
+class UnknownCodeError(ProtocolError):
+    """A command or reply code this side does not know (libmilter closes, SPEC §3.8)."""
+
+
+class MalformedPayloadError(ProtocolError):
+    """A payload that does not have the layout its code requires (missing NUL, short ints)."""
+
+
+class NegotiationError(ProtocolError):
+    """The MTA's OPTNEG offer is not enough for rmilter (SPEC §3.4): close without reply."""
+
+
+# -- framing ------------------------------------------------------------------------------
+
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+_OPTNEG = struct.Struct(">III")
+_FRAME_HEADER = struct.Struct(">Ic")
+
+#: the default limit for inbound frames (SPEC §3.8 asks for at least 1 MiB)
+DEFAULT_MAX_FRAME_SIZE = 2 * 1024 * 1024
+_ENCODING = "utf-8"
+_ERRORS = "surrogateescape"  # any byte string from the MTA survives decode + encode unchanged
+
+
+def frame(code: bytes, payload: bytes = b"") -> bytes:
+    """One packet: u32 length (code byte included), code, payload (SPEC §3.1)."""
+    return _FRAME_HEADER.pack(len(payload) + 1, code) + payload
+
+
+def _text(value: str) -> bytes:
+    return value.encode(_ENCODING, _ERRORS)
+
+
+def _cstr(value: str) -> bytes:
+    return value.encode(_ENCODING, _ERRORS) + b"\0"
+
+
+def _check_cstr(owner: object, *values: Optional[str]) -> None:
+    """Strings travel NUL-terminated, so they cannot contain NUL (validated when built)."""
+    for value in values:
+        if value is not None and "\0" in value:
+            raise ValueError("%s: NUL byte in %r" % (type(owner).__name__, value))
+
+
+# -- commands (MTA to filter, SPEC §3.2) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiate:
+    """OPTNEG: the MTA's protocol version and everything it can do."""
+
+    code: ClassVar[bytes] = c.SMFIC_OPTNEG
+    version: int
+    actions: int
+    protocol: int
+
+    def payload(self) -> bytes:
+        return _OPTNEG.pack(self.version, self.actions, self.protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class Macro:
+    """MACRO: ``name=value`` pairs for the command with code ``stage`` that follows."""
+
+    code: ClassVar[bytes] = c.SMFIC_MACRO
+    stage: str  # one character: the command code the macros belong to ("C", "M", "L", ...)
+    macros: Tuple[Tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.stage) != 1 or ord(self.stage) > 0xFF:
+            raise ValueError("Macro: stage must be one byte, not %r" % (self.stage,))
+        for name, value in self.macros:
+            _check_cstr(self, name, value)
+
+    def payload(self) -> bytes:
+        return self.stage.encode("latin-1") + b"".join(_cstr(name) + _cstr(value) for name, value in self.macros)
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """CONNECT: the SMTP client (family ``U`` carries no port and no address)."""
+
+    code: ClassVar[bytes] = c.SMFIC_CONNECT
+    hostname: str
+    family: str = c.SMFIA_UNKNOWN
+    port: int = 0
+    address: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.family not in c.FAMILIES:
+            raise ValueError("Connect: unknown family %r" % (self.family,))
+        if (self.family == c.SMFIA_UNKNOWN) != (self.address is None):
+            raise ValueError("Connect: family %r with address %r" % (self.family, self.address))
+        if self.family == c.SMFIA_UNKNOWN and self.port:
+            raise ValueError("Connect: family U carries no port")
+        if not 0 <= self.port <= 0xFFFF:
+            raise ValueError("Connect: port %r out of range" % (self.port,))
+        _check_cstr(self, self.hostname, self.address)
+
+    def payload(self) -> bytes:
+        head = _cstr(self.hostname) + self.family.encode("ascii")
+        if self.family == c.SMFIA_UNKNOWN:
+            return head
+        assert self.address is not None
+        return head + _U16.pack(self.port) + _cstr(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class Helo:
+    code: ClassVar[bytes] = c.SMFIC_HELO
+    helo: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.helo)
+
+    def payload(self) -> bytes:
+        return _cstr(self.helo)
+
+
+def _check_argv(owner: object, argv: Tuple[str, ...]) -> None:
+    if type(argv) is not tuple:
+        raise ValueError("%s: argv must be a tuple" % (type(owner).__name__,))
+    _check_cstr(owner, *argv)
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """MAIL: argv[0] is the sender as the client wrote it, then ESMTP parameters."""
+
+    code: ClassVar[bytes] = c.SMFIC_MAIL
+    argv: Tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_argv(self, self.argv)
+
+    def payload(self) -> bytes:
+        return b"".join(_cstr(arg) for arg in self.argv)
+
+
+@dataclass(frozen=True, slots=True)
+class Rcpt:
+    """RCPT: argv[0] is the recipient as the client wrote it, then ESMTP parameters."""
+
+    code: ClassVar[bytes] = c.SMFIC_RCPT
+    argv: Tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_argv(self, self.argv)
+
+    def payload(self) -> bytes:
+        return b"".join(_cstr(arg) for arg in self.argv)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    code: ClassVar[bytes] = c.SMFIC_DATA
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """HEADER: one header; the value lost one leading space unless HDR_LEADSPC (SPEC §3.6)."""
+
+    code: ClassVar[bytes] = c.SMFIC_HEADER
+    name: str
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.name, self.value)
+
+    def payload(self) -> bytes:
+        return _cstr(self.name) + _cstr(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfHeaders:
+    code: ClassVar[bytes] = c.SMFIC_EOH
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """BODY: a piece of the body, CRLF line ends; may be empty (B35)."""
+
+    code: ClassVar[bytes] = c.SMFIC_BODY
+    chunk: bytes
+
+    def payload(self) -> bytes:
+        return self.chunk
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage:
+    """BODYEOB: the end of the message; Sendmail may attach a last body piece (SPEC §3.2)."""
+
+    code: ClassVar[bytes] = c.SMFIC_BODYEOB
+    chunk: bytes = b""
+
+    def payload(self) -> bytes:
+        return self.chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """UNKNOWN: an SMTP command the MTA did not recognise."""
+
+    code: ClassVar[bytes] = c.SMFIC_UNKNOWN
+    command: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.command)
+
+    def payload(self) -> bytes:
+        return _cstr(self.command)
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """ABORT: the transaction is over (RSET, rejection, or after every EOM with Postfix)."""
+
+    code: ClassVar[bytes] = c.SMFIC_ABORT
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    code: ClassVar[bytes] = c.SMFIC_QUIT
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class QuitNoClose:
+    """QUIT_NC: the SMTP session is over, the socket stays; a new CONNECT follows."""
+
+    code: ClassVar[bytes] = c.SMFIC_QUIT_NC
+
+    def payload(self) -> bytes:
+        return b""
+
+
+Command = Union[
+    Negotiate, Macro, Connect, Helo, Mail, Rcpt, Data, Header, EndOfHeaders, Body, EndOfMessage, Unknown, Abort,
+    Quit, QuitNoClose,
+]
+
+# -- replies (filter to MTA, SPEC §3.3) -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    code: ClassVar[bytes] = c.SMFIR_CONTINUE
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    code: ClassVar[bytes] = c.SMFIR_ACCEPT
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    code: ClassVar[bytes] = c.SMFIR_REJECT
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Tempfail:
+    code: ClassVar[bytes] = c.SMFIR_TEMPFAIL
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    code: ClassVar[bytes] = c.SMFIR_DISCARD
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyCode:
+    """REPLYCODE: a final verdict with its SMTP reply line (SPEC §3.7)."""
+
+    code: ClassVar[bytes] = c.SMFIR_REPLYCODE
+    text: str  # "451 4.7.1 Rate limit exceeded"
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.text)
+
+    def payload(self) -> bytes:
+        return _cstr(self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """SKIP: no more body chunks, please (only if the MTA offered SMFIP_SKIP)."""
+
+    code: ClassVar[bytes] = c.SMFIR_SKIP
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """PROGRESS: still working; resets the MTA's timeout for the pending command."""
+
+    code: ClassVar[bytes] = c.SMFIR_PROGRESS
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    code: ClassVar[bytes] = c.SMFIR_SHUTDOWN
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFail:
+    code: ClassVar[bytes] = c.SMFIR_CONN_FAIL
+
+    def payload(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    code: ClassVar[bytes] = c.SMFIR_QUARANTINE
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.reason)
+
+    def payload(self) -> bytes:
+        return _cstr(self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class AddHeader:
+    """ADDHEADER: append a header at the end of the header block."""
+
+    code: ClassVar[bytes] = c.SMFIR_ADDHEADER
+    name: str
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.name, self.value)
+
+    def payload(self) -> bytes:
+        return _cstr(self.name) + _cstr(self.value)
+
+
+def _check_index(owner: object, index: int) -> None:
+    if not 0 <= index <= 0xFFFFFFFF:
+        raise ValueError("%s: index %r out of range" % (type(owner).__name__, index))
+
+
+@dataclass(frozen=True, slots=True)
+class InsertHeader:
+    """INSHEADER: insert a header at position ``index`` (0 = top)."""
+
+    code: ClassVar[bytes] = c.SMFIR_INSHEADER
+    index: int
+    name: str
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_index(self, self.index)
+        _check_cstr(self, self.name, self.value)
+
+    def payload(self) -> bytes:
+        return _U32.pack(self.index) + _cstr(self.name) + _cstr(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeHeader:
+    """CHGHEADER: change the ``index``-th (1-based) ``name`` header; an empty value deletes it."""
+
+    code: ClassVar[bytes] = c.SMFIR_CHGHEADER
+    index: int
+    name: str
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_index(self, self.index)
+        _check_cstr(self, self.name, self.value)
+
+    def payload(self) -> bytes:
+        return _U32.pack(self.index) + _cstr(self.name) + _cstr(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class AddRecipient:
+    code: ClassVar[bytes] = c.SMFIR_ADDRCPT
+    recipient: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.recipient)
+
+    def payload(self) -> bytes:
+        return _cstr(self.recipient)
+
+
+@dataclass(frozen=True, slots=True)
+class AddRecipientPar:
+    """ADDRCPT_PAR: add a recipient with ESMTP arguments."""
+
+    code: ClassVar[bytes] = c.SMFIR_ADDRCPT_PAR
+    recipient: str
+    args: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.recipient, self.args)
+
+    def payload(self) -> bytes:
+        return _cstr(self.recipient) + _cstr(self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecipient:
+    """DELRCPT: remove a recipient, spelled as the MTA sent it."""
+
+    code: ClassVar[bytes] = c.SMFIR_DELRCPT
+    recipient: str
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.recipient)
+
+    def payload(self) -> bytes:
+        return _cstr(self.recipient)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFrom:
+    """CHGFROM: replace the envelope sender, optionally with ESMTP arguments."""
+
+    code: ClassVar[bytes] = c.SMFIR_CHGFROM
+    sender: str
+    args: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_cstr(self, self.sender, self.args)
+
+    def payload(self) -> bytes:
+        if self.args is None:
+            return _cstr(self.sender)
+        return _cstr(self.sender) + _cstr(self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceBody:
+    """REPLBODY: one piece (at most 65535 bytes) of the new body."""
+
+    code: ClassVar[bytes] = c.SMFIR_REPLBODY
+    chunk: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.chunk) > c.MILTER_CHUNK_SIZE:
+            raise ValueError("ReplaceBody: piece of %d bytes, at most %d" % (len(self.chunk), c.MILTER_CHUNK_SIZE))
+
+    def payload(self) -> bytes:
+        return self.chunk
+
+
+@dataclass(frozen=True, slots=True)
+class SetSymList:
+    """One macro list of the OPTNEG reply: the macros the filter wants at stage ``stage`` (SMFIM_*)."""
+
+    stage: int
+    macros: str  # space-separated names, as on the wire: "i {mail_addr}"
+
+    def __post_init__(self) -> None:
+        _check_index(self, self.stage)
+        _check_cstr(self, self.macros)
+
+    def payload(self) -> bytes:
+        return _U32.pack(self.stage) + _cstr(self.macros)
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiateReply:
+    """The filter's OPTNEG reply: version, actions, protocol bits, macro lists."""
+
+    code: ClassVar[bytes] = c.SMFIR_OPTNEG
+    version: int
+    actions: int
+    protocol: int
+    macro_lists: Tuple[SetSymList, ...] = ()
+
+    def payload(self) -> bytes:
+        return _OPTNEG.pack(self.version, self.actions, self.protocol) + b"".join(
+            m.payload() for m in self.macro_lists
+        )
+
+
+Reply = Union[
+    Continue, Accept, Reject, Tempfail, Discard, ReplyCode, Skip, Progress, Shutdown, ConnectionFail, Quarantine,
+    AddHeader, InsertHeader, ChangeHeader, AddRecipient, AddRecipientPar, DeleteRecipient, ChangeFrom,
+    ReplaceBody, NegotiateReply,
+]
+#: replies that end the MTA's wait for one command (everything else may come before them)
+FINAL_REPLIES = (Continue, Accept, Reject, Tempfail, Discard, ReplyCode, Skip, Shutdown, ConnectionFail,
+                 NegotiateReply)
+#: replies that change the message (EOM only)
+MODIFICATION_REPLIES = (Quarantine, AddHeader, InsertHeader, ChangeHeader, AddRecipient, AddRecipientPar,
+                        DeleteRecipient, ChangeFrom, ReplaceBody)
+
+
+def encode(event: Union[Command, Reply]) -> bytes:
+    """The frame for one command or reply."""
+    return frame(event.code, event.payload())
+
+
+# the replies sent on every message, framed once
+CONTINUE_PACKET = encode(Continue())
+ACCEPT_PACKET = encode(Accept())
+REJECT_PACKET = encode(Reject())
+TEMPFAIL_PACKET = encode(Tempfail())
+DISCARD_PACKET = encode(Discard())
+PROGRESS_PACKET = encode(Progress())
+
+# -- payload parsing ------------------------------------------------------------------------
+
+
+def _strings(payload: bytes, what: str) -> List[str]:
+    """NUL-terminated strings, decoded; the payload must end with a NUL."""
+    if not payload or payload[-1] != 0:
+        raise MalformedPayloadError("%s: string not NUL-terminated (%d bytes)" % (what, len(payload)))
+    return payload[:-1].decode(_ENCODING, _ERRORS).split("\0")
+
+
+def _exactly(payload: bytes, count: int, what: str) -> List[str]:
+    parts = _strings(payload, what)
+    if len(parts) != count:
+        raise MalformedPayloadError("%s: %d strings, expected %d" % (what, len(parts), count))
+    return parts
+
+
+def _u32_then(payload: bytes, count: int, what: str) -> Tuple[int, List[str]]:
+    if len(payload) < 4:
+        raise MalformedPayloadError("%s: %d bytes, too short for its index" % (what, len(payload)))
+    return _U32.unpack_from(payload)[0], _exactly(payload[4:], count, what)
+
+
+def _decode_optneg(payload: bytes, what: str) -> Tuple[int, int, int]:
+    if len(payload) < _OPTNEG.size:
+        raise MalformedPayloadError("%s: %d bytes, expected 12" % (what, len(payload)))
+    return _OPTNEG.unpack_from(payload)  # type: ignore[return-value]
+
+
+def _decode_negotiate(payload: bytes) -> Negotiate:
+    version, actions, protocol = _decode_optneg(payload, "OPTNEG")
+    return Negotiate(version, actions, protocol)
+
+
+def _decode_macro(payload: bytes) -> Macro:
+    if not payload:
+        raise MalformedPayloadError("MACRO: no stage code")
+    stage = chr(payload[0])
+    if len(payload) == 1:
+        return Macro(stage)
+    parts = _strings(payload[1:], "MACRO")
+    if len(parts) % 2:
+        raise MalformedPayloadError("MACRO: name %r without value" % (parts[-1],))
+    return Macro(stage, tuple(zip(parts[::2], parts[1::2])))
+
+
+def _decode_connect(payload: bytes) -> Connect:
+    end = payload.find(b"\0")
+    if end < 0:
+        raise MalformedPayloadError("CONNECT: hostname not NUL-terminated")
+    hostname = payload[:end].decode(_ENCODING, _ERRORS)
+    family = chr(payload[end + 1]) if len(payload) > end + 1 else ""
+    if family not in c.FAMILIES or not family:
+        raise MalformedPayloadError("CONNECT: unknown address family %r" % (family,))
+    if family == c.SMFIA_UNKNOWN:
+        return Connect(hostname, family)
+    rest = payload[end + 2 :]
+    if len(rest) < 2:
+        raise MalformedPayloadError("CONNECT: no port")
+    (port,) = _U16.unpack_from(rest)
+    (address,) = _exactly(rest[2:], 1, "CONNECT address")
+    return Connect(hostname, family, port, address)
+
+
+def _decode_helo(payload: bytes) -> Helo:
+    return Helo(_exactly(payload, 1, "HELO")[0])
+
+
+def _decode_argv(payload: bytes, what: str) -> Tuple[str, ...]:
+    return tuple(_strings(payload, what)) if payload else ()
+
+
+def _decode_header(payload: bytes) -> Header:
+    name, value = _exactly(payload, 2, "HEADER")
+    return Header(name, value)
+
+
+def _decode_unknown(payload: bytes) -> Unknown:
+    return Unknown(_exactly(payload, 1, "UNKNOWN")[0])
+
+
+# commands without payload are singletons; libmilter ignores a stray payload, so do we
+_DATA, _EOH, _ABORT, _QUIT, _QUIT_NC = Data(), EndOfHeaders(), Abort(), Quit(), QuitNoClose()
+_NO_CHUNK_EOM = EndOfMessage()
+
+Decoder = Callable[[bytes], object]
+
+COMMAND_DECODERS: Dict[int, Decoder] = {
+    c.SMFIC_OPTNEG[0]: _decode_negotiate,
+    c.SMFIC_MACRO[0]: _decode_macro,
+    c.SMFIC_CONNECT[0]: _decode_connect,
+    c.SMFIC_HELO[0]: _decode_helo,
+    c.SMFIC_MAIL[0]: lambda p: Mail(_decode_argv(p, "MAIL")),
+    c.SMFIC_RCPT[0]: lambda p: Rcpt(_decode_argv(p, "RCPT")),
+    c.SMFIC_DATA[0]: lambda p: _DATA,
+    c.SMFIC_HEADER[0]: _decode_header,
+    c.SMFIC_EOH[0]: lambda p: _EOH,
+    c.SMFIC_BODY[0]: Body,
+    c.SMFIC_BODYEOB[0]: lambda p: EndOfMessage(p) if p else _NO_CHUNK_EOM,
+    c.SMFIC_UNKNOWN[0]: _decode_unknown,
+    c.SMFIC_ABORT[0]: lambda p: _ABORT,
+    c.SMFIC_QUIT[0]: lambda p: _QUIT,
+    c.SMFIC_QUIT_NC[0]: lambda p: _QUIT_NC,
+}
+
+
+def _decode_negotiate_reply(payload: bytes) -> NegotiateReply:
+    version, actions, protocol = _decode_optneg(payload, "OPTNEG reply")
+    lists: List[SetSymList] = []
+    rest = payload[_OPTNEG.size :]
+    while rest:
+        if len(rest) < 4:
+            raise MalformedPayloadError("OPTNEG reply: macro list without stage")
+        (stage,) = _U32.unpack_from(rest)
+        end = rest.find(b"\0", 4)
+        if end < 0:
+            raise MalformedPayloadError("OPTNEG reply: macro list not NUL-terminated")
+        lists.append(SetSymList(stage, rest[4:end].decode(_ENCODING, _ERRORS)))
+        rest = rest[end + 1 :]
+    return NegotiateReply(version, actions, protocol, tuple(lists))
+
+
+def _decode_chgfrom(payload: bytes) -> ChangeFrom:
+    parts = _strings(payload, "CHGFROM")
+    if len(parts) > 2:
+        raise MalformedPayloadError("CHGFROM: %d strings, expected 1 or 2" % (len(parts),))
+    return ChangeFrom(parts[0], parts[1] if len(parts) == 2 else None)
+
+
+def _decode_header_reply(kind: type, what: str) -> Decoder:
+    def decode(payload: bytes) -> object:
+        index, (name, value) = _u32_then(payload, 2, what)
+        return kind(index, name, value)
+
+    return decode
+
+
+_CONTINUE, _ACCEPT, _REJECT, _TEMPFAIL, _DISCARD = Continue(), Accept(), Reject(), Tempfail(), Discard()
+_SKIP, _PROGRESS, _SHUTDOWN, _CONN_FAIL = Skip(), Progress(), Shutdown(), ConnectionFail()
+
+REPLY_DECODERS: Dict[int, Decoder] = {
+    c.SMFIR_CONTINUE[0]: lambda p: _CONTINUE,
+    c.SMFIR_ACCEPT[0]: lambda p: _ACCEPT,
+    c.SMFIR_REJECT[0]: lambda p: _REJECT,
+    c.SMFIR_TEMPFAIL[0]: lambda p: _TEMPFAIL,
+    c.SMFIR_DISCARD[0]: lambda p: _DISCARD,
+    c.SMFIR_SKIP[0]: lambda p: _SKIP,
+    c.SMFIR_PROGRESS[0]: lambda p: _PROGRESS,
+    c.SMFIR_SHUTDOWN[0]: lambda p: _SHUTDOWN,
+    c.SMFIR_CONN_FAIL[0]: lambda p: _CONN_FAIL,
+    c.SMFIR_REPLYCODE[0]: lambda p: ReplyCode(_exactly(p, 1, "REPLYCODE")[0]),
+    c.SMFIR_QUARANTINE[0]: lambda p: Quarantine(_exactly(p, 1, "QUARANTINE")[0]),
+    c.SMFIR_ADDHEADER[0]: lambda p: AddHeader(*_exactly(p, 2, "ADDHEADER")),
+    c.SMFIR_INSHEADER[0]: _decode_header_reply(InsertHeader, "INSHEADER"),
+    c.SMFIR_CHGHEADER[0]: _decode_header_reply(ChangeHeader, "CHGHEADER"),
+    c.SMFIR_ADDRCPT[0]: lambda p: AddRecipient(_exactly(p, 1, "ADDRCPT")[0]),
+    c.SMFIR_ADDRCPT_PAR[0]: lambda p: AddRecipientPar(*_exactly(p, 2, "ADDRCPT_PAR")),
+    c.SMFIR_DELRCPT[0]: lambda p: DeleteRecipient(_exactly(p, 1, "DELRCPT")[0]),
+    c.SMFIR_CHGFROM[0]: _decode_chgfrom,
+    c.SMFIR_REPLBODY[0]: ReplaceBody,
+    c.SMFIR_OPTNEG[0]: _decode_negotiate_reply,
+}
+
+
+def decode_command(code: int, payload: bytes) -> Command:
+    """One command from its code byte and payload; raises a ProtocolError subclass."""
+    decoder = COMMAND_DECODERS.get(code)
+    if decoder is None:
+        raise UnknownCodeError("unknown command code %r" % (bytes((code,)),))
+    return decoder(payload)  # type: ignore[return-value]
+
+
+def decode_reply(code: int, payload: bytes) -> Reply:
+    """One reply from its code byte and payload; raises a ProtocolError subclass."""
+    decoder = REPLY_DECODERS.get(code)
+    if decoder is None:
+        raise UnknownCodeError("unknown reply code %r" % (bytes((code,)),))
+    return decoder(payload)  # type: ignore[return-value]
+
+
+# -- the receive buffer ---------------------------------------------------------------------
+
+
+class FrameReader:
+    """Splits a byte stream into frames and decodes each with ``decoders``.
+
+    The buffer is the last ``bytes`` received while it holds only whole frames (no
+    copy at all), and becomes a ``bytearray`` plus a read offset when a frame spans
+    reads.  Frame headers are checked in ``receive_data`` as soon as their 4 bytes
+    are there: a bad length raises ``FrameError`` and nothing from that frame on is
+    stored, so hostile input cannot make the buffer grow past the limit.
+    """
+
+    def __init__(self, decoders: Mapping[int, Decoder], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if max_frame_size < 1:
+            raise ValueError("max_frame_size must be positive")
+        self.max_frame_size = max_frame_size
+        self._decoders = decoders
+        self._src: Union[bytes, bytearray] = b""
+        self._pos = 0  # next unread frame in _src
+        self._scan = 0  # next frame header not yet checked, as an index into _src
+        self._headers_seen = 0
+        self._frames_read = 0
+        self._error: Optional[FrameError] = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as events."""
+        return len(self._src) - self._pos
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames (whole or begun) received and not yet handed out as events."""
+        return self._headers_seen - self._frames_read
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the peer; raises FrameError on a bad frame length."""
+        if self._error is not None:
+            raise self._error
+        if not data:
+            return
+        src, pos = self._src, self._pos
+        if pos == len(src):
+            # nothing pending: parse straight out of the new bytes
+            self._src, self._pos, self._scan = b"", 0, 0
+            self._check_headers(b"", data, 0)
+            self._src = data
+            return
+        if type(src) is bytes:
+            buf = bytearray(src[pos:])
+        else:
+            buf = src  # type: ignore[assignment]
+            if pos:
+                del buf[:pos]
+        self._src, self._scan, self._pos = buf, self._scan - pos, 0
+        self._check_headers(buf, data, self._scan)
+        buf += data
+
+    def _check_headers(self, old: Union[bytes, bytearray], data: bytes, scan: int) -> None:
+        """Walk the frame headers that ``data`` completes; refuse a bad length before storing."""
+        old_len = len(old)
+        total = old_len + len(data)
+        limit = self.max_frame_size
+        seen = 0
+        while scan + 4 <= total:
+            if scan >= old_len:
+                (length,) = _U32.unpack_from(data, scan - old_len)
+            else:  # the header straddles the old buffer and the new bytes
+                (length,) = _U32.unpack(bytes(old[scan:]) + data[: scan + 4 - old_len])
+            if length == 0 or length > limit:
+                self._headers_seen += seen
+                keep = scan - old_len
+                if keep >= 0:
+                    if isinstance(old, bytearray):
+                        old += data[:keep]
+                        self._src = old
+                    else:
+                        self._src = data[:keep]
+                else:
+                    del old[scan:]  # type: ignore[union-attr]  # a straddling header: old is the bytearray
+                self._scan = scan
+                self._error = FrameError(
+                    "frame length %d %s" % (length, "is invalid" if length == 0 else "above the limit of %d" % limit)
+                )
+                raise self._error
+            scan += 4 + length
+            seen += 1
+        self._scan = scan
+        self._headers_seen += seen
+
+    def next_event(self) -> Optional[object]:
+        """The next decoded frame, or None until more bytes arrive."""
+        src, pos = self._src, self._pos
+        available = len(src)
+        if available - pos < 5:
+            if self._error is not None and pos == available:
+                raise self._error
+            return None
+        (length,) = _U32.unpack_from(src, pos)
+        end = pos + 4 + length
+        if end > available:
+            return None
+        code = src[pos + 4]
+        if type(src) is bytes:
+            payload = src[pos + 5 : end]
+        else:
+            with memoryview(src) as view:  # one copy out of the bytearray
+                payload = bytes(view[pos + 5 : end])
+        self._pos = end
+        self._frames_read += 1
+        decoder = self._decoders.get(code)
+        if decoder is None:
+            raise UnknownCodeError("unknown code %r in a %d-byte frame" % (bytes((code,)), length))
+        try:
+            return decoder(payload)
+        except ValueError as e:  # a value the event class refuses (e.g. an oversized REPLBODY)
+            raise MalformedPayloadError(str(e)) from e
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        """Every complete event buffered now."""
+        while True:
+            event = self.next_event()
+            if event is None:
+                return
+            yield event
+
+
+class CommandReader(FrameReader):
+    """The filter's side: bytes from the MTA in, commands out."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        super().__init__(COMMAND_DECODERS, max_frame_size)
+
+    def next_event(self) -> Optional[Command]:  # type: ignore[override]
+        return super().next_event()  # type: ignore[return-value]
+
+
+class ReplyReader(FrameReader):
+    """The MTA's side: bytes from the filter in, replies out."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        super().__init__(REPLY_DECODERS, max_frame_size)
+
+    def next_event(self) -> Optional[Reply]:  # type: ignore[override]
+        return super().next_event()  # type: ignore[return-value]
+
+
+# -- option negotiation (SPEC §3.4) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What both sides agreed on, and the reply that says so."""
+
+    version: int
+    actions: int
+    protocol: int
+    reply: NegotiateReply
+    #: stages the MTA will not wait for (SMFIP_NR_*): the filter must stay silent there
+    silent_stages: frozenset = field(default_factory=frozenset)
+
+
+def negotiate(
+    offer: Negotiate,
+    *,
+    stages_needing_replies: Collection[str] = (),
+    no_reply_steps: bool = True,
+    optional_actions: int = c.OPTIONAL_ACTIONS,
+    macros: Mapping[int, str] = c.REQUESTED_MACROS,
+) -> Negotiated:
+    """Answer the MTA's OPTNEG (SPEC §3.4), or raise NegotiationError (then close, no reply).
+
+    Version min(6, MTA); an action field of 0 means 0x0F and a protocol field of 0
+    means 0x3F (v1 defaults).  ADDHDRS, CHGHDRS and ADDRCPT are required; the
+    ``optional_actions`` the MTA offers are requested too.  No protocol bit the MTA
+    did not offer is ever set: NOUNKNOWN when offered, and with ``no_reply_steps``
+    the NR bit of every stage not in ``stages_needing_replies`` (EOM always answers).
+    With SETSYMLIST offered, ``macros`` are requested per SMFIM stage.
+    """
+    if offer.version < c.MILTER_MIN_VERSION:
+        raise NegotiationError("MTA speaks milter protocol version %d, at least %d is needed"
+                               % (offer.version, c.MILTER_MIN_VERSION))
+    version = min(c.MILTER_VERSION, offer.version)
+    offered_actions = offer.actions or c.SMFIF_V1_DEFAULT
+    offered_protocol = offer.protocol or c.SMFIP_V1_DEFAULT
+    missing = c.REQUIRED_ACTIONS & ~offered_actions
+    if missing:
+        raise NegotiationError("MTA does not fulfill action requirements: offers 0x%x, lacks 0x%x"
+                               % (offered_actions, missing))
+    actions = c.REQUIRED_ACTIONS | (optional_actions & offered_actions)
+    protocol = 0
+    if offered_protocol & c.SMFIP_NOUNKNOWN:
+        protocol |= c.SMFIP_NOUNKNOWN
+    if no_reply_steps:
+        needing = set(stages_needing_replies)
+        for stage, bit in c.NO_REPLY_BITS.items():
+            if stage in needing or not offered_protocol & bit:
+                continue
+            if stage == c.STAGE_UNKNOWN and protocol & c.SMFIP_NOUNKNOWN:
+                continue  # no UNKNOWN command will come at all
+            protocol |= bit
+    macro_lists: Tuple[SetSymList, ...] = ()
+    if actions & c.SMFIF_SETSYMLIST:
+        macro_lists = tuple(SetSymList(stage, names) for stage, names in sorted(macros.items()))
+        if not macro_lists:
+            actions &= ~c.SMFIF_SETSYMLIST
+    silent = frozenset(stage for stage, bit in c.NO_REPLY_BITS.items() if protocol & bit)
+    return Negotiated(
+        version=version,
+        actions=actions,
+        protocol=protocol,
+        reply=NegotiateReply(version, actions, protocol, macro_lists),
+        silent_stages=silent,
+    )
+
+
+# -- verdicts to replies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerdictPackets:
+    """The bytes answering one command, and the edits that could not be sent (with why)."""
+
+    data: bytes
+    unsent: Tuple[Tuple[verdicts.Edit, str], ...] = ()
+
+
+_EDIT_ACTIONS: Dict[type, int] = {
+    verdicts.AddHeader: c.SMFIF_ADDHDRS,
+    verdicts.InsertHeader: c.SMFIF_ADDHDRS,
+    verdicts.ChangeHeader: c.SMFIF_CHGHDRS,
+    verdicts.DeleteRecipient: c.SMFIF_DELRCPT,
+    verdicts.ChangeFrom: c.SMFIF_CHGFROM,
+    verdicts.ReplaceBody: c.SMFIF_CHGBODY,
+    verdicts.Quarantine: c.SMFIF_QUARANTINE,
+}
+
+
+def _edit_action(edit: verdicts.Edit) -> int:
+    if isinstance(edit, verdicts.AddRecipient):
+        return c.SMFIF_ADDRCPT if edit.esmtp_args is None else c.SMFIF_ADDRCPT_PAR
+    return _EDIT_ACTIONS[type(edit)]
+
+
+def edit_replies(edit: verdicts.Edit) -> Tuple[Reply, ...]:
+    """The modification replies carrying one edit (a body replacement may need several)."""
+    if isinstance(edit, verdicts.AddHeader):
+        return (AddHeader(edit.name, edit.value),)
+    if isinstance(edit, verdicts.InsertHeader):
+        return (InsertHeader(edit.index, edit.name, edit.value),)
+    if isinstance(edit, verdicts.ChangeHeader):
+        return (ChangeHeader(edit.index, edit.name, edit.value),)
+    if isinstance(edit, verdicts.AddRecipient):
+        if edit.esmtp_args is None:
+            return (AddRecipient(edit.address),)
+        return (AddRecipientPar(edit.address, edit.esmtp_args),)
+    if isinstance(edit, verdicts.DeleteRecipient):
+        return (DeleteRecipient(edit.address),)
+    if isinstance(edit, verdicts.ChangeFrom):
+        return (ChangeFrom(edit.address, edit.esmtp_args),)
+    if isinstance(edit, verdicts.ReplaceBody):
+        size = c.MILTER_CHUNK_SIZE
+        data = edit.data
+        return tuple(ReplaceBody(data[i : i + size]) for i in range(0, len(data), size)) or (ReplaceBody(b""),)
+    if isinstance(edit, verdicts.Quarantine):
+        return (Quarantine(edit.reason),)
+    raise TypeError("not an edit: %r" % (edit,))
+
+
+def final_packet(action: verdicts.Action, reply: Optional[verdicts.SmtpReply]) -> bytes:
+    """The one verdict packet: ``c a d``, or ``y`` with a usable reply line, else bare ``r``/``t``."""
+    if action is verdicts.Action.CONTINUE:
+        return CONTINUE_PACKET
+    if action is verdicts.Action.ACCEPT:
+        return ACCEPT_PACKET
+    if action is verdicts.Action.DISCARD:
+        return DISCARD_PACKET
+    line = verdicts.reply_line(action, reply)
+    if line is not None:
+        return encode(ReplyCode(line))
+    return REJECT_PACKET if action is verdicts.Action.REJECT else TEMPFAIL_PACKET
+
+
+def verdict_packets(verdict: verdicts.Verdict, *, at_eom: bool, actions: int) -> VerdictPackets:
+    """Everything that answers one command with ``verdict``, as one bytes object.
+
+    Edits are sent only at end of message, only when the message is delivered
+    (ACCEPT/CONTINUE: the MTA would discard them otherwise, SPEC §5.9) and only for
+    negotiated actions; the others come back in ``unsent`` for the caller to log.
+    """
+    edits = verdict.edits
+    if not edits:
+        return VerdictPackets(final_packet(verdict.action, verdict.reply))
+    packets: List[bytes] = []
+    unsent: List[Tuple[verdicts.Edit, str]] = []
+    delivered = verdict.action in (verdicts.Action.ACCEPT, verdicts.Action.CONTINUE)
+    for edit in edits:
+        if not at_eom:
+            unsent.append((edit, "modifications are only allowed at end of message"))
+        elif not delivered:
+            unsent.append((edit, "message not delivered (%s)" % (verdict.action.value,)))
+        elif not actions & _edit_action(edit):
+            unsent.append((edit, "action 0x%x not negotiated with the MTA" % (_edit_action(edit),)))
+        else:
+            try:
+                packets.extend(encode(r) for r in edit_replies(edit))
+            except ValueError as e:
+                unsent.append((edit, str(e)))
+    packets.append(final_packet(verdict.action, verdict.reply))
+    return VerdictPackets(b"".join(packets), tuple(unsent))
