@@ -190,9 +190,9 @@ class SpoolProducer:
     chunk however large the message is.
     """
 
-    def __init__(self, spool: Spool, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, spool: Spool, chunk_size: Optional[int] = None) -> None:
         self._spool = spool
-        self._chunk_size = chunk_size
+        self._chunk_size = chunk_size or CHUNK_SIZE
         self.length = spool.size
         self._offset = 0
         self._paused = False
