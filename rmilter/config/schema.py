@@ -69,6 +69,8 @@ class DkimDomain:
     key: str  # path as configured
     #: PEM bytes when ``key`` named a regular file at load time, else None (wildcard/keydir entry)
     key_data: Optional[bytes] = None
+    #: where the ``domain { }`` block starts (for check-config); not part of equality
+    origin: Optional["Origin"] = field(default=None, compare=False)
 
     @property
     def is_wildcard(self) -> bool:

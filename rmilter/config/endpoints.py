@@ -1,0 +1,202 @@
+"""Listening sockets: rmilter ``bind_socket`` specs as Twisted endpoint descriptions (SPEC §4.4, §8.3).
+
+=============================  ==============================================
+``bind_socket``                Twisted server endpoint description
+=============================  ==============================================
+``unix:/p``, ``local:/p``,     ``unix:/p:mode=660:lockfile=0`` (B25: 0660
+``/p``                         instead of C's world-writable socket)
+``inet:PORT@HOST``             ``tcp:PORT:interface=HOST`` (``[a.b.c.d]``
+                               loses its brackets)
+``inet:PORT``                  ``tcp:PORT:interface=0.0.0.0`` (all IPv4)
+``inet6:PORT@[v6]``/``@HOST``  ``tcp6:PORT:interface=v6`` (colons escaped)
+``inet6:PORT``                 ``tcp6:PORT:interface=\\:\\:``
+``fd:N``                       ``adopted-fd:N``
+=============================  ==============================================
+
+``fd:N`` maps to the ``adopted-fd`` endpoint type (registered by
+``twisted/plugins/rmilter_endpoints.py``), not to Twisted's
+``systemd:domain=...:index=...``: the systemd form needs the address family
+written in the description, which ``fd:N`` does not carry and which differs
+between a ``ListenStream=/run/rmilter.sock`` and a ``ListenStream=127.0.0.1:11332``
+unit, and it only works when ``LISTEN_PID`` names this process.  The adopted
+form takes the absolute descriptor number (systemd passes its sockets from 3
+on, so the first is ``fd:3``), asks the kernel for the socket's family when
+the listener starts, and works under any supervisor that passes a listening
+socket (systemd, s6, einhorn).
+
+Twisted endpoint strings (``tcp:...``, ``tcp6:...``, ``unix:/p:mode=660``,
+``systemd:...``, any installed endpoint plugin) are returned unchanged, so
+``--listen`` accepts both notations.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from typing import Any, List
+
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.plugin import IPlugin
+
+from rmilter.config.values import ValueProblem
+
+#: unix socket mode of SPEC B25
+UNIX_SOCKET_MODE = "660"
+
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?\Z")
+_TWISTED_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+._-]*):")
+
+
+def _escape(text: str) -> str:
+    """Twisted endpoint descriptions split on ':' and '='; a backslash escapes them."""
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def _port(text: str, spec: str) -> str:
+    if not _PORT.match(text) or not 0 < int(text) < 65536:
+        raise ValueProblem("%r: %r is not a port number (1-65535)" % (spec, text))
+    return str(int(text))
+
+
+def _unix(path: str, spec: str) -> str:
+    if not path.startswith("/") and not path.startswith("."):
+        raise ValueProblem("%r: the unix socket path must be a file path" % spec)
+    return "unix:%s:mode=%s:lockfile=0" % (_escape(path), UNIX_SOCKET_MODE)
+
+
+def _inet(rest: str, spec: str, v6: bool) -> str:
+    port_text, at, host = rest.partition("@")
+    port = _port(port_text, spec)
+    if not at:
+        return "tcp6:%s:interface=%s" % (port, _escape("::")) if v6 else "tcp:%s:interface=0.0.0.0" % port
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueProblem("%r: empty host after '@'" % spec)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST.match(host):
+            raise ValueProblem("%r: %r is not a host name or address" % (spec, host)) from None
+        return "%s:%s:interface=%s" % ("tcp6" if v6 else "tcp", port, host)
+    if ip.version == 6 and not v6:
+        raise ValueProblem("%r: an IPv6 address needs inet6:" % spec)
+    if ip.version == 4 and v6:
+        raise ValueProblem("%r: an IPv4 address needs inet:" % spec)
+    return "%s:%s:interface=%s" % ("tcp6" if v6 else "tcp", port, _escape(str(ip)))
+
+
+def _is_twisted_unix(rest: str) -> bool:
+    """``unix:/p:mode=660`` is a Twisted string: rmilter unix paths have no ':' or '='."""
+    return "=" in rest or ":" in rest.replace("\\:", "")
+
+
+def _check_twisted(spec: str) -> str:
+    """Light validation of a Twisted description: a known type and, for TCP, a port."""
+    m = _TWISTED_PREFIX.match(spec)
+    if not m:
+        raise ValueProblem(
+            "%r is not a socket spec (unix:/path, inet:PORT@HOST, inet6:PORT@[::1], fd:N) "
+            "or a Twisted endpoint description (tcp:PORT:interface=HOST, ...)" % spec
+        )
+    prefix = m.group(1)
+    args, _kwargs = _parse_description(spec)
+    if prefix in ("tcp", "tcp6", "ssl"):
+        if not args:
+            raise ValueProblem("%r: missing port" % spec)
+        _port(args[0], spec)
+    elif prefix == "unix":
+        if not args or not args[0]:
+            raise ValueProblem("%r: missing socket path" % spec)
+    elif prefix not in _known_server_types():
+        raise ValueProblem("%r: unknown endpoint type %r" % (spec, prefix))
+    return spec
+
+
+def _parse_description(spec: str) -> "tuple[List[str], dict]":
+    try:
+        parsed: Any = endpoints._parse(spec)  # type: ignore[attr-defined]
+        args, kwargs = parsed
+    except Exception as e:  # Twisted raises a variety of errors for malformed strings
+        raise ValueProblem("%r is not a valid endpoint description: %s" % (spec, e)) from None
+    return list(args[1:]), dict(kwargs)
+
+
+def _known_server_types() -> "set[str]":
+    from twisted.plugin import getPlugins
+
+    known = {"tcp", "tcp6", "unix", "ssl", "systemd", ADOPTED_FD_PREFIX}
+    for parser in getPlugins(IStreamServerEndpointStringParser):
+        known.add(parser.prefix)
+    return known
+
+
+def endpoint_description(spec: str) -> str:
+    """Map one socket spec to a Twisted server endpoint description; ValueProblem if unparsable."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueProblem("empty socket spec")
+    if spec.startswith("/"):
+        return _unix(spec, spec)
+    kind, colon, rest = spec.partition(":")
+    if not colon:
+        raise ValueProblem(
+            "%r is not a socket spec (unix:/path, inet:PORT@HOST, inet6:PORT@[::1], fd:N)" % spec
+        )
+    if kind in ("unix", "local"):
+        if kind == "unix" and _is_twisted_unix(rest):
+            return _check_twisted(spec)
+        return _unix(rest, spec)
+    if kind == "inet":
+        return _inet(rest, spec, v6=False)
+    if kind == "inet6":
+        return _inet(rest, spec, v6=True)
+    if kind == "fd":
+        if not re.match(r"[0-9]+\Z", rest):
+            raise ValueProblem("%r: fd: takes a descriptor number" % spec)
+        return "%s:%d" % (ADOPTED_FD_PREFIX, int(rest))
+    return _check_twisted(spec)
+
+
+# --- the adopted-fd endpoint type ------------------------------------------------------------------
+
+ADOPTED_FD_PREFIX = "adopted-fd"
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class AdoptedFdParser:
+    """``adopted-fd:N``: listen on inherited listening socket N, whatever its family.
+
+    The family is read from the descriptor when the description is parsed
+    (service start), so the same description serves unix and TCP sockets.
+    """
+
+    prefix = ADOPTED_FD_PREFIX
+
+    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
+        if len(args) != 1 or kwargs or not re.match(r"[0-9]+\Z", args[0]):
+            raise ValueError("adopted-fd takes one descriptor number, e.g. adopted-fd:3")
+        fileno = int(args[0])
+        family = socket_family(fileno)
+        return endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
+
+
+def socket_family(fileno: int) -> int:
+    """The address family of an open stream socket descriptor (without closing it)."""
+    try:
+        sock = socket.socket(fileno=fileno)
+    except OSError as e:
+        raise ValueError("descriptor %d is not an open socket: %s" % (fileno, e.strerror)) from None
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError("descriptor %d is not a stream socket" % fileno)
+        return int(sock.family)
+    finally:
+        sock.detach()
+
+
+adoptedFdParser = AdoptedFdParser()
