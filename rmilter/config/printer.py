@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterator, List, Optional, Tuple
 
 from rmilter.config import directives as dirs
-from rmilter.config.parser import SECTION_CLASSES
+from rmilter.config.parser import SECTION_CLASSES, default_tempdir
 from rmilter.config.schema import Config, DkimDomain, Origin
 from rmilter.config.values import quote
 
@@ -104,17 +104,23 @@ def _origin_comment(origin: Optional[Origin]) -> str:
 
 
 def format_effective(config: Config) -> str:
-    """One line per directive, ``section.directive = value``, with ``# FILE:LINE`` where set."""
+    """One line per directive, ``section.directive = value``; ``# FILE:LINE`` for non-defaults."""
     out = []
     for table_name in SECTION_CLASSES:
         section = _section_of(config, table_name)
+        default = SECTION_CLASSES[table_name]()
         for directive in _directives(table_name):
             key = "%s.%s" % (table_name, directive.attribute)
             value = getattr(section, directive.attribute)
             text = _format_value(directive, value)
             if text is None:
                 text = "(empty)" if directive.is_list else "(unset)"
-            out.append("%s = %s%s" % (key, text, _origin_comment(config.origins.get(key))))
+            if key == "main.tempdir":
+                at_default = value == default_tempdir()
+            else:
+                at_default = value == getattr(default, directive.attribute)
+            origin = None if at_default else config.origins.get(key)
+            out.append("%s = %s%s" % (key, text, _origin_comment(origin)))
         if table_name == "dkim":
             if not config.dkim.domains:
                 out.append("dkim.domain = (none)")
