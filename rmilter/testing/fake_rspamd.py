@@ -199,6 +199,8 @@ class FakeRspamd(Resource):
         #: compress replies to requests that came compressed (what Rspamd does)
         self.compress_replies = True
         self._agent: Optional[RequestTraversalAgent] = None
+        #: connections refused so far
+        self.refused = 0
 
     @staticmethod
     def _as_reply(reply: Union[FakeReply, Mapping[str, Any]]) -> FakeReply:
@@ -223,6 +225,17 @@ class FakeRspamd(Resource):
 
     def _next_reply(self) -> FakeReply:
         return self._queue.popleft() if self._queue else self._default
+
+    def _refuses_next(self) -> bool:
+        """Whether the next connection is refused (consuming a queued REFUSE)."""
+        if self._down:
+            return True
+        if self._queue:
+            if self._queue[0].refuse:
+                self._queue.popleft()
+                return True
+            return False
+        return self._default.refuse
 
     # -- the HTTP side -------------------------------------------------------------------------
     def render(self, request: Request) -> Union[bytes, int]:
@@ -301,9 +314,8 @@ class FakeRspamdAgent:
     def request(self, method: bytes, uri: bytes, headers: Any = None,
                 bodyProducer: Optional[IBodyProducer] = None) -> "Deferred[Any]":
         fake = self.fake
-        if fake.down or (fake._queue and fake._queue[0].refuse):
-            if not fake.down:
-                fake._queue.popleft()
+        if fake._refuses_next():
+            fake.refused += 1
             return fail(net_error.ConnectionRefusedError("fake rspamd is down"))
         return fake._traversal().request(method, uri, headers, bodyProducer)
 

@@ -1,0 +1,215 @@
+"""Who is scanned by Rspamd, end to end through the pipeline with the real spam check (SPEC §5.9, §5.11).
+
+The other checks are replaced by stubs; Rspamd is the in-memory fake, so these
+tests see exactly which messages reach it and with which context.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+import tempfile
+from typing import Any, List, Optional, Sequence
+
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from rmilter.backends.rspamd import RspamdClient
+from rmilter.checks import copies, dkim, greylist, ratelimit, replies, virus
+from rmilter.config.schema import (
+    Config,
+    DkimConfig,
+    GlobalConfig,
+    GreylistingConfig,
+    RedisConfig,
+    RedisServer,
+    ServerSpec,
+    SpamdConfig,
+)
+from rmilter.context import ConnectionContext, MessageContext
+from rmilter.netlist import NetList, RecipientList
+from rmilter.pipeline import Pipeline
+from rmilter.runtime import Runtime
+from rmilter.spool import run_inline
+from rmilter.testing.fake_rspamd import REFUSE, FakeRspamd, FakeRspamdCluster, checkv2_reply
+from rmilter.verdict import Action, AddHeader, ChangeHeader, CheckResult, Verdict, reply_line, tempfail
+
+R1 = ServerSpec("r1", host="127.0.0.1", port=11333)
+
+
+def net(text: str) -> NetList:
+    return NetList([ipaddress.ip_network(text)])
+
+
+class PipelineSpamTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fakes = FakeRspamdCluster({"r1": FakeRspamd()})
+        self.grey_calls: List[bool] = []
+        self.grey_result = CheckResult("greylist", "passed")
+        self.published: List[str] = []
+        self.patch(virus, "scan", lambda msg: succeed(CheckResult("virus", "clean")))
+        self.patch(greylist, "check", self.check_grey)
+        self.patch(ratelimit, "check", lambda msg, rcpt: succeed(None))
+        self.patch(ratelimit, "update", lambda msg: succeed(None))
+        self.patch(dkim, "sign", lambda msg: succeed(CheckResult("dkim", "unsigned")))
+        self.patch(copies, "publish", lambda msg, kind: self.published.append(kind) or succeed(None))
+        self.patch(replies, "lookup", lambda msg, ids: None)
+        self.patch(replies, "settle", lambda msg: succeed(None))
+        self.patch(replies, "remember", lambda msg: None)
+
+    def check_grey(self, msg: MessageContext, with_data_hash: bool):  # type: ignore[no-untyped-def]
+        self.grey_calls.append(with_data_hash)
+        return succeed(self.grey_result)
+
+    def config(self, *, main: Optional[GlobalConfig] = None, spamd: Optional[SpamdConfig] = None,
+               **sections: Any) -> Config:
+        main = dataclasses.replace(main or GlobalConfig(), tempdir=tempfile.gettempdir())
+        spamd = dataclasses.replace(spamd or SpamdConfig(), servers=(R1,))
+        return Config(main=main, spamd=spamd, **sections)
+
+    def run_message(self, config: Config, *, auth: Optional[str] = None, ip: str = "192.0.2.10",
+                    rcpts: Sequence[str] = ("<bob@example.org>",), body: bytes = b"Hello\r\n"):
+        self.clock = Clock()
+        runtime = Runtime(config, self.clock, run_inline)
+        runtime.rspamd = RspamdClient(config.spamd, self.clock, agent_for=self.fakes.agent_for,
+                                      rng=random.Random(0))
+        pipeline = Pipeline(lambda: runtime)
+        conn = ConnectionContext(hostname="mail.example.net", family="4", client_address=ip)
+        pipeline.connect(conn)
+        pipeline.helo(conn, "helo.example.net")
+        macros = {"{mail_addr}": "alice@example.net"}
+        if auth:
+            macros["{auth_authen}"] = auth
+        conn.macros.define("M", macros)
+        msg, _ = pipeline.mail(conn, ["<alice@example.net>"])
+        for rcpt in rcpts:
+            self.successResultOf(pipeline.rcpt(msg, [rcpt]))
+        conn.macros.define("T", {"i": "QID1"})
+        self.successResultOf(pipeline.data(msg))
+        pipeline.header(msg, "Subject", "hi")
+        pipeline.eoh(msg)
+        self.successResultOf(pipeline.body(msg, body))
+        d = pipeline.eom(msg)
+        self.clock.advance(0)
+        verdict: Verdict = self.successResultOf(d)
+        pipeline.finish(msg, verdict)
+        return msg, verdict
+
+    @property
+    def requests(self):  # type: ignore[no-untyped-def]
+        return self.fakes["r1"].requests
+
+
+class WhoIsScannedTests(PipelineSpamTestCase):
+    def test_ordinary_message_is_scanned_with_its_context(self) -> None:
+        msg, verdict = self.run_message(self.config())
+        [request] = self.requests
+        self.assertEqual(request.header("IP"), "192.0.2.10")
+        self.assertEqual(request.header("Helo"), "helo.example.net")
+        self.assertEqual(request.header("Hostname"), "mail.example.net")
+        self.assertEqual(request.header("From"), "alice@example.net")
+        self.assertEqual(request.header_values("Rcpt"), ["<bob@example.org>"])
+        self.assertEqual(request.header("Queue-Id"), "QID1")
+        self.assertIsNone(request.header("User"))
+        self.assertTrue(request.body.endswith(b"\r\n\r\nHello\r\n"))
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertEqual(msg.log_fields["spam"], "no spam")
+
+    def test_authenticated_sender_is_not_scanned(self) -> None:
+        msg, _ = self.run_message(self.config(), auth="alice")
+        self.assertEqual(self.requests, [])
+        self.assertEqual(msg.log_fields["spam"], "ignored, authenticated user")
+
+    def test_strict_auth_scans_authenticated_sender(self) -> None:
+        self.run_message(self.config(main=GlobalConfig(strict_auth=True)), auth="alice")
+        self.assertEqual(self.requests[0].header("User"), "alice")
+
+    def test_our_networks_not_scanned_unless_strict_auth(self) -> None:
+        main = GlobalConfig(our_networks=net("192.0.2.0/24"))
+        self.run_message(self.config(main=main))
+        self.assertEqual(self.requests, [])
+        self.run_message(self.config(main=dataclasses.replace(main, strict_auth=True)))
+        self.assertEqual(self.requests[0].header("User"), "alice@example.net")
+
+    def test_spamd_whitelist(self) -> None:
+        msg, _ = self.run_message(self.config(spamd=SpamdConfig(whitelist=net("192.0.2.0/24"))))
+        self.assertEqual(self.requests, [])
+        self.assertEqual(msg.log_fields["spam"], "skipped, whitelisted")
+        self.run_message(self.config(spamd=SpamdConfig(whitelist=net("192.0.2.0/24"))), ip="198.51.100.7")
+        self.assertEqual(len(self.requests), 1)
+
+    def test_recipient_whitelist_needs_every_recipient(self) -> None:
+        """B3: a message is recipient-whitelisted only when all recipients are."""
+        config = self.config(main=GlobalConfig(whitelist=RecipientList(["postmaster"])))
+        self.run_message(config, rcpts=("<postmaster@example.org>",))
+        self.assertEqual(self.requests, [])
+        self.run_message(config, rcpts=("<postmaster@example.org>", "<bob@example.org>"))
+        self.assertEqual(len(self.requests), 1)
+        self.run_message(config, rcpts=("<bob@example.org>", "<postmaster@example.org>"))
+        self.assertEqual(len(self.requests), 2)
+
+    def test_oversized_message_is_not_scanned(self) -> None:
+        msg, verdict = self.run_message(self.config(main=GlobalConfig(max_size=100)), body=b"x" * 200)
+        self.assertEqual(self.requests, [])
+        self.assertEqual(msg.log_fields["spam"], "skipped(oversized)")
+        self.assertEqual(verdict.action, Action.ACCEPT)
+
+    def test_dkim_only_scan_for_skipped_messages(self) -> None:
+        """SPEC §6.8.6: rspamd_sign makes skipped (not oversized) mail a DKIM-only scan."""
+        self.fakes["r1"].answer(checkv2_reply(action="reject", dkim_signature="v=1; d=example.net"))
+        msg, verdict = self.run_message(self.config(dkim=DkimConfig(rspamd_sign=True)), auth="alice")
+        self.assertEqual(self.requests[0].header("Settings"), '{"groups_enabled":["dkim"]}')
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertIn(AddHeader("DKIM-Signature", "v=1; d=example.net"), verdict.edits)
+        self.assertEqual(msg.log_fields["spam"], "dkim sign only, whitelisted")
+
+
+class VerdictThroughPipelineTests(PipelineSpamTestCase):
+    def test_reject_is_final_and_published(self) -> None:
+        self.fakes["r1"].answer(checkv2_reply(action="reject", smtp_message="Gtube pattern"))
+        msg, verdict = self.run_message(self.config())
+        self.assertEqual(reply_line(verdict.action, verdict.reply), "554 5.7.1 Gtube pattern")
+        self.assertEqual(self.published, ["spam"])
+        self.assertEqual(msg.log_fields["virus"], "skipped, spam detected")
+
+    def test_soft_reject(self) -> None:
+        self.fakes["r1"].answer(checkv2_reply(action="soft reject", smtp_message="later"))
+        msg, verdict = self.run_message(self.config())
+        self.assertEqual(reply_line(verdict.action, verdict.reply), "451 4.7.1 later")
+        self.assertEqual(msg.log_fields["spam"], "delayed, action: soft reject")
+
+    def test_add_header_after_passing_greylisting(self) -> None:
+        """SPEC §5.9 4(b): greylist/add header/rewrite subject run EOM greylisting first."""
+        self.fakes["r1"].answer(checkv2_reply(action="add header"))
+        config = self.config(redis=RedisConfig(servers_grey=(RedisServer("r", "127.0.0.1"),)))
+        _, verdict = self.run_message(config)
+        self.assertEqual(self.grey_calls, [True])
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertIn(ChangeHeader("X-Spam", 1, "yes"), verdict.edits)
+
+    def test_greylisted_after_add_header(self) -> None:
+        self.fakes["r1"].answer(checkv2_reply(action="add header"))
+        self.grey_result = CheckResult("greylist", "greylisted", verdict=tempfail("Try again later"))
+        config = self.config(redis=RedisConfig(servers_grey=(RedisServer("r", "127.0.0.1"),)))
+        msg, verdict = self.run_message(config)
+        self.assertEqual(reply_line(verdict.action, verdict.reply), "451 4.7.1 Try again later")
+        self.assertEqual(msg.log_fields["spam"], "greylisted, action: add header")
+
+    def test_no_greylisting_for_no_action(self) -> None:
+        config = self.config(redis=RedisConfig(servers_grey=(RedisServer("r", "127.0.0.1"),)))
+        self.run_message(config)
+        self.assertEqual(self.grey_calls, [])
+
+    def test_rspamd_down_with_tempfail_on_error(self) -> None:
+        self.fakes["r1"].refuse()
+        msg, verdict = self.run_message(self.config(spamd=SpamdConfig(tempfail_on_error=True, retry_count=1)))
+        self.assertEqual(reply_line(verdict.action, verdict.reply), "451 4.7.1 Temporary service failure.")
+        self.assertEqual(msg.log_fields["spam"], "delayed, temporary fail")
+
+    def test_rspamd_down_without_tempfail_on_error(self) -> None:
+        self.fakes["r1"].refuse()
+        msg, verdict = self.run_message(self.config(spamd=SpamdConfig(retry_count=1)))
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertEqual(msg.log_fields["spam"], "ignored, temporary fail")
+        self.assertEqual(self.published, [])  # no copy of unscanned mail (SPEC §6.5)
