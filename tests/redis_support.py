@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -120,3 +121,58 @@ class ChannelMaker:
         channel = ScriptedChannel(server)
         self.channels[server.name] = channel
         return channel
+
+
+# -- driving a running ``twistd rmilter`` -----------------------------------------------------------
+def c_grey_key(prefix: str, sender: str, client_ip: str, recipients: Sequence[str]) -> bytes:
+    """The C rmilter's envelope key, computed here from scratch (SPEC §6.2, B17) to read its records."""
+    import base64
+    import hashlib
+    import socket
+
+    if ":" in client_ip:
+        block = socket.inet_pton(socket.AF_INET6, client_ip)[:8] + bytes(8)
+    else:
+        octets = socket.inet_aton(client_ip)
+        block = bytes((octets[0], octets[1], octets[2] & 7, 0)) + bytes(12)
+    data = (sender or "<>").encode() + block + b"".join(sorted(r.encode() for r in recipients))
+    return prefix.encode() + base64.b64encode(hashlib.blake2b(data).digest())
+
+
+def c_data_key(prefix: str, body: bytes) -> bytes:
+    import base64
+    import hashlib
+
+    return prefix.encode() + base64.b64encode(hashlib.blake2b(body[:10240]).digest())
+
+
+def c_time(value: Optional[bytes]) -> float:
+    """A C greylist record: struct timeval (int64 seconds, int64 microseconds) on x86-64."""
+    assert value is not None and len(value) == 16, value
+    seconds, micros = struct.unpack("<qq", value)
+    return seconds + micros / 1e6
+
+
+def c_bucket(value: Optional[bytes]) -> Tuple[float, float]:
+    """A C rate bucket: two doubles, last update and count."""
+    assert value is not None and len(value) == 16, value
+    return struct.unpack("<dd", value)  # type: ignore[return-value]
+
+
+def send_message(reactor: Any, port: int, spec: Any) -> "Deferred[Any]":
+    """One message on a new milter connection (CONNECT with ``spec.client``); the MessageResult."""
+    from twisted.internet.defer import inlineCallbacks
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    from rmilter.testing.mta import MilterClient
+
+    @inlineCallbacks
+    def run():  # type: ignore[no-untyped-def]
+        client = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        try:
+            result = yield client.send_message(spec)
+        finally:
+            yield client.close()
+        return result
+
+    return run()
