@@ -6,10 +6,9 @@ import json
 import os
 import random
 import tempfile
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import zstandard
-from twisted.internet.defer import succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -44,7 +43,6 @@ from rmilter.testing.fake_rspamd import (
     FakeRspamd,
     FakeRspamdCluster,
     checkv2_reply,
-    json_reply,
     legacy_reply,
 )
 

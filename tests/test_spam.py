@@ -22,7 +22,6 @@ from rmilter.spool import run_inline, spool_head
 from rmilter.testing.fake_rspamd import (
     HANG,
     REFUSE,
-    FakeReply,
     FakeRspamd,
     FakeRspamdCluster,
     checkv2_reply,

@@ -21,7 +21,6 @@ from rmilter.config.schema import (
     Config,
     DkimConfig,
     GlobalConfig,
-    GreylistingConfig,
     RedisConfig,
     RedisServer,
     ServerSpec,
@@ -32,7 +31,7 @@ from rmilter.netlist import NetList, RecipientList
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
-from rmilter.testing.fake_rspamd import REFUSE, FakeRspamd, FakeRspamdCluster, checkv2_reply
+from rmilter.testing.fake_rspamd import FakeRspamd, FakeRspamdCluster, checkv2_reply
 from rmilter.verdict import Action, AddHeader, ChangeHeader, CheckResult, Verdict, reply_line, tempfail
 
 R1 = ServerSpec("r1", host="127.0.0.1", port=11333)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,8 +39,8 @@ from twisted.web.client import (
 )
 from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from treq.client import HTTPClient
 
@@ -54,8 +54,8 @@ log = Logger(namespace="rmilter.rspamd")
 #: burst of messages in flight finds warm connections instead of new handshakes
 POOL_SIZE = 128
 #: idle pooled connections are closed before Rspamd's own keep-alive timer can
-#: close them under a request we are about to send
-POOL_IDLE_TIMEOUT = 30.0
+#: close them under a request we are about to send (whole seconds: Twisted's type)
+POOL_IDLE_TIMEOUT = 30
 #: the spool file is streamed in pieces of this size
 CHUNK_SIZE = 64 * 1024
 #: compress in the thread pool from this size on (zstd level 1 is ~1 ms per MiB)
@@ -167,7 +167,7 @@ class BytesProducer:
         self._data = data
         self.length = len(data)
 
-    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
         consumer.write(self._data)
         return succeed(None)
 
@@ -198,10 +198,10 @@ class SpoolProducer:
         self._paused = False
         self._stopped = False
         self._reading = False
-        self._consumer: Optional[IConsumer] = None
+        self._consumer: Any = None
         self._done: Optional["Deferred[None]"] = None
 
-    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
         self._consumer = consumer
         self._done = Deferred()
         self._next()
@@ -263,9 +263,9 @@ class MessageBody:
 
     def producer(self) -> IBodyProducer:
         if self.data is not None:
-            return BytesProducer(self.data)
+            return cast(IBodyProducer, BytesProducer(self.data))
         assert self.spool is not None
-        return SpoolProducer(self.spool)
+        return cast(IBodyProducer, SpoolProducer(self.spool))
 
     def read_all(self) -> "Deferred[bytes]":
         """The bytes as sent (for diff files)."""
@@ -558,17 +558,20 @@ class ServerEndpointFactory:
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         server = self.server
         timeout = max(self.connect_timeout, 0.001)
+        endpoint: Any
         if server.path is not None:
-            return UNIXClientEndpoint(self.reactor, server.path, timeout=timeout)
+            endpoint = UNIXClientEndpoint(self.reactor, server.path, timeout=timeout)
+            return cast(IStreamClientEndpoint, endpoint)
         host = server.host or "localhost"
         port = server.port or 11333
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
-        if address.version == 6:
-            return TCP6ClientEndpoint(self.reactor, host, port, timeout=timeout)
-        return TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
+            endpoint = HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
+        else:
+            endpoint_class = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+            endpoint = endpoint_class(self.reactor, host, port, timeout=timeout)
+        return cast(IStreamClientEndpoint, endpoint)
 
 
 def _url(server: ServerSpec, path: str) -> str:
@@ -645,7 +648,7 @@ class RspamdClient:
             headers.addRawHeader(b"Content-Type", b"application/x-compressed")
         else:
             headers.addRawHeader(b"Content-Type", b"text/plain")
-        d = self._client(server).request(
+        d: "Deferred[Any]" = self._client(server).request(
             "POST",
             _url(server, self.path),
             headers=headers,
@@ -719,7 +722,8 @@ class RspamdClient:
                     raise ScanFailed(errors)
                 log.warn("{tag}; {what}: scan failed on {server} ({reason}), retry {n}/{total}",
                          tag=request.tag, what=what, server=server.name, reason=reason, n=n, total=attempts - 1)
-                return deferLater(clock, self.config.retry_timeout, attempt, n + 1)
+                retry: "Deferred[ScanResult]" = deferLater(clock, self.config.retry_timeout, cast(Any, attempt), n + 1)
+                return retry
 
             return d.addCallbacks(succeeded, failed)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
@@ -226,7 +226,9 @@ def new_subject(msg: MessageContext, reply: ScanReply) -> str:
 # -- the outcome of a scan -------------------------------------------------------------------------
 def _reply_text(preferred: Optional[str], fallback: str) -> str:
     """Rspamd's message when it can be an SMTP reply (SPEC §3.7, B34), else ours."""
-    return preferred if sanitise_reply_text(preferred) is not None else fallback
+    if preferred is not None and sanitise_reply_text(preferred) is not None:
+        return preferred
+    return fallback
 
 
 def full_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
@@ -410,7 +412,7 @@ def scan(msg: MessageContext, dkim_only: bool) -> "Deferred[SpamOutcome]":
         if other is None:
             return main.addCallback(_success)
         other.addErrback(lambda f: _also_failed(f, msg))
-        both = gatherResults([main, other], consumeErrors=True)
+        both: "Deferred[Any]" = gatherResults([main, other], consumeErrors=True)
         both.addCallback(lambda pair: _compare(msg, body, pair[0], pair[1]).addCallback(lambda _: pair[0]))
         return both.addCallback(_success)
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail
 from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from treq.testing import RequestTraversalAgent
 
@@ -239,7 +239,7 @@ class FakeRspamd(Resource):
 
     # -- the HTTP side -------------------------------------------------------------------------
     def render(self, request: Request) -> Union[bytes, int]:
-        raw = request.content.read()
+        raw = request.content.read() if request.content is not None else b""
         headers = tuple(
             (name.decode("latin-1").lower(), value.decode("utf-8", "surrogateescape"))
             for name, values in request.requestHeaders.getAllRawHeaders()
@@ -291,7 +291,7 @@ class FakeRspamd(Resource):
     # -- the client side -----------------------------------------------------------------------
     def agent(self) -> IAgent:
         """An agent that talks to this fake (and refuses when it is down)."""
-        return FakeRspamdAgent(self)
+        return cast(IAgent, FakeRspamdAgent(self))
 
     def _traversal(self) -> RequestTraversalAgent:
         if self._agent is None:
