@@ -157,3 +157,89 @@ class RspamdFixtureTests(SynchronousTestCase):
         self.assertIn("d=example.com", signature)
         self.assertIn("s=test", signature)
         self.assertTrue(rspamd.dkim_txt_record.startswith("v=DKIM1"))
+
+
+class PostfixFixtureTests(SynchronousTestCase):
+    def test_milter_spec_syntax(self) -> None:
+        """sendmail's inet:PORT@HOST is rewritten into Postfix's inet:HOST:PORT."""
+        self.assertEqual(
+            harness.postfix.postfix_milter_spec("inet:1234@127.0.0.1, unix:/tmp/x.sock"),
+            "inet:127.0.0.1:1234, unix:/tmp/x.sock",
+        )
+
+    def test_relay_plain_message_to_sink(self) -> None:
+        """Postfix with no milter relays a message to smtp-sink; the dump has no pseudo headers."""
+        postfix = harness.start_postfix(self)
+        result = postfix.swaks(HAM)
+        self.assertEqual(result.status, 0, result.transcript)
+        self.assertIsNotNone(result.queue_id)
+        [delivered] = postfix.wait_delivered(1)
+        self.assertEqual(delivered.header("Subject"), "Lunch")
+        self.assertEqual(delivered.envelope["X-Mail-Args"], ("<alice@example.com>",))
+        self.assertFalse(delivered.raw.startswith(b"X-"))
+        self.assertIn(b"Hi Bob, lunch tomorrow?", delivered.body)
+
+    def test_sasl_auth_and_relay_denied(self) -> None:
+        """alice/secret authenticates; a wrong password is refused with 535."""
+        postfix = harness.start_postfix(self)
+        good = postfix.swaks(HAM, auth_user="alice")
+        self.assertEqual(good.status, 0, good.transcript)
+        self.assertIn("235 2.7.0 Authentication successful", good.transcript)
+        bad = postfix.swaks(HAM, auth_user="alice", auth_password="wrong")
+        self.assertNotEqual(bad.status, 0)
+        self.assertTrue(any(r.startswith("535") for r in bad.server_replies), bad.transcript)
+
+    def test_unreachable_milter_tempfails(self) -> None:
+        """With smtpd_milters pointing nowhere and default tempfail, Postfix answers 451."""
+        postfix = harness.start_postfix(self)
+        postfix.set_milters("inet:127.0.0.1:%d" % harness.free_port(), default_action="tempfail")
+        result = postfix.swaks(HAM)
+        self.assertNotEqual(result.status, 0)
+        self.assertIn("451 4.7.1 Service unavailable - try again later", result.server_replies)
+
+    def test_rspamd_proxy_milter_behind_postfix(self) -> None:
+        """Through Rspamd's own milter proxy, GTUBE is rejected at end of DATA (reference peer)."""
+        rspamd = harness.shared_rspamd()
+        postfix = harness.start_postfix(self, milters=rspamd.proxy_milter)
+        result = postfix.swaks(HAM + harness.GTUBE + b"\r\n")
+        self.assertIn("554 5.7.1 Gtube pattern", result.server_replies, result.transcript)
+
+
+class MiltertestFixtureTests(SynchronousTestCase):
+    """The general miltertest script, checked against Rspamd's milter proxy (a reference peer)."""
+
+    def test_header_added_and_printed(self) -> None:
+        """An accepted message: EOM reply 'a' and the added header's value are reported."""
+        rspamd = harness.shared_rspamd()
+        result = harness.miltertest(rspamd.proxy_milter, hdr="X-Rspamd-Queue-Id", queue_id="4QID1")
+        self.assertTrue(result.passed, result.output)
+        self.assertEqual(result.eom_replies, ["a"])
+        self.assertEqual(result.headers("X-Rspamd-Queue-Id"), ["4QID1"])
+
+    def test_reply_expected(self) -> None:
+        """expect=reply passes only with the exact code, enhanced code and text."""
+        rspamd = harness.shared_rspamd()
+        gtube = harness.GTUBE.decode()
+        good = harness.miltertest(rspamd.proxy_milter, body=gtube, expect="reply",
+                                  code="554", esc="5.7.1", text="Gtube pattern")
+        self.assertTrue(good.passed, good.output)
+        wrong = harness.miltertest(rspamd.proxy_milter, body=gtube, expect="reply",
+                                   code="554", esc="5.7.1", text="something else")
+        self.assertFalse(wrong.passed)
+        self.assertEqual(wrong.status, 1)
+        self.assertIn("FAIL: ", wrong.output)
+
+    def test_several_messages_with_abort(self) -> None:
+        """messages=3 with abort_first: the first is aborted, the next two complete."""
+        rspamd = harness.shared_rspamd()
+        result = harness.miltertest(rspamd.proxy_milter, messages=3, abort_first=1,
+                                    hdr="X-Rspamd-Queue-Id", queue_id="4QID")
+        self.assertTrue(result.passed, result.output)
+        self.assertIn("MSG 1 ABORTED", result.output)
+        self.assertEqual(result.headers("X-Rspamd-Queue-Id"), ["4QID2", "4QID3"])
+
+    def test_unreachable_socket_fails(self) -> None:
+        """Nothing listening: the script fails saying why instead of printing nothing."""
+        result = harness.miltertest("inet:%d@127.0.0.1" % harness.free_port(), connect_tries=2)
+        self.assertFalse(result.passed)
+        self.assertIn("Connection refused", result.output)

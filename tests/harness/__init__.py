@@ -32,11 +32,11 @@ Quick reference::
     rspamd = shared_rspamd()                     # rspamd.address, rspamd.checkv2(msg, ...)
     sink = start_smtp_sink(self)                 # sink.messages()
     postfix = start_postfix(self, sink)          # postfix.set_milters(milter.milter_inet); postfix.swaks(...)
-    result = miltertest(sock=milter.milter_inet, hdr="X-Rmilter-Trace")   # result.status, result.output
+    result = miltertest(milter.milter_inet, hdr="X-Rmilter-Trace")   # result.passed, .headers(...)
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from tests.harness.base import (
     ServiceUnavailable,
@@ -46,6 +46,16 @@ from tests.harness.base import (
     wait_until,
 )
 from tests.harness.clamd import EICAR, EICAR_NAME, HARNESS_VIRUS_NAME, HARNESS_VIRUS_STRING, Clamd
+from tests.harness.miltertest import BASIC_LUA, MiltertestResult, miltertest
+from tests.harness.postfix import (
+    MYHOSTNAME,
+    SASL_PASSWORD,
+    SASL_USERS,
+    DeliveredMessage,
+    Postfix,
+    SmtpSink,
+    SwaksResult,
+)
 from tests.harness.redis import Redis, RedisError, RespClient, Subscription
 from tests.harness.rspamd import (
     GTUBE,
@@ -77,6 +87,25 @@ def start_clamd(testcase: _HasCleanup, **kwargs: Any) -> Clamd:
     return clamd.start()
 
 
+def start_smtp_sink(testcase: _HasCleanup) -> SmtpSink:
+    """An smtp-sink keeping every message it receives, stopped at the end."""
+    sink = SmtpSink()
+    testcase.addCleanup(sink.stop)
+    return sink.start()
+
+
+def start_postfix(testcase: _HasCleanup, sink: Optional[SmtpSink] = None, **kwargs: Any) -> Postfix:
+    """A private Postfix relaying to ``sink`` (a new one when not given); both stopped at the end.
+
+    Keyword arguments go to ``Postfix`` (``milters``, ``milter_default_action``, ``extra_main_cf``).
+    """
+    if sink is None:
+        sink = start_smtp_sink(testcase)
+    postfix = Postfix(sink, **kwargs)
+    testcase.addCleanup(postfix.stop)
+    return postfix.start()
+
+
 def start_rmilter(testcase: _HasCleanup, config_text: str = "", **kwargs: Any) -> Rmilter:
     """``twistd rmilter`` with this config text, listening on inet and unix; stopped at the end."""
     milter = Rmilter(config_text, **kwargs)
@@ -85,7 +114,9 @@ def start_rmilter(testcase: _HasCleanup, config_text: str = "", **kwargs: Any) -
 
 
 __all__ = [
+    "BASIC_LUA",
     "Clamd",
+    "DeliveredMessage",
     "EICAR",
     "EICAR_NAME",
     "GTUBE",
@@ -94,21 +125,31 @@ __all__ = [
     "GTUBE_REWRITE_SUBJECT",
     "HARNESS_VIRUS_NAME",
     "HARNESS_VIRUS_STRING",
+    "MYHOSTNAME",
+    "MiltertestResult",
+    "Postfix",
     "REPO_ROOT",
     "Redis",
     "RedisError",
     "RespClient",
     "Rmilter",
     "Rspamd",
+    "SASL_PASSWORD",
+    "SASL_USERS",
     "ServiceUnavailable",
+    "SmtpSink",
     "Subscription",
+    "SwaksResult",
     "free_port",
+    "miltertest",
     "register_lua",
     "scratch_dir",
     "scratch_root",
     "shared_rspamd",
     "start_clamd",
+    "start_postfix",
     "start_redis",
     "start_rmilter",
+    "start_smtp_sink",
     "wait_until",
 ]
