@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -46,12 +47,15 @@ class RedisFixtureTests(SynchronousTestCase):
 
 class RmilterFixtureTests(SynchronousTestCase):
     def test_start_listen_and_stop(self) -> None:
-        """twistd rmilter starts with a config text, accepts on inet and unix, stops on TERM."""
+        """twistd rmilter starts with a config text, accepts on inet and unix, stops on TERM.
+
+        twistd shuts down cleanly on SIGTERM, then re-raises the signal: status -SIGTERM."""
         milter = harness.start_rmilter(self, "# nothing configured\n")
         self.assertTrue(harness.base.tcp_accepts("127.0.0.1", milter.port or 0))
         self.assertTrue(harness.base.unix_accepts(milter.socket_path or ""))
         self.assertEqual(milter.milter_inet, "inet:%d@127.0.0.1" % milter.port)
-        self.assertEqual(milter.stop(), 0)
+        self.assertEqual(milter.stop(), -signal.SIGTERM)
+        self.assertIn("Server Shut Down.", milter.log_text())
         self.assertFalse(milter.running())
 
     def test_bad_config_fails_with_log(self) -> None:
