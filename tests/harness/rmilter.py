@@ -33,6 +33,9 @@ class Rmilter:
     ``inet:PORT@127.0.0.1`` and ``unix:<scratch>/rmilter.sock``.  ``milter_inet`` and
     ``milter_unix`` are the same addresses in the sendmail syntax Postfix and miltertest use.
     The twistd log (``log_path``) is where tests read the per-message summary lines.
+
+    rmilter creates unix sockets with mode 0660 owned by root: Postfix's smtpd (user postfix)
+    can connect only with ``unix_mode="666"``.
     """
 
     host = "127.0.0.1"
@@ -42,12 +45,14 @@ class Rmilter:
         config_text: str = "",
         inet: bool = True,
         unix: bool = True,
+        unix_mode: Optional[str] = None,
         extra_args: Sequence[str] = (),
         env: Optional[Dict[str, str]] = None,
     ) -> None:
         self.dir = scratch_dir("rmilter")
         self.port: Optional[int] = free_port() if inet else None
         self.socket_path: Optional[str] = os.path.join(self.dir, "rmilter.sock") if unix else None
+        self.unix_mode = unix_mode
         self.config_path = os.path.join(self.dir, "rmilter.conf")
         self.log_path = os.path.join(self.dir, "rmilter.log")
         self.extra_args = list(extra_args)
@@ -76,7 +81,10 @@ class Rmilter:
         if self.port is not None:
             args += ["--listen", "inet:%d@%s" % (self.port, self.host)]
         if self.socket_path is not None:
-            args += ["--listen", "unix:" + self.socket_path]
+            if self.unix_mode is None:
+                args += ["--listen", "unix:" + self.socket_path]
+            else:  # a Twisted endpoint string: rmilter's own default mode is 0660
+                args += ["--listen", "unix:%s:mode=%s" % (self.socket_path, self.unix_mode)]
         return args
 
     # --- life cycle ----------------------------------------------------------------------------
