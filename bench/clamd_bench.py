@@ -8,7 +8,8 @@ Starts a private clamd (tests/harness/clamd.py: the harness's tiny signature dat
 StreamMaxLength raised to 64M so that 5 MB messages are scanned, not refused, then:
 
 - ``client``: this process scans ready-made spools with ``rmilter.backends.clamd.ClamdClient``
-  on the real reactor, C scans in flight at all times.  Messages at or below the spool's memory
+  on the real reactor, C scans in flight at all times, each with a unique header line (clamd
+  caches clean results by content hash; a repeated message would measure that cache).  Messages at or below the spool's memory
   limit (1 MiB) are in memory, bigger ones in a spool file read through the thread pool, as in
   the daemon.  Prints scans/s, latency, and this process's RSS before and at its peak: the RSS
   growth is what streaming costs (target: flat as the size grows, < 100 MB for 8 x 5 MB).
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -95,8 +96,48 @@ def body_chunks(size: int, chunk: int = 65535) -> Iterator[bytes]:
 
 
 # -- client mode -------------------------------------------------------------------------------
+SEQ_HEADER = b"X-Bench-Seq: %012d\r\n"
+_seq = [0]
+
+
+class UniqueMessage:
+    """A spool whose head carries a new sequence number per scan.
+
+    clamd remembers the hashes of clean files it scanned and answers a repeat from that cache
+    (a repeated 5 MB message costs it ~0.02 s instead of ~0.25 s of CPU), so every scan must
+    differ, as real messages do (the daemon's spool head has a fresh Received id each time).
+    """
+
+    def __init__(self, spool: Any) -> None:
+        self.spool = spool
+        _seq[0] += 1
+        self.header = SEQ_HEADER % _seq[0]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.spool.size
+
+    def read(self, offset: int, length: int) -> Any:
+        from twisted.internet.defer import succeed
+
+        if offset < len(self.header):
+            piece = self.header[offset : offset + length]
+            if len(piece) == length:
+                return succeed(piece)
+            return self.spool.read(0, length - len(piece)).addCallback(lambda rest: piece + rest)
+        return self.spool.read(offset - len(self.header), length)
+
+
+def eml_chunks(path: str, chunk: int = 65535) -> Tuple[bytes, Iterator[bytes]]:
+    """Head (up to the empty line) and body chunks of a message file, LF turned into CRLF as an MTA does."""
+    with open(path, "rb") as f:
+        data = f.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    end = data.index(b"\r\n\r\n") + 4
+    return data[:end], (data[i : i + chunk] for i in range(end, len(data), chunk))
+
+
 def run_client(clamd: Clamd, size: int, concurrency: int, duration: float, warmup: float,
-               unix: bool) -> Dict[str, Any]:
+               unix: bool, eml: Optional[str] = None) -> Dict[str, Any]:
     """C scans in flight for ``warmup + duration`` seconds; figures over the last ``duration``."""
     from twisted.internet import reactor, threads
     from twisted.internet.defer import inlineCallbacks
@@ -123,8 +164,9 @@ def run_client(clamd: Clamd, size: int, concurrency: int, duration: float, warmu
         """Spool the messages as the pipeline does: waiting for each disk write (backpressure)."""
         for _ in range(concurrency):
             spool = Spool(tempdir, 0o600, 1024 * 1024, run_blocking)
-            spool.set_head(MESSAGE_HEAD)
-            for piece in body_chunks(size):
+            head, pieces = eml_chunks(eml) if eml else (MESSAGE_HEAD, body_chunks(size))
+            spool.set_head(head)
+            for piece in pieces:
                 pending = spool.append(piece)
                 if pending is not None:
                     yield pending
@@ -146,7 +188,7 @@ def run_client(clamd: Clamd, size: int, concurrency: int, duration: float, warmu
                 return worker(spool)
             return None
 
-        return client.scan(spool).addCallback(done)
+        return client.scan(UniqueMessage(spool)).addCallback(done)
 
     def start_measuring() -> None:
         results["rss_before"] = rss_mb(os.getpid())
@@ -196,7 +238,7 @@ def run_client(clamd: Clamd, size: int, concurrency: int, duration: float, warmu
 
 
 # -- milter mode -------------------------------------------------------------------------------
-def run_milter(binary: str, clamd: Clamd, size_text: str, concurrency: int, duration: float,
+def run_milter(binary: str, clamd: Clamd, eml: str, concurrency: int, duration: float,
                warmup: float) -> Tuple[Dict[str, Any], float]:
     config = (
         "bind_socket = inet:11339@127.0.0.1;\n"
@@ -207,7 +249,7 @@ def run_milter(binary: str, clamd: Clamd, size_text: str, concurrency: int, dura
     try:
         cpu0 = cpu_seconds(clamd.process.pid)  # type: ignore[union-attr]
         result = milterload(binary, service.socket, concurrency=concurrency, duration=duration, warmup=warmup,
-                            size=size_text, pids=[service.pid, clamd.process.pid])  # type: ignore[union-attr]
+                            eml=eml, pids=[service.pid, clamd.process.pid])  # type: ignore[union-attr]
         return result, cpu_seconds(clamd.process.pid) - cpu0  # type: ignore[union-attr]
     finally:
         service.stop()
@@ -228,10 +270,22 @@ def main() -> None:
     if "milter" in modes and not args.milterload:
         parser.error("milter mode needs --milterload (make -C ../shared/tools/milterload O=/tmp/milterload)")
 
+    # with milterload at hand both modes scan the very message milterload sends (its generated text
+    # costs clamd far more CPU than repeated lines do); without it the client uses repeated lines
+    emls: Dict[str, str] = {}
+    if args.milterload:
+        import subprocess
+
+        workdir = tempfile.mkdtemp(prefix="clamd-bench-eml-")
+        for size_text in args.sizes.split(","):
+            emls[size_text] = os.path.join(workdir, "%s.eml" % size_text)
+            subprocess.run([args.milterload, "--dump-eml", emls[size_text], "-b", size_text], check=True,
+                           stdout=subprocess.DEVNULL)
     clamd = Clamd(stream_max_length=args.stream_max_length).start()
-    print("clamd benchmark, %s, %d cores, clamd StreamMaxLength %s, %s"
+    print("clamd benchmark, %s, %d cores, clamd StreamMaxLength %s, %s, messages: %s"
           % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, args.stream_max_length,
-             "unix socket" if args.unix else "TCP"))
+             "unix socket" if args.unix else "TCP",
+             "milterload --dump-eml" if emls else "repeated text lines"))
     try:
         if "client" in modes:
             # each client run needs its own reactor: run them in child interpreters
@@ -240,7 +294,7 @@ def main() -> None:
             print("|---|---|---|---|---|---|---|---|---|---|")
             for size_text in args.sizes.split(","):
                 for conc in (int(c) for c in args.conc.split(",")):
-                    r = _client_in_child(clamd, size_text, conc, args)
+                    r = _client_in_child(clamd, size_text, conc, args, emls.get(size_text))
                     print("| %s c=%d | %.1f | %.0f | %.0f | %.1f | %.1f | %.1f | %.1f | %.1f | %d%s |" % (
                         size_text, conc, r["per_s"], r["p50_ms"], r["p99_ms"], r["rss_idle"], r["rss_peak"],
                         r["rss_peak"] - r["rss_idle"], r["clamd_rss_peak"], r["clamd_cpu"], r["failed"],
@@ -253,8 +307,8 @@ def main() -> None:
             for size_text in args.sizes.split(","):
                 for conc in (int(c) for c in args.conc.split(",")):
                     try:
-                        result, clamd_cpu = run_milter(args.milterload, clamd, size_text, conc, args.duration,
-                                                       args.warmup)
+                        result, clamd_cpu = run_milter(args.milterload, clamd, emls[size_text], conc,
+                                                       args.duration, args.warmup)
                     except Exception as e:  # report and go on: the milter may not start yet
                         print("| %s c=%d | not measured: %s |" % (size_text, conc, str(e).splitlines()[0]))
                         continue
@@ -270,7 +324,8 @@ def main() -> None:
         clamd.stop()
 
 
-def _client_in_child(clamd: Clamd, size_text: str, conc: int, args: argparse.Namespace) -> Dict[str, Any]:
+def _client_in_child(clamd: Clamd, size_text: str, conc: int, args: argparse.Namespace,
+                     eml: Optional[str]) -> Dict[str, Any]:
     """Run one client measurement in a fresh interpreter (a Twisted reactor runs only once)."""
     import json
     import subprocess
@@ -282,9 +337,9 @@ def _client_in_child(clamd: Clamd, size_text: str, conc: int, args: argparse.Nam
         "c = Clamd.__new__(Clamd); c.__dict__.update(json.loads(sys.argv[1]))\n"
         "class P: pid = %d\n"
         "c.process = P()\n"
-        "print(json.dumps(b.run_client(c, b.parse_size(%r), %d, %f, %f, %r)))\n"
+        "print(json.dumps(b.run_client(c, b.parse_size(%r), %d, %f, %f, %r, %r)))\n"
     ) % (REPO, os.path.dirname(os.path.abspath(__file__)), clamd.process.pid,  # type: ignore[union-attr]
-         size_text, conc, args.duration, args.warmup, args.unix)
+         size_text, conc, args.duration, args.warmup, args.unix, eml)
     state = {k: clamd.__dict__[k] for k in ("port", "dir", "socket_path", "conf_path", "log_path")}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(state)], check=True, capture_output=True,
                          text=True, timeout=args.duration + args.warmup + 300)
