@@ -52,6 +52,7 @@ _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _OPTNEG = struct.Struct(">III")
 _FRAME_HEADER = struct.Struct(">Ic")
+_MACRO_CODE = c.SMFIC_MACRO[0]
 
 #: the default limit for inbound frames (SPEC §3.8 asks for at least 1 MiB)
 DEFAULT_MAX_FRAME_SIZE = 2 * 1024 * 1024
@@ -579,6 +580,26 @@ PROGRESS_PACKET = encode(Progress())
 
 # -- payload parsing ------------------------------------------------------------------------
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _trusted_header(name: str, value: str) -> Header:
+    """A Header from decoded strings: split at NUL, so they cannot contain one (no re-check)."""
+    header = _new(Header)
+    _set(header, "name", name)
+    _set(header, "value", value)
+    return header
+
+
+def _trusted_macro(stage: str, macros: Tuple[Tuple[str, str], ...]) -> Macro:
+    """A Macro from decoded strings (hot path: Postfix sends several per message)."""
+    macro = _new(Macro)
+    _set(macro, "stage", stage)
+    _set(macro, "macros", macros)
+    return macro
+
+
 
 def _strings(payload: bytes, what: str) -> List[str]:
     """NUL-terminated strings, decoded; the payload must end with a NUL."""
@@ -616,11 +637,14 @@ def _decode_macro(payload: bytes) -> Macro:
         raise MalformedPayloadError("MACRO: no stage code")
     stage = chr(payload[0])
     if len(payload) == 1:
-        return Macro(stage)
-    parts = _strings(payload[1:], "MACRO")
-    if len(parts) % 2:
+        return _trusted_macro(stage, ())
+    if payload[-1] != 0:
+        raise MalformedPayloadError("MACRO: string not NUL-terminated")
+    parts = payload[1:-1].decode(_ENCODING, _ERRORS).split("\0")
+    if len(parts) & 1:
         raise MalformedPayloadError("MACRO: name %r without value" % (parts[-1],))
-    return Macro(stage, tuple(zip(parts[::2], parts[1::2])))
+    pairs = iter(parts)
+    return _trusted_macro(stage, tuple(zip(pairs, pairs)))
 
 
 def _decode_connect(payload: bytes) -> Connect:
@@ -650,8 +674,12 @@ def _decode_argv(payload: bytes, what: str) -> Tuple[str, ...]:
 
 
 def _decode_header(payload: bytes) -> Header:
-    name, value = _exactly(payload, 2, "HEADER")
-    return Header(name, value)
+    if not payload or payload[-1] != 0:
+        raise MalformedPayloadError("HEADER: string not NUL-terminated")
+    parts = payload[:-1].decode(_ENCODING, _ERRORS).split("\0")
+    if len(parts) != 2:
+        raise MalformedPayloadError("HEADER: %d strings, expected 2" % (len(parts),))
+    return _trusted_header(parts[0], parts[1])
 
 
 def _decode_unknown(payload: bytes) -> Unknown:
@@ -770,11 +798,17 @@ class FrameReader:
     stored, so hostile input cannot make the buffer grow past the limit.
     """
 
-    def __init__(self, decoders: Mapping[int, Decoder], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        decoders: Mapping[int, Decoder],
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        ignored_macro_stages: bytes = b"",
+    ) -> None:
         if max_frame_size < 1:
             raise ValueError("max_frame_size must be positive")
         self.max_frame_size = max_frame_size
         self._decoders = decoders
+        self._ignored_macros = frozenset(ignored_macro_stages)
         self._src: Union[bytes, bytearray] = b""
         self._pos = 0  # next unread frame in _src
         self._scan = 0  # next frame header not yet checked, as an index into _src
@@ -851,15 +885,21 @@ class FrameReader:
         """The next decoded frame, or None until more bytes arrive."""
         src, pos = self._src, self._pos
         available = len(src)
-        if available - pos < 5:
-            if self._error is not None and pos == available:
-                raise self._error
-            return None
-        (length,) = _U32.unpack_from(src, pos)
-        end = pos + 4 + length
-        if end > available:
-            return None
-        code = src[pos + 4]
+        while True:
+            if available - pos < 5:
+                if self._error is not None and pos == available:
+                    raise self._error
+                return None
+            (length,) = _U32.unpack_from(src, pos)
+            end = pos + 4 + length
+            if end > available:
+                return None
+            code = src[pos + 4]
+            if code != _MACRO_CODE or length < 2 or src[pos + 5] not in self._ignored_macros:
+                break
+            # a MACRO packet for a stage nobody reads: consumed without decoding it
+            pos = self._pos = end
+            self._frames_read += 1
         if type(src) is bytes:
             payload = src[pos + 5 : end]
         else:
@@ -885,23 +925,22 @@ class FrameReader:
 
 
 class CommandReader(FrameReader):
-    """The filter's side: bytes from the MTA in, commands out."""
+    """The filter's side: bytes from the MTA in, commands (``Command``) out.
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
-        super().__init__(COMMAND_DECODERS, max_frame_size)
+    ``ignored_macro_stages`` names MACRO stages to consume without an event:
+    Postfix sends ``D L`` before every header and ``D B`` before every body
+    chunk, which libmilter (and so C rmilter) silently ignores (SPEC §3.2).
+    """
 
-    def next_event(self) -> Optional[Command]:  # type: ignore[override]
-        return super().next_event()  # type: ignore[return-value]
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, ignored_macro_stages: bytes = b"") -> None:
+        super().__init__(COMMAND_DECODERS, max_frame_size, ignored_macro_stages)
 
 
 class ReplyReader(FrameReader):
-    """The MTA's side: bytes from the filter in, replies out."""
+    """The MTA's side: bytes from the filter in, replies (``Reply``) out."""
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         super().__init__(REPLY_DECODERS, max_frame_size)
-
-    def next_event(self) -> Optional[Reply]:  # type: ignore[override]
-        return super().next_event()  # type: ignore[return-value]
 
 
 # -- option negotiation (SPEC §3.4) ------------------------------------------------------------

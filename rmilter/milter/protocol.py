@@ -58,6 +58,7 @@ class MilterProtocol(Protocol):
         self._pending: Optional[Deferred] = None
         self._paused = False
         self._closing = False
+        self.close_reason: Optional[str] = None
         self._lost = False
         self._last_seen = 0.0
         self._idle_call: Optional[IDelayedCall] = None
@@ -70,7 +71,8 @@ class MilterProtocol(Protocol):
         main = self.factory.settings().config.main
         self.idle_timeout = main.idle_timeout
         self.progress_interval = main.progress_interval
-        self.reader = CommandReader(main.max_frame_size)
+        # D L / D B come before every header and body chunk; libmilter ignores them (SPEC §3.2)
+        self.reader = CommandReader(main.max_frame_size, ignored_macro_stages=b"LB")
         transport = self.transport
         self.peer = describe_peer(transport.getPeer())
         self._tcp = isinstance(transport.getHost(), (IPv4Address, IPv6Address))
@@ -102,11 +104,11 @@ class MilterProtocol(Protocol):
             self.session.connection_lost()
 
     def close(self, why: str) -> None:
-        """Close after writing what is queued; ``why`` is logged at debug level."""
+        """Close after writing what is queued (``why``: for debugging; callers log what matters)."""
         if self._closing:
             return
         self._closing = True
-        log.debug("{peer}: closing the connection: {why}", peer=self.peer, why=why)
+        self.close_reason = why
         self.transport.loseConnection()
 
     @property
@@ -306,4 +308,6 @@ class MilterFactory(Factory):
         idle = [p for p in self.connections if not p.busy]
         for protocol in idle:
             protocol.close("shutting down")
+        if idle:
+            log.info("closed {count} idle milter connections", count=len(idle))
         return len(idle)

@@ -101,6 +101,16 @@ for _state, _allowed in TRANSITIONS.items():
             _allowed.setdefault(_kind, _state if _target is None else _target)
 del _state, _allowed, _kind, _target
 
+#: the same table for the hot path: (state, command) -> (next state, what that state allows),
+#: so ``handle`` needs no Enum hashing
+_STEPS: Dict[State, Dict[type, Tuple[State, Dict[type, Any]]]] = {
+    state: {} for state in TRANSITIONS
+}
+for _state, _allowed in TRANSITIONS.items():
+    for _kind, _target in _allowed.items():
+        _STEPS[_state][_kind] = (_target, _STEPS[_target])
+del _state, _allowed, _kind, _target
+
 #: the stage (as in ``Pipeline.stages_needing_replies``) each replied-to command belongs to
 STAGES: Dict[type, str] = {
     Connect: c.STAGE_CONNECT,
@@ -158,6 +168,7 @@ class MilterSession:
         self.message_finished = message_finished
         self.peer = peer
         self.state = State.NEGOTIATING
+        self._allowed = _STEPS[State.NEGOTIATING]
         self.connection = ConnectionContext()
         self.message: Optional[MessageContext] = None
         #: agreed at OPTNEG
@@ -202,16 +213,20 @@ class MilterSession:
         if kind is Macro:
             self.connection.macros.define(command.stage, dict(command.macros))
             return None
-        target = TRANSITIONS[self.state].get(kind)
-        if target is None:
+        step = self._allowed.get(kind)
+        if step is None:
             return self._unexpected(command)
-        self.state = target
+        self.state, self._allowed = step
         return self._handlers[kind](command)
+
+    def _enter(self, state: State) -> None:
+        self.state = state
+        self._allowed = _STEPS[state]
 
     def connection_lost(self) -> None:
         """The MTA went away (SPEC §5.10: like QUIT); a pending pipeline call finishes first."""
         self._lost = True
-        self.state = State.CLOSED
+        self._enter(State.CLOSED)
         if self.waiting_stage is None:
             self._end_message(None)
 
@@ -299,10 +314,12 @@ class MilterSession:
 
     def _message_verdict(self, stage: str, verdict: Verdict) -> Optional[bytes]:
         """Answer a message stage; a final verdict ends the message (SPEC §5.1)."""
+        if verdict is CONTINUE and stage != c.STAGE_EOM:  # the shared constant: most answers
+            return None if stage in self.silent_stages else codec.CONTINUE_PACKET
         if stage == c.STAGE_EOM:
             data = self._packets(verdict, at_eom=True)
             self._end_message(verdict)
-            self.state = State.CONNECTED
+            self._enter(State.CONNECTED)
             return data
         if verdict.action is Action.CONTINUE or stage == c.STAGE_RCPT:
             return self._reply(stage, verdict)  # a refused recipient does not end the message
@@ -317,7 +334,7 @@ class MilterSession:
             return None
         data = self._packets(verdict, at_eom=False)
         self._end_message(verdict)
-        self.state = State.CONNECTED
+        self._enter(State.CONNECTED)
         return data
 
     def _owed_verdict(self, stage: str) -> Outcome:
@@ -352,19 +369,10 @@ class MilterSession:
         except codec.NegotiationError as e:
             log.error("{peer}: {reason}; closing the connection", peer=self.peer, reason=str(e))
             self.close_requested = True
-            self.state = State.CLOSED
+            self._enter(State.CLOSED)
             return None
         self.version, self.actions, self.protocol = agreed.version, agreed.actions, agreed.protocol
         self.silent_stages = agreed.silent_stages
-        log.debug(
-            "{peer}: negotiated version {version}, actions 0x{actions:x}, protocol 0x{protocol:x} "
-            "(MTA offered {offer.version}, 0x{offer.actions:x}, 0x{offer.protocol:x})",
-            peer=self.peer,
-            version=agreed.version,
-            actions=agreed.actions,
-            protocol=agreed.protocol,
-            offer=offer,
-        )
         return codec.encode(agreed.reply)
 
     def _connect(self, command: Connect) -> Outcome:
@@ -385,7 +393,7 @@ class MilterSession:
             msg, verdict = self.pipeline.mail(self.connection, command.argv)
         except Exception:
             log.failure("internal error at MAIL from {peer}", peer=self.peer)
-            self.state = State.CONNECTED
+            self._enter(State.CONNECTED)
             return self._reply(c.STAGE_MAIL, BARE_TEMPFAIL)
         self.message = msg
         self.message_started()
@@ -452,7 +460,7 @@ class MilterSession:
         """End the transaction, if any; outside one ABORT is ignored (SPEC §3.6)."""
         if self.state in _IN_MESSAGE:
             self._end_message(None)
-            self.state = State.CONNECTED
+            self._enter(State.CONNECTED)
         return None
 
     def _quit(self, command: Quit) -> Outcome:
