@@ -549,6 +549,30 @@ class SignTests(SynchronousTestCase):
         d.callback(f(*args))
         self.assertEqual(self.successResultOf(signing).log, "signed")
 
+    def test_signatures_at_once_limited_to_signing_slots(self) -> None:
+        """At most signing_threads signatures run in the pool; the others wait their turn."""
+        from twisted.internet.defer import DeferredSemaphore
+
+        calls: List[Tuple[Callable, tuple, Deferred]] = []
+        most_running = [0]
+
+        def pool(f: Callable, *args: object) -> Deferred:
+            d: Deferred = Deferred()
+            calls.append((f, args, d))
+            most_running[0] = max(most_running[0], sum(1 for _, _, c in calls if not c.called))
+            return d
+
+        runtime = self.runtime(run_blocking=pool)
+        assert runtime.dkim is not None
+        runtime.dkim.signing_slots = DeferredSemaphore(2)
+        signing = [dkim.sign(make_message(self, runtime)) for _ in range(5)]
+        self.assertEqual(len(calls), 2)
+        while any(not d.called for _, _, d in calls):
+            f, args, d = next(c for c in calls if not c[2].called)
+            d.callback(f(*args))
+        self.assertEqual((len(calls), most_running[0]), (5, 2))
+        self.assertEqual([self.successResultOf(s).log for s in signing], ["signed"] * 5)
+
     def test_failure_in_the_pool_is_internal_failure(self) -> None:
         """A signing error never fails the message: "not signed, internal failure"."""
         from twisted.internet.defer import fail
