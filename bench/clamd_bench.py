@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -139,8 +138,11 @@ def eml_chunks(path: str, chunk: int = 65535) -> Tuple[bytes, Iterator[bytes]]:
 def run_client(clamd: Clamd, size: int, concurrency: int, duration: float, warmup: float,
                unix: bool, eml: Optional[str] = None) -> Dict[str, Any]:
     """C scans in flight for ``warmup + duration`` seconds; figures over the last ``duration``."""
-    from twisted.internet import reactor, threads
+    from twisted.internet import reactor as _reactor
+    from twisted.internet import threads
     from twisted.internet.defer import inlineCallbacks
+
+    reactor: Any = _reactor
 
     from rmilter.backends.clamd import ClamdClient, ScanStatus
     from rmilter.backends.upstream import UpstreamList

@@ -29,7 +29,8 @@ from rmilter.testing.fake_clamd import HANG, REFUSE, MemoryClamdNetwork, Script
 
 TCP_A = ServerSpec(name="127.0.0.1:3310", host="127.0.0.1", port=3310)
 TCP_B = ServerSpec(name="127.0.0.2:3310", host="127.0.0.2", port=3310)
-UNIX = ServerSpec(name="/run/clamd.sock", path="/run/clamd.sock")
+UNIX_PATH = "/run/clamd.sock"
+UNIX = ServerSpec(name=UNIX_PATH, path=UNIX_PATH)
 ADDR_A = ("127.0.0.1", 3310)
 ADDR_B = ("127.0.0.2", 3310)
 
@@ -37,7 +38,7 @@ ADDR_B = ("127.0.0.2", 3310)
 class FirstChoice(random.Random):
     """Makes ``choose_random`` deterministic: always the first candidate."""
 
-    def choice(self, seq: Sequence[Any]) -> Any:
+    def choice(self, seq: Any) -> Any:
         return seq[0]
 
 
@@ -493,10 +494,10 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
     def test_unix_socket_server(self) -> None:
         """A path server spec connects to the unix socket."""
         client = self.make([UNIX])
-        self.network.add(UNIX.path, Script.found("X.Y"))
+        self.network.add(UNIX_PATH, Script.found("X.Y"))
         result = self.successResultOf(self.scan(client, BytesSource(b"body")))
-        self.assertEqual((result.status, result.virus, result.server), (ScanStatus.VIRUS, "X.Y", UNIX.path))
-        self.assertEqual(self.reactor.unixClients[0][0], UNIX.path)
+        self.assertEqual((result.status, result.virus, result.server), (ScanStatus.VIRUS, "X.Y", UNIX_PATH))
+        self.assertEqual(self.reactor.unixClients[0][0], UNIX_PATH)
 
     def test_cancel_aborts_the_connection(self) -> None:
         """Cancelling a scan aborts its connection and yields a failed result."""

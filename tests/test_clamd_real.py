@@ -7,9 +7,8 @@ real sockets, TCP and unix.  A missing clamd fails them (harness.ServiceUnavaila
 from __future__ import annotations
 
 import base64
-import os
 import socket
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Sequence
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet import threads

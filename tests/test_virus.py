@@ -1,11 +1,10 @@
 """The virus check (SPEC §5.9 steps 7-8, §6.9, §8.4) over the in-memory clamd, alone and in the pipeline."""
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -48,8 +47,9 @@ class LogCapture:
 
     def __init__(self, test: SynchronousTestCase) -> None:
         self.lines: List[str] = []
-        globalLogPublisher.addObserver(self)
-        test.addCleanup(globalLogPublisher.removeObserver, self)
+        observer: Any = self  # an ILogObserver: a callable taking the event
+        globalLogPublisher.addObserver(observer)
+        test.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def __call__(self, event: Any) -> None:
         self.lines.append(formatEvent(event))
@@ -151,6 +151,20 @@ class VirusCheckTests(VirusCheckBase):
         self.assertEqual((result.log, result.failed), ("delayed, temporary fail", True))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_cancel_ends_scan_quietly(self) -> None:
+        """Cancelling the check (the message already ended) aborts the clamd connection and
+        still fires with a result, without logging an error."""
+        msg = self.message(make_config(tempfail_on_error=True))
+        self.network.add(ADDR, Script.silence())
+        d = virus.scan(msg)
+        self.network.run()
+        d.cancel()
+        result = self.successResultOf(d)
+        self.assertEqual((result.log, result.failed), ("delayed, temporary fail", True))
+        self.assertTrue(self.network.links[0].client_transport.disconnected)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_no_client_is_no_av_servers(self) -> None:
         """Called without a clamd client the check reports "skipped, no av servers"."""
         msg = self.message(make_config())
@@ -191,8 +205,11 @@ class PipelineVirusTests(VirusCheckBase):
                     break
                 self.reactor.advance(1.0)
                 self.network.run()
-        d.addCallback(lambda verdict: (pipeline.finish(msg, verdict), verdict)[1])
-        return msg, d
+        def finished(verdict: Any) -> Any:
+            pipeline.finish(msg, verdict)
+            return verdict
+
+        return msg, d.addCallback(finished)
 
     def test_infected_message_is_rejected(self) -> None:
         """A message clamd finds a virus in ends with 554 5.7.1 Infected: <name>; the spool reached clamd."""
@@ -237,7 +254,7 @@ class PipelineVirusTests(VirusCheckBase):
 
     def test_exemptions_open_no_connection(self) -> None:
         """clamav.whitelist clients, all-whitelisted recipients and oversized messages are not scanned."""
-        cases = [
+        cases: List[Tuple[Config, Dict[str, Any], str]] = [
             (make_config(tempdir=self.tmp(), clamav_whitelist=["192.0.2.0/24"]), {}, "skipped, ip whitelist"),
             (make_config(tempdir=self.tmp(), whitelist=["bob@example.org"]), {}, "skipped, recipient whitelist"),
             (make_config(tempdir=self.tmp(), max_size=10), {}, "skipped(oversized)"),

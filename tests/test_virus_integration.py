@@ -74,8 +74,8 @@ class MilterTests(TestCase):
 
     @inlineCallbacks
     def send(self, milter: harness.Rmilter, body: bytes, queue_id: str, unix: bool = False):  # type: ignore[no-untyped-def]
-        endpoint = (UNIXClientEndpoint(REACTOR, milter.socket_path) if unix
-                    else TCP4ClientEndpoint(REACTOR, "127.0.0.1", milter.port))
+        endpoint = (UNIXClientEndpoint(REACTOR, milter.socket_path or "") if unix
+                    else TCP4ClientEndpoint(REACTOR, "127.0.0.1", milter.port or 0))
         client = yield MilterClient.connect(REACTOR, endpoint)
         try:
             result = yield client.send_message(message(body, queue_id))
