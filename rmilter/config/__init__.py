@@ -55,7 +55,7 @@ class ConfigError(Exception):
 
 def _finish(lexer: Lexer, filename: str, resolver: Optional[Resolver]) -> Config:
     tokens = lexer.finish(filename)
-    config, errors, _warnings = parse_tokens(tokens, lexer.files, resolver or resolve_host)
+    config, errors, _warnings = parse_tokens(tokens, lexer.files, resolver or resolve_host, lexer.truncated)
     errors = lexer.errors + errors
     if errors or config is None:
         raise ConfigError(errors)

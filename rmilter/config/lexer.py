@@ -77,6 +77,8 @@ class Lexer:
         self.errors: List[str] = []
         self.warnings: List[str] = []
         self.files: List[str] = []
+        #: lexing stopped early (an unterminated quoted string swallowed the rest)
+        self.truncated = False
 
     # -- entry points ------------------------------------------------------------------------
     def lex_file(self, path: str) -> None:
@@ -155,6 +157,7 @@ class Lexer:
                 line_has_token = True
             else:  # an opening quote without a closing one
                 self.errors.append("%s:%d: unterminated quoted string (no closing '\"')" % (filename, line))
+                self.truncated = True
                 return
 
     def _include(self, text: str, pos: int, word: str, filename: str, line: int, depth: int) -> int:

@@ -60,8 +60,9 @@ class _Syntax(Exception):
 class Parser:
     """Consumes the token list of one load and builds a ``Config`` (or collects errors)."""
 
-    def __init__(self, tokens: List[Token], resolver: v.Resolver) -> None:
+    def __init__(self, tokens: List[Token], resolver: v.Resolver, truncated: bool = False) -> None:
         self.tokens = tokens
+        self.truncated = truncated
         self.pos = 0
         self.errors: List[str] = []
         self.warnings: List[str] = []
@@ -76,7 +77,11 @@ class Parser:
         self.memcached_token: Optional[Token] = None
 
     # -- reporting ---------------------------------------------------------------------------
-    def error(self, at: Any, reason: str) -> None:
+    def error(self, at: Any, reason: str, structural: bool = False) -> None:
+        """Record an error; structural ones at the end of a token stream the lexer cut short
+        (an unterminated quote) are consequences of that error and are not repeated."""
+        if structural and self.truncated and self.peek().kind == EOF:
+            return
         self.errors.append("%s:%d: %s" % (at.file, at.line, reason))
 
     def warn(self, at: Any, reason: str) -> None:
@@ -172,7 +177,7 @@ class Parser:
                 raise _Syntax(following, "expected '=' or '{' after %s, found %s"
                               % (token.describe(), following.describe()))
         except _Syntax as problem:
-            self.error(problem.token, problem.reason)
+            self.error(problem.token, problem.reason, structural=problem.token.kind == EOF)
             self._recover(section is not None, problem.depth)
 
     def block(self, section: Optional[str]) -> None:
@@ -200,7 +205,7 @@ class Parser:
         else:
             self.error(name_token, "unknown section %s { }" % name)
         if self._skip_block() is None:
-            self.error(name_token, "%s { is never closed (missing '}')" % name)
+            self.error(name_token, "%s { is never closed (missing '}')" % name, structural=True)
         elif section is not None:
             self._end_statement(section, name_token)
         elif self.peek().kind == SEMI:
@@ -210,7 +215,7 @@ class Parser:
         while True:
             token = self.peek()
             if token.kind == EOF:
-                self.error(opened, "%s { is never closed (missing '}')" % opened.text)
+                self.error(opened, "%s { is never closed (missing '}')" % opened.text, structural=True)
                 return
             if token.kind == RBRACE:
                 self.take()
@@ -232,7 +237,7 @@ class Parser:
             return
         token = self.peek()
         self.error(after, "missing ';' after the %s statement (found %s)"
-                   % (after.text if after.kind == WORD else "previous", token.describe()))
+                   % (after.text if after.kind == WORD else "previous", token.describe()), structural=True)
         if token.kind == RBRACE or self._starts_statement():
             return
         self._recover(True)
@@ -250,7 +255,8 @@ class Parser:
                 shown = "%s %s %s" % (name_token.text, op.text, ", ".join(t.text for t in values))
                 if len(shown) > 60:
                     shown = shown[:57] + "..."
-                self.error(last, "missing ';' after '%s' (found %s)" % (shown.strip(), terminator.describe()))
+                self.error(last, "missing ';' after '%s' (found %s)" % (shown.strip(), terminator.describe()),
+                           structural=True)
                 if not (terminator.kind == RBRACE or self._starts_statement()):
                     self._recover(True)
         elif self.peek().kind == SEMI:
@@ -323,7 +329,8 @@ class Parser:
         store = self.values[table_name]
         if directive.is_list:
             if not values and not directive.allow_empty:
-                self.error(name_token, "%s: needs at least one value (an empty list is not allowed here)" % shown)
+                self.error(name_token, "%s: needs at least one value (an empty list is not allowed here)" % shown,
+                           structural=True)
                 return
             entries: List[Any] = []
             ok = True
@@ -349,7 +356,7 @@ class Parser:
             if len(values) != 1:
                 what = "no value" if not values else "%d values" % len(values)
                 self.error(name_token, "%s: expects one %s, found %s"
-                           % (shown, directive.kind.description, what))
+                           % (shown, directive.kind.description, what), structural=not values)
                 return
             try:
                 store[directive.attribute] = directive.kind.convert(values[0], self.ctx)  # type: ignore[union-attr]
@@ -503,9 +510,15 @@ def _shown(table_name: str) -> str:
     return "global" if table_name == "main" else table_name
 
 
-def parse_tokens(tokens: List[Token], files: List[str], resolver: v.Resolver) -> Tuple[Optional[Config], List[str], List[str]]:
-    """Parse a token list: (config or None, errors, warnings)."""
-    parser = Parser(tokens, resolver)
+def parse_tokens(
+    tokens: List[Token], files: List[str], resolver: v.Resolver, truncated: bool = False
+) -> Tuple[Optional[Config], List[str], List[str]]:
+    """Parse a token list: (config or None, errors, warnings).
+
+    ``truncated``: the lexer stopped early (unterminated quote); errors that
+    only say "the file ended here" are then left out.
+    """
+    parser = Parser(tokens, resolver, truncated)
     parser.parse()
     if parser.errors:
         return None, parser.errors, parser.warnings
