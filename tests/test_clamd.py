@@ -489,7 +489,21 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 1))
         self.assertIn("disk on fire", result.error or "")
         self.assertEqual(client.upstreams.upstreams[0].errors, 0)
-        self.flushLoggedErrors(OSError)
+
+    def test_spool_bug_is_logged_with_traceback(self) -> None:
+        """A non-OS error reading the spool (a bug) fails the scan and is logged once with its traceback."""
+        client = self.make()
+        self.network.add(ADDR_A, Script.ok())
+
+        class Buggy:
+            size = 10
+
+            def read(self, offset: int, length: int) -> "Deferred[bytes]":
+                return fail(ZeroDivisionError("oops"))
+
+        result = self.successResultOf(self.scan(client, Buggy()))
+        self.assertEqual(result.status, ScanStatus.FAILED)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_unix_socket_server(self) -> None:
         """A path server spec connects to the unix socket."""

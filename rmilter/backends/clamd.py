@@ -204,7 +204,7 @@ class InstreamProtocol(Protocol):
             return
         self._arm_watchdog()
 
-    def connectionLost(self, reason: Failure = neterror.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = Failure(neterror.ConnectionDone())) -> None:
         if self.state is _State.DONE:
             self._disarm_watchdog()
             return
@@ -261,7 +261,12 @@ class InstreamProtocol(Protocol):
 
     def _spool_failed(self, failure: Failure) -> None:
         self._reading = False
-        log.failure("clamscan: cannot read the spool", failure)
+        if self.state is _State.DONE:
+            return
+        if not failure.check(OSError):
+            # OSError: the disk, or the message ended and its spool file is gone (reported by the
+            # client as the scan's error); anything else is a bug and gets its traceback
+            log.failure("clamscan: cannot read the spool", failure)
         self._fail(SpoolUnreadable("cannot read spool: %s" % (failure.getErrorMessage(),)))
 
     def _end_stream(self) -> None:
@@ -288,17 +293,19 @@ class InstreamProtocol(Protocol):
         self._fail(ResultsTimeout("no progress waiting for %s within %.3gs" % (what, self.results_timeout)))
 
     def _finish(self, reply: bytes) -> None:
-        self._close()
+        # a reply after the whole stream: close politely; a reply in the middle of the stream
+        # (size limit) leaves unsent chunks in our buffer, which only an abort drops
+        self._close(abort=self.state is not _State.AWAITING_REPLY)
         self.done.callback(reply)
 
     def _fail(self, exc: AttemptFailed) -> None:
-        self._close()
+        self._close(abort=True)
         self.done.errback(Failure(exc))
 
     def _cancel(self) -> None:
-        self._close()
+        self._close(abort=True)
 
-    def _close(self) -> None:
+    def _close(self, abort: bool) -> None:
         if self.state is _State.DONE:
             return
         sending = self.state is _State.SENDING
@@ -307,7 +314,10 @@ class InstreamProtocol(Protocol):
         if self.transport is not None:
             if sending:
                 self._wire.unregisterProducer()
-            self._wire.abortConnection()
+            if abort:
+                self._wire.abortConnection()
+            else:
+                self._wire.loseConnection()
 
 
 # -- the client ---------------------------------------------------------------------------------
