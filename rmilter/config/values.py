@@ -257,18 +257,8 @@ def _parse_priority(text: str, spec: str) -> int:
 
 
 def format_server(server: ServerSpec) -> str:
-    if server.path is not None:
-        body = server.path
-        if server.priority:
-            body += ":%d" % server.priority
-        return '"%s"' % body
-    host = server.host or ""
-    if ":" in host:
-        host = "[%s]" % host
-    body = "%s:%d" % (host, server.port or 0)
-    if server.priority:
-        body += ":%d" % server.priority
-    return '"%s"' % body
+    """The server as configured (minus ``r:``), which parses back to the same ServerSpec."""
+    return quote(server.name)
 
 
 def parse_cache_server(text: str) -> Tuple[RedisServer, bool]:
@@ -293,10 +283,8 @@ def parse_cache_server(text: str) -> Tuple[RedisServer, bool]:
 
 
 def format_cache_server(server: RedisServer) -> str:
-    host = server.host
-    if ":" in host:
-        host = "[%s]" % host
-    return '"%s:%d"' % (host, server.port)
+    """The server as configured, which parses back to the same RedisServer."""
+    return quote(server.name)
 
 
 # --- IP lists -------------------------------------------------------------------------------------
