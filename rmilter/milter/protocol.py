@@ -18,7 +18,6 @@ from typing import Any, Callable, List, Optional, Set
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,6 +45,8 @@ class MilterProtocol(Protocol):
     """One MTA connection."""
 
     factory: "MilterFactory"
+    #: a TCP or UNIX transport (typed loosely: Twisted's interfaces are zope, not mypy, types)
+    transport: Any
 
     def __init__(self, factory: "MilterFactory") -> None:
         self.factory = factory
@@ -61,8 +62,8 @@ class MilterProtocol(Protocol):
         self.close_reason: Optional[str] = None
         self._lost = False
         self._last_seen = 0.0
-        self._idle_call: Optional[IDelayedCall] = None
-        self._progress_call: Optional[IDelayedCall] = None
+        self._idle_call: Optional[Any] = None  # IDelayedCall
+        self._progress_call: Optional[Any] = None
         self._quickack_socket: Optional[socket.socket] = None
         self._tcp = False
 
@@ -78,7 +79,7 @@ class MilterProtocol(Protocol):
         self._tcp = isinstance(transport.getHost(), (IPv4Address, IPv6Address))
         if self._tcp:
             try:
-                transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+                transport.setTcpNoDelay(True)
             except (AttributeError, OSError) as e:
                 log.debug("{peer}: cannot set TCP_NODELAY: {error}", peer=self.peer, error=e)
         self.session = MilterSession(
@@ -134,7 +135,7 @@ class MilterProtocol(Protocol):
             self._drain()
         elif not self._paused and reader.queued_frames > MAX_QUEUED_FRAMES:
             self._paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
 
     def _drain(self) -> None:
         """Answer buffered commands in order until one has to wait for the pipeline."""
@@ -166,7 +167,7 @@ class MilterProtocol(Protocol):
                 self._negotiated()
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.resumeProducing()
 
     def _protocol_error(self, error: ProtocolError) -> None:
         """A malformed frame ends this connection, with one log line (SPEC §3.8)."""
@@ -239,7 +240,7 @@ class MilterProtocol(Protocol):
             self._quickack_socket = None
             return
         try:
-            self._quickack_socket = self.transport.getHandle()  # type: ignore[attr-defined]
+            self._quickack_socket = self.transport.getHandle()
         except AttributeError:
             self._quickack_socket = None
             return
@@ -281,7 +282,7 @@ class MilterFactory(Factory):
         self.messages_in_flight = 0
         self._waiters: List[Deferred] = []
 
-    def buildProtocol(self, addr: Any) -> MilterProtocol:
+    def buildProtocol(self, addr: Any) -> MilterProtocol:  # type: ignore[override]
         return MilterProtocol(self)
 
     # -- messages in flight ------------------------------------------------------------------

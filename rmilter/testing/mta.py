@@ -222,6 +222,8 @@ class _Waiter:
 class MtaProtocol(Protocol):
     """Bytes to replies; every final reply fires the oldest waiting ``expect_reply``."""
 
+    transport: Any
+
     def __init__(self, max_frame_size: int = codec.DEFAULT_MAX_FRAME_SIZE) -> None:
         self.reader = ReplyReader(max_frame_size)
         self.waiters: List[_Waiter] = []
@@ -348,10 +350,10 @@ class MilterClient:
     def _flag(self, bit: int) -> bool:
         return self.negotiated is not None and bool(self.negotiated.protocol & bit)
 
-    def _macros(self, stage_code: bytes, smfim: Optional[int], available: Sequence[Tuple[str, str]]) -> Macro:
+    def _macros(self, stage_code: bytes, smfim: Optional[int], available: Sequence[Tuple[str, Optional[str]]]) -> Macro:
         """A MACRO packet as Postfix sends it: the filter's requested list (SETSYMLIST) or
         the default list, only macros that have a value."""
-        values = [(name, value) for name, value in available if value is not None]
+        values: List[Tuple[str, str]] = [(name, value) for name, value in available if value is not None]
         if smfim is not None and self.negotiated is not None:
             for symlist in self.negotiated.macro_lists:
                 if symlist.stage == smfim:
