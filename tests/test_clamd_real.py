@@ -23,6 +23,7 @@ from rmilter.context import ConnectionContext, MessageContext
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
 from rmilter.spool import Spool
+from rmilter.testing.fake_clamd import FakeClamdFactory, Script
 from rmilter.verdict import Action, SmtpReply
 from tests import harness
 
@@ -179,6 +180,55 @@ class ClientTests(RealClamdCase):
         self.assertEqual(result.status, ScanStatus.FAILED)
         self.assertIn("no progress", result.error or "")
         self.assertLess(elapsed, 5.0)
+
+
+class FakeClamdOverSocketsTests(TestCase):
+    """The client over real sockets against rmilter.testing.fake_clamd (behaviour clamd will not show on demand)."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_close_mid_stream_over_tcp_is_retried(self):  # type: ignore[no-untyped-def]
+        """A server closing the TCP connection mid-stream fails the attempt; the retry gets the same."""
+        factory = FakeClamdFactory(Script.close_mid_stream(after=100_000))
+        port = REACTOR.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        server = ServerSpec(name="fake", host="127.0.0.1", port=port.getHost().port)
+        config = make_config([server], harness.scratch_dir("fake-clamd"), retry_count=2)
+        client = clamd_backend.from_config(config, REACTOR)
+        assert client is not None
+        spool = Spool(config.main.tempdir, 0o600, config.main.spool_memory_limit, run_in_thread)
+        spool.set_head(b"Received: x\r\n")
+        spool.append(text_body(1_000_000))
+        self.addCleanup(spool.close)
+        yield spool.finish()
+        result = yield client.scan(spool)
+        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 2))
+        self.assertIn("closed while sending", result.error or "")
+        self.assertEqual(len(factory.connections), 2)
+        for fake in factory.connections:
+            self.assertLess(fake.data_bytes, 1_000_000)
+
+    @inlineCallbacks
+    def test_unix_socket_reply(self):  # type: ignore[no-untyped-def]
+        """Over a unix socket the FOUND reply names the virus; every chunk is at most 64 KiB."""
+        factory = FakeClamdFactory(Script.found("Fake.Virus"))
+        path = harness.scratch_dir("fake-clamd-unix") + "/clamd.sock"
+        port = REACTOR.listenUNIX(path, factory)
+        self.addCleanup(port.stopListening)
+        config = make_config([ServerSpec(name=path, path=path)], harness.scratch_dir("fake-clamd"))
+        client = clamd_backend.from_config(config, REACTOR)
+        assert client is not None
+        spool = Spool(config.main.tempdir, 0o600, config.main.spool_memory_limit, run_in_thread)
+        spool.set_head(b"Received: x\r\n")
+        spool.append(text_body(300_000))
+        self.addCleanup(spool.close)
+        yield spool.finish()
+        result = yield client.scan(spool)
+        self.assertEqual((result.status, result.virus), (ScanStatus.VIRUS, "Fake.Virus"))
+        (fake,) = factory.connections
+        self.assertEqual(fake.data_bytes, spool.size)
+        self.assertTrue(fake.chunk_sizes and max(fake.chunk_sizes) <= 65536)
 
 
 class VirusCheckAndPipelineTests(RealClamdCase):
