@@ -105,7 +105,7 @@ class ProbabilityTests(TestCase):
 
     @inlineCallbacks
     def test_binomial_bound(self) -> Any:
-        client = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.milter.port))
+        client = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.milter.port or 0))
         try:
             for i in range(self.MESSAGES):
                 headers = MessageSpec().headers[:3] + (("Message-ID", "<p.%d@example.net>" % i),)
