@@ -419,13 +419,13 @@ class FailureTests(ClientTestCase):
                                   retry_count=2, retry_timeout=0.0)
         r1 = client.upstreams.upstreams[0]
         attempts_on_r1 = []
-        real_request = client._client(R1)._agent.request
+        real_request = client.agent(R1).request
 
         def spy(*args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
             attempts_on_r1.append(1)
             return real_request(*args, **kwargs)
 
-        self.patch(client._client(R1)._agent, "request", spy)
+        self.patch(client.agent(R1), "request", spy)
         self.fakes["r1"].refuse()
         for _ in range(50):
             d = self.scan(client)

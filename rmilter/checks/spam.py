@@ -12,8 +12,9 @@ full scan, a DKIM-only scan or none happens, and runs EOM greylisting.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
@@ -133,9 +134,12 @@ def extended_headers(msg: MessageContext, scan: ScanResult) -> List[Edit]:
 
 
 # -- changes requested by Rspamd (SPEC §6.8.5) -----------------------------------------------------
+#: RFC 5322 field name: printable ASCII without ``:`` (so nothing a milter string cannot carry)
+_HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
+
+
 def _valid_header_name(name: str) -> bool:
-    """RFC 5322 field name: printable ASCII without ``:``; nothing a milter string cannot carry."""
-    return bool(name) and all(33 <= ord(c) <= 126 and c != ":" for c in name)
+    return _HEADER_NAME.match(name) is not None
 
 
 def _clean_value(value: str) -> str:
@@ -152,11 +156,17 @@ def requested_changes(msg: MessageContext, reply: ScanReply) -> List[Edit]:
     for signature in reply.dkim_signatures:
         edits.append(AddHeader("DKIM-Signature", _clean_value(signature.replace("\r", ""))))
     legacy = reply.header_block == "rmilter"
+    counts: Optional[Dict[str, int]] = None
     for name, index in reply.remove_headers:
         if not _valid_header_name(name):
             log.warn("{tag}; rspamd asked to remove an invalid header name {name!r}", tag=msg.tag, name=name)
             continue
-        count = msg.header_count(name)
+        if counts is None:
+            counts = {}
+            for seen, _ in msg.headers:
+                key = seen.lower()
+                counts[key] = counts.get(key, 0) + 1
+        count = counts.get(name.lower(), 0)
         if index >= 1:
             if index <= count:
                 edits.append(ChangeHeader(name, index, ""))

@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""rmilter + Rspamd against Rspamd's own milter, in front of the same Rspamd normal worker (issue 4).
+
+    python3 bench/rspamd_bench.py --milterload /tmp/milterload/milterload \
+        [--conc 8,64] [--sizes 4k,100k] [--duration 10] [--warmup 2] [--reps 1] [--no-null]
+
+One Rspamd (stock rules, network modules off, as tests/harness/rspamd.py) runs a ``normal``
+worker (count 1) and an ``rspamd_proxy`` worker with ``milter = yes`` whose upstream is that
+normal worker (no self_scan).  ``twistd rmilter`` scans on the same normal worker over HTTP
+(/checkv2).  milterload (../shared/tools/milterload; build it with
+``make -C ../shared/tools/milterload O=/tmp/milterload``) drives both milters, back to back for
+every (size, concurrency) cell, so both see the same background load.  ``rmilter-null`` (no
+spamd servers) shows the cost of the milter protocol alone.
+
+Printed per run: messages/s, p50/p99 latency, rmilter's RSS (max during the run), CPU of the
+milter and of the normal worker per message, and the final replies.  The summary gives, per
+cell, rmilter's throughput relative to Rspamd's milter and the p99 rmilter adds to it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Rmilter, free_port, milterload, wait_for_port  # noqa: E402
+
+#: the Hyperscan cache shared with the test harness: a first start compiles for 10-14 s
+HS_CACHE_DIR = os.environ.get("RMILTER_HS_CACHE", "/var/tmp/rmilter-test-hs-cache")
+
+DISABLED_MODULES = (
+    "rbl surbl fuzzy_check dcc asn emails spf dmarc phishing url_redirector rspamd_update "
+    "neural ratelimit greylist history_redis replies mx_check whitelist mid mime_types multimap "
+    "reputation bimi arc external_services spamtrap clickhouse elastic metric_exporter hfilter "
+    "dkim_signing"
+).split()
+
+RSPAMD_CONF = """\
+.include "$CONFDIR/common.conf"
+options {
+  pidfile = "$RUNDIR/rspamd.pid";
+  .include "$CONFDIR/options.inc"
+  .include(try=true; priority=1,duplicate=merge) "$LOCAL_CONFDIR/local.d/options.inc"
+}
+logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "error"; }
+worker "normal" { bind_socket = "127.0.0.1:%(normal)d"; count = 1; task_timeout = 8s; }
+worker "rspamd_proxy" {
+  bind_socket = "127.0.0.1:%(proxy)d"; count = 1;
+  milter = yes; timeout = 120s;
+  upstream "normal" { default = yes; hosts = "127.0.0.1:%(normal)d"; }
+  spam_header = "X-Spam";
+  reject_message = "Spam message rejected";
+}
+"""
+
+OPTIONS_INC = """\
+dns { nameserver = ["127.0.0.1:%(dns)d"]; timeout = 0.3s; retransmits = 1; }
+filters = "chartable,dkim,regexp";
+enable_test_patterns = true;
+hs_cache_dir = "%(hs_cache)s/";
+"""
+
+MILTER_HEADERS = """\
+use = ["x-spamd-result", "x-rspamd-queue-id", "x-spam-status", "authentication-results"];
+skip_local = false;
+skip_authenticated = false;
+"""
+
+RMILTER_CONF = """\
+spamd {
+  servers = 127.0.0.1:%(normal)d;
+  connect_timeout = 1s;
+  results_timeout = 20s;
+}
+"""
+
+
+def write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class BenchRspamd:
+    """Rspamd with a normal worker and a milter proxy forwarding to it."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="rspamd-bench-")
+        self.normal = free_port()
+        self.proxy = free_port()
+        local_d = os.path.join(self.dir, "local.d")
+        for sub in ("local.d", "db", "run", "log"):
+            os.makedirs(os.path.join(self.dir, sub))
+        os.makedirs(HS_CACHE_DIR, exist_ok=True)
+        values = {"normal": self.normal, "proxy": self.proxy, "dns": free_port(), "hs_cache": HS_CACHE_DIR}
+        write(os.path.join(self.dir, "rspamd.conf"), RSPAMD_CONF % values)
+        write(os.path.join(local_d, "options.inc"), OPTIONS_INC % values)
+        for module in DISABLED_MODULES:
+            write(os.path.join(local_d, module + ".conf"), "enabled = false;\n")
+        write(os.path.join(local_d, "actions.conf"), "rewrite_subject = 8;\n")
+        write(os.path.join(local_d, "milter_headers.conf"), MILTER_HEADERS)
+        argv = [shutil.which("rspamd") or "rspamd", "-f"]
+        if os.geteuid() == 0:
+            argv += ["-u", "root", "-g", "root"]
+        argv += ["-c", os.path.join(self.dir, "rspamd.conf"), "--var=LOCAL_CONFDIR=" + self.dir,
+                 "--var=DBDIR=" + os.path.join(self.dir, "db"), "--var=RUNDIR=" + os.path.join(self.dir, "run"),
+                 "--var=LOGDIR=" + os.path.join(self.dir, "log")]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("rspamd exited; see %s/log/rspamd.log" % self.dir)
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/ping" % self.normal, timeout=1) as r:
+                    if b"pong" in r.read():
+                        break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("rspamd did not answer /ping")
+        wait_for_port(self.proxy, 30)
+
+    def worker_pid(self, kind: str) -> Optional[int]:
+        """The pid of the worker whose title names ``kind`` (``normal``, ``rspamd_proxy``)."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        for pid in out.split():
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    title = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if kind in title:
+                return int(pid)
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def busy_jiffies() -> Tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, to see how much else ran during a measurement."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def other_cores(result: Dict[str, Any], before: Tuple[int, int], after: Tuple[int, int], wall: float) -> float:
+    """Cores busy with something else than milterload and the watched processes (background noise)."""
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    busy = (after[0] - before[0]) / clock_ticks / wall
+    generator = result["generator_cpu"]
+    generator_cores = (generator["user_s"] + generator["sys_s"]) / wall
+    watched = result.get("watched_cpu_s", 0.0) / result["wall_s"] if result.get("wall_s") else 0.0
+    return busy - generator_cores - watched
+
+
+def cpu_us_per_message(result: Dict[str, Any], index: int) -> Optional[float]:
+    watched = result.get("watched") or []
+    if len(watched) <= index or not result.get("messages"):
+        return None
+    return 1e6 * watched[index]["cpu_s"] / result["messages"]
+
+
+def fmt(value: Optional[float], spec: str = "%.0f") -> str:
+    return "-" if value is None else spec % value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--milterload", required=True, help="path of the milterload binary")
+    parser.add_argument("--conc", default="8,64")
+    parser.add_argument("--sizes", default="4k,100k")
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--no-null", action="store_true", help="skip the rmilter run without spamd servers")
+    parser.add_argument("--python", default=sys.executable, help="interpreter running twistd rmilter")
+    args = parser.parse_args()
+
+    rspamd = BenchRspamd()
+    normal_pid = rspamd.worker_pid("normal")
+    proxy_pid = rspamd.worker_pid("rspamd_proxy")
+    milter = Rmilter(RMILTER_CONF % {"normal": rspamd.normal}, python=args.python)
+    null = None if args.no_null else Rmilter("", python=args.python)
+    # (name, milter socket, pids watched: the milter process first, then the normal worker)
+    targets: List[Tuple[str, str, List[int]]] = [
+        ("rmilter+rspamd", milter.socket, [milter.pid] + ([normal_pid] if normal_pid else [])),
+        ("rspamd milter", "inet:%d@127.0.0.1" % rspamd.proxy,
+         ([proxy_pid] if proxy_pid else []) + ([normal_pid] if normal_pid else [])),
+    ]
+    if null is not None:
+        targets.append(("rmilter-null", null.socket, [null.pid]))
+    print("rmilter + Rspamd vs Rspamd's milter proxy, same normal worker; %s, %d cores, %s"
+          % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0,
+             subprocess.run(["rspamd", "--version"], capture_output=True, text=True).stdout.split("\n")[0]))
+    print()
+    print("| run | rep | msg/s | p50 ms | p99 ms | milter RSS max MB | milter CPU µs/msg "
+          "| normal worker CPU µs/msg | other cores | errors | final replies |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = {}
+    try:
+        for rep in range(args.reps):
+            for size in args.sizes.split(","):
+                for conc in (int(c) for c in args.conc.split(",")):
+                    for name, target, pids in targets:
+                        before, started = busy_jiffies(), time.monotonic()
+                        result = milterload(args.milterload, target, concurrency=conc, duration=args.duration,
+                                            warmup=args.warmup, size=size, pids=pids)
+                        noise = other_cores(result, before, busy_jiffies(), time.monotonic() - started)
+                        results.setdefault((name, size, conc), []).append(result)
+                        watched = result.get("watched") or []
+                        rss = watched[0]["rss_max_kb"] / 1024.0 if watched else None
+                        finals = {k: v for k, v in result.get("final", {}).items() if v}
+                        lat = result["latency_ms"]
+                        print("| %s %s c=%d | %d | %.0f | %.2f | %.2f | %s | %s | %s | %.2f | %d | %s |" % (
+                            name, size, conc, rep + 1, result["msgs_per_s"], lat["p50"], lat["p99"],
+                            fmt(rss, "%.1f") if name.startswith("rmilter") else "-",
+                            fmt(cpu_us_per_message(result, 0)),
+                            fmt(cpu_us_per_message(result, 1)) if name != "rmilter-null" else "-",
+                            noise, result.get("errors", 0), ",".join("%s=%d" % kv for kv in finals.items())),
+                            flush=True)
+    finally:
+        milter.stop()
+        if null is not None:
+            null.stop()
+        rspamd.stop()
+
+    print()
+    print("| cell | rmilter+rspamd msg/s | rspamd milter msg/s | ratio | rmilter p99 ms | rspamd milter p99 ms "
+          "| p99 added by rmilter ms | rmilter-null p99 ms | target met |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        for conc in (int(c) for c in args.conc.split(",")):
+            mine = results.get(("rmilter+rspamd", size, conc), [])
+            theirs = results.get(("rspamd milter", size, conc), [])
+            nulls = results.get(("rmilter-null", size, conc), [])
+            if not mine or not theirs:
+                continue
+            rate = statistics.median(r["msgs_per_s"] for r in mine)
+            ref = statistics.median(r["msgs_per_s"] for r in theirs)
+            p99 = statistics.median(r["latency_ms"]["p99"] for r in mine)
+            ref_p99 = statistics.median(r["latency_ms"]["p99"] for r in theirs)
+            null_p99 = statistics.median(r["latency_ms"]["p99"] for r in nulls) if nulls else None
+            added = p99 - ref_p99
+            met = rate >= ref and added < 10.0
+            print("| %s c=%d | %.0f | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s |" % (
+                size, conc, rate, ref, rate / ref if ref else 0.0, p99, ref_p99, added,
+                fmt(null_p99, "%.2f"), "yes" if met else "no"))
+
+
+if __name__ == "__main__":
+    main()
