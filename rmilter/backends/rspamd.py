@@ -676,7 +676,7 @@ class RspamdClient:
             headers.addRawHeader(b"Content-Type", b"application/x-compressed")
         else:
             headers.addRawHeader(b"Content-Type", b"text/plain")
-        agent = self.agent(server)
+        agent: Any = self.agent(server)  # zope interface methods confuse mypy (no self)
         d: "Deferred[Any]" = agent.request(b"POST", self._urls[server], headers, body.producer())
         d.addCallback(self._read)
         d.addTimeout(self.deadline, self.reactor)
