@@ -8,6 +8,12 @@ block, the trace recipient, then the action's own Mark/Subject.  A scan that
 fails after every retry is a ``failed`` result whose verdict is the
 ``tempfail_on_error`` TEMPFAIL, or nothing.  The pipeline decides whether a
 full scan, a DKIM-only scan or none happens, and runs EOM greylisting.
+
+With ``also_check`` servers a full scan also goes, in parallel, to one of them
+(one attempt, same deadline): its answer never counts, but when its action
+differs from the main server's the message and both results are written to
+``diff_dir`` - a way to try a new Rspamd on real traffic.  The verdict waits for
+both scans, so the message bytes are still there to be written.
 """
 from __future__ import annotations
 
@@ -417,23 +423,23 @@ def scan(msg: MessageContext, dkim_only: bool) -> "Deferred[SpamOutcome]":
     reasons: List[str] = []
 
     def send(body: MessageBody) -> "Deferred[SpamOutcome]":
-        main = client.scan(request, body).addCallbacks(lambda s: s, _scan_failed)
+        main = client.scan(request, body).addCallbacks(lambda s: s, scan_failed)
         other = None if dkim_only else client.scan_also(request, body)
         if other is None:
-            return main.addCallback(_success)
+            return main.addCallback(outcome)
         other.addErrback(lambda f: _also_failed(f, msg))
         both: "Deferred[Any]" = gatherResults([main, other], consumeErrors=True)
         both.addCallback(lambda pair: _compare(msg, body, pair[0], pair[1]).addCallback(lambda _: pair[0]))
-        return both.addCallback(_success)
+        return both.addCallback(outcome)
 
-    def _scan_failed(failure: Failure) -> Optional[ScanResult]:
+    def scan_failed(failure: Failure) -> Optional[ScanResult]:
         failure.trap(ScanFailed)
         reason = failure.getErrorMessage()
         log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=msg.tag, reason=reason)
         reasons.append(reason)
         return None
 
-    def _success(result: Optional[ScanResult]) -> SpamOutcome:
+    def outcome(result: Optional[ScanResult]) -> SpamOutcome:
         if result is None:
             return failure_outcome(msg, reasons[0] if reasons else "scan failed")
         _log_scan(msg, result)
