@@ -197,7 +197,7 @@ class MailuTests(CorpusTestCase):
         config = self.load("mailu-rmilter-117e858d.conf")
         self.assertEqual(config.warnings, ())
         self.assertEqual(config.main.bind_socket, "inet:9900")
-        self.assertEqual(rconfig.listen_endpoint(config.main.bind_socket), "tcp:9900:interface=0.0.0.0")
+        self.assertEqual(rconfig.listen_endpoint(config.main.bind_socket or ""), "tcp:9900:interface=0.0.0.0")
         self.assertTrue(config.main.use_redis)
         self.assertEqual(config.cache_backend, "redis")
         for servers in (config.redis.servers_grey, config.redis.servers_white,
@@ -302,4 +302,4 @@ class DockerTests(CorpusTestCase):
         config = self.load("jbonachera-docker-rmilter.conf.docker", include=COMMON)
         self.assertEqual(config.main.bind_socket, "inet:11332@0.0.0.0")
         self.assertEqual(config.warnings, ())
-        self.assertEqual(rconfig.listen_endpoint(config.main.bind_socket), "tcp:11332:interface=0.0.0.0")
+        self.assertEqual(rconfig.listen_endpoint(config.main.bind_socket or ""), "tcp:11332:interface=0.0.0.0")

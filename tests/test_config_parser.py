@@ -402,7 +402,7 @@ class DefaultConfigTests(SynchronousTestCase):
         config = rconfig.default()
         self.assertEqual(config.main.bind_socket, "inet:11339@127.0.0.1")
         self.assertEqual(config.warnings, ())
-        self.assertEqual(listen_endpoint(config.main.bind_socket), "tcp:11339:interface=127.0.0.1")
+        self.assertEqual(listen_endpoint(config.main.bind_socket or ""), "tcp:11339:interface=127.0.0.1")
         self.assertEqual(config.spamd, Config().spamd)
 
     def test_config_error_lists_every_error(self) -> None:
