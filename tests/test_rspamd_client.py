@@ -1,6 +1,7 @@
 """The Rspamd HTTP client: request (SPEC §6.8.1), replies (§6.8.2), failures, retries and health (§6.6)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -336,6 +337,10 @@ class ReplyParsingTests(SynchronousTestCase):
         self.assertEqual(e.status, 400)
         self.assertIn("bad request", str(e))
 
+    def test_huge_numbers(self) -> None:
+        reply = parse_reply(b'{"action": "reject", "score": 1' + b"0" * 400 + b'}')
+        self.assertEqual((reply.action, reply.score), ("reject", 0.0))
+
     def test_status_not_checked_when_body_is_a_result(self) -> None:
         """SPEC §6.8.2: a scan result counts even with another HTTP status."""
         self.assertEqual(parse_reply(json.dumps(checkv2_reply(action="reject")).encode(), 500).action, "reject")
@@ -492,3 +497,40 @@ class EndpointTests(SynchronousTestCase):
 
     def test_no_servers_no_client(self) -> None:
         self.assertIsNone(from_config(Config(), MemoryReactorClock()))
+
+
+class ReplyRobustnessTests(SynchronousTestCase):
+    """Whatever a server sends, parsing gives a ScanReply or BadReply, nothing else."""
+
+    def test_arbitrary_json(self) -> None:
+        from hypothesis import given, settings, strategies as st
+
+        scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8)
+        keys = st.sampled_from(["default", "action", "score", "required_score", "symbols", "milter", "rmilter",
+                                "add_headers", "remove_headers", "options", "value", "order", "messages",
+                                "smtp_message", "dkim-signature", "subject", "add_rcpt", "spam_header", "x"])
+        documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                                 | st.dictionaries(keys, inner, max_size=6), max_leaves=30)
+
+        @settings(max_examples=150, deadline=None)
+        @given(documents)
+        def check(document: Any) -> None:
+            try:
+                reply = parse_reply(json.dumps(document).encode())
+            except BadReply:
+                return
+            self.assertIn(reply.action, rspamd.ACTIONS)
+            self.assertTrue(all(isinstance(h.value, str) for h in reply.add_headers))
+
+        check()
+
+    def test_arbitrary_bytes(self) -> None:
+        from hypothesis import given, settings, strategies as st
+
+        @settings(max_examples=150, deadline=None)
+        @given(st.binary(max_size=64))
+        def check(body: bytes) -> None:
+            with contextlib.suppress(BadReply):
+                parse_reply(body)
+
+        check()

@@ -344,6 +344,7 @@ class RequestedChangeTests(SpamTestCase):
             "X-First": {"value": "top", "order": 0},
             "X-Near-End": {"value": "n", "order": -2},
             "X-Way-Back": {"value": "w", "order": -50},
+            "X-Far": {"value": "f", "order": 10**12},
             "X-Two": ["a", "b"],
         }}))
         self.assertEqual(edits, [
@@ -351,6 +352,7 @@ class RequestedChangeTests(SpamTestCase):
             InsertHeader(0, "X-First", "top"),
             InsertHeader(5, "X-Near-End", "n"),
             InsertHeader(0, "X-Way-Back", "w"),
+            InsertHeader(2**31 - 1, "X-Far", "f"),
             AddHeader("X-Two", "a"),
             AddHeader("X-Two", "b"),
         ])

@@ -381,7 +381,10 @@ def _json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0.0
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any double
+        return 0.0
 
 
 def _string(value: Any) -> Optional[str]:

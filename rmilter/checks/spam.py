@@ -65,6 +65,8 @@ MAX_LOG_LINE = 900
 SOFT_REJECT_TEXT = "Temporary failure"
 SPAM_SUBJECT_PREFIX = "***SPAM***"
 WANTS_GREYLIST = ("greylist", "add header", "rewrite subject")
+#: header indexes are 32-bit in the milter protocol
+MAX_HEADER_INDEX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ def requested_changes(msg: MessageContext, reply: ScanReply) -> List[Edit]:
         if order is None or order == -1:
             edits.append(AddHeader(addition.name, value))
         elif order >= 0:
-            edits.append(InsertHeader(order, addition.name, value))
+            # a u32 on the wire; past the last header it means "at the end" anyway
+            edits.append(InsertHeader(min(order, MAX_HEADER_INDEX), addition.name, value))
         else:
             # counted from the end of the headers the milter saw, as Rspamd's own milter does
             total = len(msg.headers)
