@@ -51,11 +51,14 @@ options {
   .include(try=true; priority=1,duplicate=merge) "$LOCAL_CONFDIR/local.d/options.inc"
 }
 logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "error"; }
-worker "normal" { bind_socket = "127.0.0.1:%(normal)d"; count = 1; task_timeout = 8s; }
+worker "normal" {
+  bind_socket = "127.0.0.1:%(normal)d"; bind_socket = "%(normal_sock)s";
+  count = 1; task_timeout = 8s;
+}
 worker "rspamd_proxy" {
   bind_socket = "127.0.0.1:%(proxy)d"; count = 1;
   milter = yes; timeout = 120s;
-  upstream "normal" { default = yes; hosts = "127.0.0.1:%(normal)d"; }
+  upstream "normal" { default = yes; hosts = "%(upstream)s"; }
   spam_header = "X-Spam";
   reject_message = "Spam message rejected";
 }
@@ -76,7 +79,7 @@ skip_authenticated = false;
 
 RMILTER_CONF = """\
 spamd {
-  servers = 127.0.0.1:%(normal)d;
+  servers = %(server)s;
   connect_timeout = 1s;
   results_timeout = 20s;
 }
@@ -91,15 +94,19 @@ def write(path: str, text: str) -> None:
 class BenchRspamd:
     """Rspamd with a normal worker and a milter proxy forwarding to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, unix: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="rspamd-bench-")
         self.normal = free_port()
         self.proxy = free_port()
+        self.normal_sock = os.path.join(self.dir, "normal.sock")
+        #: how both milters reach the normal worker
+        self.server = self.normal_sock if unix else "127.0.0.1:%d" % self.normal
         local_d = os.path.join(self.dir, "local.d")
         for sub in ("local.d", "db", "run", "log"):
             os.makedirs(os.path.join(self.dir, sub))
         os.makedirs(HS_CACHE_DIR, exist_ok=True)
-        values = {"normal": self.normal, "proxy": self.proxy, "dns": free_port(), "hs_cache": HS_CACHE_DIR}
+        values = {"normal": self.normal, "proxy": self.proxy, "dns": free_port(), "hs_cache": HS_CACHE_DIR,
+                  "normal_sock": self.normal_sock, "upstream": self.server}
         write(os.path.join(self.dir, "rspamd.conf"), RSPAMD_CONF % values)
         write(os.path.join(local_d, "options.inc"), OPTIONS_INC % values)
         for module in DISABLED_MODULES:
@@ -190,12 +197,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--no-null", action="store_true", help="skip the rmilter run without spamd servers")
     parser.add_argument("--python", default=sys.executable, help="interpreter running twistd rmilter")
+    parser.add_argument("--unix", action="store_true",
+                        help="both milters reach the normal worker over a unix socket instead of TCP")
     args = parser.parse_args()
 
-    rspamd = BenchRspamd()
+    rspamd = BenchRspamd(unix=args.unix)
     normal_pid = rspamd.worker_pid("normal")
     proxy_pid = rspamd.worker_pid("rspamd_proxy")
-    milter = Rmilter(RMILTER_CONF % {"normal": rspamd.normal}, python=args.python)
+    milter = Rmilter(RMILTER_CONF % {"server": '"%s"' % rspamd.server}, python=args.python)
     null = None if args.no_null else Rmilter("", python=args.python)
     # (name, milter socket, pids watched: the milter process first, then the normal worker)
     targets: List[Tuple[str, str, List[int]]] = [
@@ -205,8 +214,8 @@ def main() -> None:
     ]
     if null is not None:
         targets.append(("rmilter-null", null.socket, [null.pid]))
-    print("rmilter + Rspamd vs Rspamd's milter proxy, same normal worker; %s, %d cores, %s"
-          % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0,
+    print("rmilter + Rspamd vs Rspamd's milter proxy, same normal worker (%s); %s, %d cores, %s"
+          % ("unix socket" if args.unix else "TCP", time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0,
              subprocess.run(["rspamd", "--version"], capture_output=True, text=True).stdout.split("\n")[0]))
     print()
     print("| run | rep | msg/s | p50 ms | p99 ms | milter RSS max MB | milter CPU µs/msg "
