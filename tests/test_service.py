@@ -3,11 +3,24 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter.service import PidFile, StartupError, clear_stale_socket, unix_socket_path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECOND_INSTANCE = """
+import sys
+from rmilter.service import PidFile, StartupError
+try:
+    PidFile(sys.argv[1]).acquire()
+except StartupError as e:
+    print(e)
+    sys.exit(42)
+"""
 
 
 class PidFileTests(SynchronousTestCase):
@@ -20,18 +33,17 @@ class PidFileTests(SynchronousTestCase):
         first = PidFile(self.path)
         first.acquire()
         self.addCleanup(first.release)
+        # (reading the file here would drop the lock: closing any descriptor of a file releases the
+        # process's fcntl locks on it, so the content is checked last)
+        # fcntl locks are per process: try from a second process
+        child = subprocess.run(
+            [sys.executable, "-c", SECOND_INSTANCE, self.path],
+            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(child.returncode, 42, child.stdout + child.stderr)
+        self.assertIn("another rmilter is running", child.stdout)
         with open(self.path) as f:
             self.assertEqual(f.read(), "%d\n" % os.getpid())
-        # fcntl locks are per process: check from a child process
-        pid = os.fork()
-        if pid == 0:
-            try:
-                PidFile(self.path).acquire()
-            except StartupError:
-                os._exit(42)
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        self.assertEqual(os.WEXITSTATUS(status), 42)
 
     def test_not_truncated_before_lock(self) -> None:
         """B25: a refused second instance leaves the running instance's pid file intact."""
