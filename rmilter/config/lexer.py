@@ -13,8 +13,7 @@ import glob
 import os
 import re
 import stat
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 #: token kinds
 WORD = "word"
@@ -33,8 +32,9 @@ MAX_INCLUDE_DEPTH = 100
 MAX_FILE_SIZE = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
+    """One token and where it stands (a NamedTuple: cheap to build, there are many)."""
+
     kind: str
     text: str
     file: str
