@@ -254,42 +254,47 @@ def milter(binary: str, duration: float, warmup: float, reps: int) -> None:
                 ("8 conns signing 2048", ["--from", "sender@k2048.example", "--auth", "alice"]),
             ]
             print("## Through the milter: unsigned probe (1 connection) while 8 connections run, 4 KB messages\n")
-            print("%d cores, %s, %.0f s per run (+%.0f s warm-up), median of %d runs\n"
-                  % (os.cpu_count() or 0, time.strftime("%Y-%m-%d %H:%M"), duration, warmup, reps))
-            print("| background | background msg/s (= signatures/s when signing) | probe msg/s | probe p50 ms "
-                  "| probe p99 ms | probe max ms |")
-            print("|---|---|---|---|---|---|")
-            results: Dict[str, List[Tuple[float, float, float, float, float]]] = {}
+            print("%d cores, load average %.1f at start, %s, %.0f s per run (+%.0f s warm-up), median of %d "
+                  "interleaved runs\n" % (os.cpu_count() or 0, os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M"),
+                                          duration, warmup, reps))
+            print("| background | background msg/s (= signatures/s when signing) | rmilter CPU µs/msg | probe msg/s "
+                  "| probe p50 ms | probe p99 ms | probe max ms |")
+            print("|---|---|---|---|---|---|---|")
+            results: Dict[str, List[Tuple[float, ...]]] = {}
             for _ in range(reps):
                 for name, extra in phases:
                     background = None
                     if extra is not None:
                         background = start_milterload(binary, service.socket, 8, duration + warmup + 1, warmup,
-                                                      extra)
+                                                      extra + ["-p", str(service.pid)])
                         time.sleep(0.5)
                     probe = start_milterload(binary, service.socket, 1, duration, warmup,
-                                             ["--from", "probe@unsigned.example"])
+                                             ["--from", "probe@unsigned.example", "-p", str(service.pid)])
                     p = finish(probe, duration + warmup + 120)
                     b = finish(background, duration + warmup + 120) if background is not None else None
                     lat = p["latency_ms"]
                     errors = p.get("errors", 0) + (b.get("errors", 0) if b else 0)
                     if errors:
                         print("(run %s had %d errors)" % (name, errors))
+                    # CPU of rmilter over the probe's window, shared by all messages in that window
+                    cpu = p["watched"][0].get("cpu_s", 0.0)
+                    messages = (p["msgs_per_s"] + (b["msgs_per_s"] if b else 0.0)) * duration
                     results.setdefault(name, []).append(
-                        (b["msgs_per_s"] if b else 0.0, p["msgs_per_s"], lat["p50"], lat["p99"], lat["max"]))
+                        (b["msgs_per_s"] if b else 0.0, cpu / messages * 1e6 if messages else 0.0,
+                         p["msgs_per_s"], lat["p50"], lat["p99"], lat["max"]))
             for name, _ in phases:
                 runs = results[name]
-                med = [statistics.median(r[i] for r in runs) for i in range(5)]
-                print("| %s | %s | %.0f | %.2f | %.2f | %.2f |" % (
-                    name, "%.0f" % med[0] if med[0] else "-", med[1], med[2], med[3], med[4]))
-            base = statistics.median(r[3] for r in results["8 conns unsigned"])
-            for name in ("8 conns signing 1024", "8 conns signing 2048"):
-                p99 = statistics.median(r[3] for r in results[name])
-                print("\n%s: probe p99 %+.2f ms against the same load unsigned" % (name, p99 - base), end="")
+                med = [statistics.median(r[i] for r in runs) for i in range(6)]
+                print("| %s | %s | %.0f | %.0f | %.2f | %.2f | %.2f |" % (
+                    name, "%.0f" % med[0] if med[0] else "-", med[1], med[2], med[3], med[4], med[5]))
+            base = statistics.median(r[4] for r in results["8 conns unsigned"])
             print()
-            with open(service.log_path) as f:
-                signed = sum(1 for line in f if "dkim: signed" in line)
-            print("\n(messages logged with `dkim: signed`: %d)" % signed)
+            for name in ("8 conns signing 1024", "8 conns signing 2048"):
+                p99 = statistics.median(r[4] for r in results[name])
+                print("- %s: probe p99 %+.2f ms against the same load unsigned (runs: %s)" % (
+                    name, p99 - base, ", ".join("%.1f" % r[4] for r in results[name])))
+            print("- 8 conns unsigned, probe p99 of the runs: %s" % (
+                ", ".join("%.1f" % r[4] for r in results["8 conns unsigned"])))
         finally:
             service.stop()
     finally:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import dkim as dkimpy  # type: ignore[import-untyped]
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from rmilter.testing.mta import MessageSpec
 from tests import harness
 from tests.harness.base import find_program, run
+from tests.redis_support import send_message
 from tests.test_dkim import dns_serving
 
 MESSAGE = (
@@ -118,3 +122,39 @@ class PostfixDkimTests(SynchronousTestCase):
         self.milter.wait_for_log(r"cannot add signature for domain nokey\.example\.org: no key file .*"
                                  r"nokey\.example\.org\.dkim\.key")
         self.milter.wait_for_log(r"dkim: not signed, ignored;")
+
+
+class ReloadTests(TestCase):
+    """Keys are read at start and again on reload, never per message."""
+
+    @inlineCallbacks
+    def test_key_added_then_reload(self) -> Any:
+        """A key file dropped into the directory is used only after SIGHUP; a message before
+        that stays unsigned."""
+        root = harness.scratch_dir("dkimreload")
+        keydir = os.path.join(root, "keys")
+        os.makedirs(keydir)
+        private, record = opendkim_genkey(os.path.join(root, "gen"), "example.org", "dkim", bits=1024)
+        milter = harness.start_rmilter(
+            self, 'dkim { domain { key = "%s"; domain = "*"; selector = "dkim"; }; sign_alg = sha256; };\n' % keydir)
+        spec = MessageSpec(sender="carol@example.org", auth_authen="carol",
+                           headers=(("From", "carol@example.org"), ("To", "dave@example.net"), ("Subject", "hi")))
+
+        def send() -> "Deferred[Any]":
+            return send_message(reactor, milter.port or 0, spec)
+
+        before = yield send()
+        self.assertEqual(before.action, "accept")
+        self.assertNotIn("DKIM-Signature", dict(before.added_headers))
+        shutil.copy(private, os.path.join(keydir, "example.org.dkim.key"))
+        still = yield send()
+        self.assertNotIn("DKIM-Signature", dict(still.added_headers))
+        milter.reload(wait_for="configuration reloaded")
+        after = yield send()
+        signature = dict(after.added_headers)["DKIM-Signature"]
+        self.assertIn("d=example.org; s=dkim;", signature)
+        message = (
+            b"From: carol@example.org\r\nTo: dave@example.net\r\nSubject: hi\r\n"
+            + b"DKIM-Signature: " + signature.replace("\n", "\r\n").encode() + b"\r\n\r\n" + spec.body
+        )
+        self.assertTrue(dkimpy.verify(message, dnsfunc=dns_serving({b"dkim._domainkey.example.org": record})))
