@@ -10,7 +10,7 @@ setup(
     license="BSD-2-Clause",
     python_requires=">=3.9",
     packages=find_packages(include=["rmilter", "rmilter.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["rmilter_plugin.py"]},
+    package_data={"twisted.plugins": ["rmilter_plugin.py", "rmilter_endpoints.py"]},
     install_requires=[
         "twisted>=22.10",
         "txredisapi>=1.4.10",

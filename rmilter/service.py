@@ -274,15 +274,16 @@ class RmilterService(service.MultiService):
         return False
 
     def _announce(self, config: Config) -> None:
+        """Log the configuration's warnings and start-up remarks (SPEC §8.1)."""
         for warning in config.warnings:
             log.warn("config: {warning}", warning=warning)
+        for notice in rconfig.startup_notices(config):
+            log.info("config: {notice}", notice=notice)
         if config.cache_backend == "memcached":
             log.error(
-                "config: the memcached backend is not supported (use a redis section or use_redis = yes); "
-                "greylisting, rate limits, replies check and pub/sub copies are disabled"
+                "greylisting, rate limits, replies check and pub/sub copies are disabled: "
+                "the memcached backend is not supported (use a redis section or use_redis = yes)"
             )
-        if config.dkim.enable and config.dkim.domains and config.dkim.sign_alg == "sha1":
-            log.warn("config: dkim sign_alg is sha1, which receivers may not trust; sha256 is recommended")
 
 
 def _load_for_reload(path: str):  # type: ignore[no-untyped-def]

@@ -16,6 +16,10 @@ from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET
 
 
+#: exit status for a configuration that cannot be used (SPEC §8.1)
+EX_CONFIG = 9
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--listen ENDPOINT ...]"
     longdesc = (
@@ -55,9 +59,11 @@ class Options(usage.Options):
         try:
             self["config_object"] = rconfig.load(path) if path else rconfig.default()
         except rconfig.ConfigError as e:
-            raise usage.UsageError("invalid configuration:\n" + "\n".join(e.errors))
-        except OSError as e:
-            raise usage.UsageError("cannot read %s: %s" % (path, e.strerror))
+            # the same lines as `rmilter check-config`, and C rmilter's exit status (SPEC §8.1)
+            for line in e.errors:
+                print(line, file=sys.stderr)
+            print("rmilter: configuration %s is invalid; not starting" % (path,), file=sys.stderr)
+            sys.exit(EX_CONFIG)
 
 
 def makeService(options: Any, reactor: Any = None) -> service.IService:
