@@ -3,7 +3,8 @@
 Feeds the exact packet stream milterload sends for one 4 KB message on a fresh
 connection (OPTNEG, D C/C, D H/H, D M/M, D R/R, D T/T, 10 x D L/L, D N/N, D B/B,
 D E/E, A, Q) into a ``MilterProtocol`` over a StringTransport and prints
-microseconds per message.  Usage: ``python3 bench/milter_engine.py [messages] [--no-nr]``.
+microseconds per message.  Usage: ``python3 bench/milter_engine.py [messages] [--no-nr] [--fake]``
+(``--fake``: rmilter.testing.fakepipeline instead of the real pipeline, to see the engine alone).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
+from rmilter.testing.fakepipeline import FakePipeline
 from rmilter.testing.mta import MessageSpec
 
 
@@ -56,9 +58,10 @@ def main() -> None:
     nr = "--no-nr" not in sys.argv
     clock = Clock()
     runtime = Runtime(config=Config(), reactor=clock, run_blocking=run_inline)
-    factory = MilterFactory(Pipeline(lambda: runtime), clock, no_reply_steps=nr)
+    pipeline = FakePipeline() if "--fake" in sys.argv else Pipeline(lambda: runtime)
+    factory = MilterFactory(pipeline, clock, no_reply_steps=nr)
     reads = message_stream(nr)
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(count):
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
@@ -66,10 +69,11 @@ def main() -> None:
         for data in reads:
             protocol.dataReceived(data)
         protocol.connectionLost(None)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert transport.value().endswith(codec.ACCEPT_PACKET), transport.value()
-    print("%s: %.1f us per message (%d messages, %d reads each)" % (
-        "no-reply steps" if nr else "every step answered", elapsed / count * 1e6, count, len(reads)))
+    print("%s, %s pipeline: %.1f us per message (%d messages, %d reads each)" % (
+        "no-reply steps" if nr else "every step answered", "fake" if "--fake" in sys.argv else "real",
+        elapsed / count * 1e6, count, len(reads)))
 
 
 if __name__ == "__main__":

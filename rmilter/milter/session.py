@@ -128,6 +128,11 @@ STAGES: Dict[type, str] = {
 _NO_REPLY = (Macro, Abort, Quit, QuitNoClose)
 
 
+#: negotiation results by (offer, stages needing replies, no_reply_steps): an MTA makes the
+#: same offer on every connection, and Postfix opens one per SMTP session
+_NEGOTIATIONS: Dict[Tuple[Any, ...], Tuple[codec.Negotiated, bytes]] = {}
+
+
 def client_address(family: str, address: Optional[str]) -> Optional[str]:
     """The client IP as canonical text (SPEC §5.2); unix clients are 127.0.0.1 (B20)."""
     if family == c.SMFIA_UNIX:
@@ -184,22 +189,6 @@ class MilterSession:
         #: a verdict that ended the message at a stage where the MTA expects no reply:
         #: it is given at the next stage that has one (SPEC §3.4 NR_*)
         self._owed: Optional[Verdict] = None
-        self._handlers: Dict[type, Callable[[Any], Outcome]] = {
-            Negotiate: self._negotiate,
-            Connect: self._connect,
-            Helo: self._helo,
-            Mail: self._mail,
-            Rcpt: self._rcpt,
-            Data: self._data,
-            Header: self._header,
-            EndOfHeaders: self._eoh,
-            Body: self._body,
-            EndOfMessage: self._eom,
-            Unknown: self._unknown,
-            Abort: self._abort,
-            Quit: self._quit,
-            QuitNoClose: self._quit_nc,
-        }
 
     # -- entry points ------------------------------------------------------------------------
     @property
@@ -217,7 +206,7 @@ class MilterSession:
         if step is None:
             return self._unexpected(command)
         self.state, self._allowed = step
-        return self._handlers[kind](command)
+        return _HANDLERS[kind](self, command)
 
     def _enter(self, state: State) -> None:
         self.state = state
@@ -356,7 +345,8 @@ class MilterSession:
     def _negotiate(self, offer: Negotiate) -> Outcome:
         if self.message is not None:
             self._end_message(None)
-        self.connection = ConnectionContext()
+        if self.version:  # a second OPTNEG starts over
+            self.connection = ConnectionContext()
         needing: Sequence[str] = ()
         if self.no_reply_steps:
             try:
@@ -364,16 +354,23 @@ class MilterSession:
             except Exception:
                 log.failure("cannot tell which stages need replies; the MTA will wait for all")
                 needing = tuple(c.NO_REPLY_BITS)
-        try:
-            agreed = codec.negotiate(offer, stages_needing_replies=needing, no_reply_steps=self.no_reply_steps)
-        except codec.NegotiationError as e:
-            log.error("{peer}: {reason}; closing the connection", peer=self.peer, reason=str(e))
-            self.close_requested = True
-            self._enter(State.CLOSED)
-            return None
+        key = (offer.version, offer.actions, offer.protocol, tuple(needing), self.no_reply_steps)
+        cached = _NEGOTIATIONS.get(key)
+        if cached is None:
+            try:
+                agreed = codec.negotiate(offer, stages_needing_replies=needing, no_reply_steps=self.no_reply_steps)
+            except codec.NegotiationError as e:
+                log.error("{peer}: {reason}; closing the connection", peer=self.peer, reason=str(e))
+                self.close_requested = True
+                self._enter(State.CLOSED)
+                return None
+            if len(_NEGOTIATIONS) >= 64:
+                _NEGOTIATIONS.clear()
+            cached = _NEGOTIATIONS[key] = (agreed, codec.encode(agreed.reply))
+        agreed, reply = cached
         self.version, self.actions, self.protocol = agreed.version, agreed.actions, agreed.protocol
         self.silent_stages = agreed.silent_stages
-        return codec.encode(agreed.reply)
+        return reply
 
     def _connect(self, command: Connect) -> Outcome:
         conn = self.connection
@@ -474,3 +471,22 @@ class MilterSession:
         self._end_message(None)
         self.connection = ConnectionContext()
         return None
+
+
+#: the handler of each command (MACRO is handled inline in ``handle``)
+_HANDLERS: Dict[type, Callable[[MilterSession, Any], Outcome]] = {
+    Negotiate: MilterSession._negotiate,
+    Connect: MilterSession._connect,
+    Helo: MilterSession._helo,
+    Mail: MilterSession._mail,
+    Rcpt: MilterSession._rcpt,
+    Data: MilterSession._data,
+    Header: MilterSession._header,
+    EndOfHeaders: MilterSession._eoh,
+    Body: MilterSession._body,
+    EndOfMessage: MilterSession._eom,
+    Unknown: MilterSession._unknown,
+    Abort: MilterSession._abort,
+    Quit: MilterSession._quit,
+    QuitNoClose: MilterSession._quit_nc,
+}
