@@ -94,8 +94,8 @@ def scratch_dir(name: str) -> str:
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port on 127.0.0.1 that nothing listens on right now (the kernel's choice).
 
-    There is a small window before the service binds it; the kernel hands out ephemeral ports
-    in sequence, so two workers asking at the same moment still get different ports.
+    There is a small window before the service binds it, in which another process could take
+    it; the kernel picks from the whole ephemeral range, so a collision is unlikely.
     """
     with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))

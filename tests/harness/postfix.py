@@ -9,22 +9,23 @@ under test and reloads.  ``swaks()`` sends a message and returns its exit status
 from __future__ import annotations
 
 import email
+import functools
 import email.message
 import email.policy
 import glob
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tests.harness.base import (
     ManagedProcess,
     ServiceUnavailable,
-    at_exit,
     find_program,
     free_port,
-    pid_alive,
     read_banner,
     run,
     scratch_dir,
@@ -205,6 +206,9 @@ def _main_cf(p: "Postfix") -> str:
             "milter_protocol = 6",
             "milter_mail_macros = i {mail_addr} {client_addr} {client_name} {auth_authen}",
             "milter_default_action = %s" % p.milter_default_action,
+            # one session per smtpd process: an idle smtpd started before a reload would
+            # otherwise serve the next session with the old settings (smtpd_milters ...)
+            "max_use = 1",
         ]
         + ["%s = %s" % kv for kv in p.extra_main_cf.items()]
     ) + "\n"
@@ -243,6 +247,27 @@ def postfix_milter_spec(specs: str) -> str:
     return re.sub(r"\binet:(\d+)@([^\s,]+)", r"inet:\2:\1", specs)
 
 
+_template_lock = threading.Lock()
+#: a queue tree made by ``postfix check``, copied for every instance of this process
+_queue_template: Optional[str] = None
+
+
+def _copy_tree(source: str, destination: str) -> None:
+    """Copy a directory tree keeping owners and modes (the queue belongs to postfix/postdrop)."""
+    os.makedirs(destination, exist_ok=True)
+    result = run(["cp", "-a", source + "/.", destination])
+    if result.returncode != 0:
+        raise ServiceUnavailable("copying %s failed:\n%s" % (source, result.stdout.decode()))
+
+
+@functools.lru_cache(maxsize=None)
+def _daemon_directory() -> str:
+    result = run([find_program("postconf"), "-d", "-h", "daemon_directory"])
+    if result.returncode != 0:
+        raise ServiceUnavailable("postconf failed:\n" + result.stdout.decode())
+    return result.stdout.decode().strip()
+
+
 #: the queues a message passes through before delivery (hold is never used here)
 _QUEUES = ("maildrop", "incoming", "active", "deferred")
 
@@ -273,7 +298,7 @@ class Postfix:
         self.milters = postfix_milter_spec(milters)
         self.milter_default_action = milter_default_action
         self.extra_main_cf: Dict[str, str] = dict(extra_main_cf or {})
-        self.started = False
+        self.process: Optional[ManagedProcess] = None
         for sub in ("etc/sasl", "spool", "data"):
             os.makedirs(os.path.join(self.dir, sub))
         shutil.chown(os.path.join(self.dir, "data"), user="postfix")
@@ -344,41 +369,55 @@ class Postfix:
         return output
 
     def start(self, timeout: float = 30.0) -> "Postfix":
-        if self.started:
+        """Start the master in the foreground as our child; wait for smtpd's 220 greeting.
+
+        ``postfix start`` would spend seconds in postfix-script's checks on every start: the
+        queue tree is instead made once per process by ``postfix check`` and copied, and the
+        master runs as ``master -d`` (what ``postfix start`` ends up running, minus detaching).
+        """
+        if self.process is not None and self.process.running():
             return self
         self._write_config()
-        postfix = find_program("postfix")
-        self._postfix_cmd([postfix, "-c", self.etc, "check"])
-        self._postfix_cmd([postfix, "-c", self.etc, "start"])
-        self.started = True
-        at_exit(self.stop)
-        wait_until(lambda: read_banner(self.host, self.port).startswith(b"220"), timeout,
-                   "postfix smtpd on %s" % self.address, self.diagnostics)
+        self._make_queue()
+        self.process = ManagedProcess(
+            [os.path.join(_daemon_directory(), "master"), "-c", self.etc, "-d"],
+            os.path.join(self.dir, "master.log"),
+        )
+        wait_until(self._answers, timeout, "postfix smtpd on %s" % self.address, self.diagnostics)
         return self
 
-    def master_pid(self) -> Optional[int]:
-        try:
-            with open(os.path.join(self.dir, "spool", "pid", "master.pid")) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
+    def _make_queue(self) -> None:
+        global _queue_template
+        spool = os.path.join(self.dir, "spool")
+        with _template_lock:
+            if _queue_template is None:
+                self._postfix_cmd([find_program("postfix"), "-c", self.etc, "check"])
+                template = os.path.join(scratch_dir("pfq"), "spool")
+                _copy_tree(spool, template)
+                _queue_template = template
+            else:
+                _copy_tree(_queue_template, spool)
+
+    def _answers(self) -> bool:
+        if self.process is not None and not self.process.running():
+            raise ServiceUnavailable("postfix master exited\n" + self.diagnostics())
+        return read_banner(self.host, self.port).startswith(b"220")
 
     def reload(self, timeout: float = 10.0) -> None:
-        """``postfix reload`` and wait until the master has re-read its configuration."""
+        """Make the master re-read main.cf (SIGHUP, what ``postfix reload`` sends) and wait for
+        its log line; idle smtpd processes exit, new sessions see the new settings."""
+        if self.process is None:
+            raise AssertionError("postfix is not running")
         before = self._maillog().count("reload -- version")
-        self._postfix_cmd([find_program("postfix"), "-c", self.etc, "reload"])
+        self.process.signal(signal.SIGHUP)
         wait_until(lambda: self._maillog().count("reload -- version") > before, timeout,
                    "postfix reload", self.diagnostics)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if not self.started:
-            return
-        self.started = False
-        pid = self.master_pid()
-        self._postfix_cmd([find_program("postfix"), "-c", self.etc, "stop"])
-        if pid is not None:
-            wait_until(lambda: not pid_alive(pid), timeout, "postfix master %d exit" % pid,
-                       self.diagnostics)
+        """SIGTERM to the master, which stops its children first."""
+        if self.process is not None:
+            self.process.stop(timeout)
+            self.process = None
 
     def _maillog(self) -> str:
         try:
@@ -392,7 +431,9 @@ class Postfix:
         return self._maillog()
 
     def diagnostics(self) -> str:
-        return tail(self.maillog_path, 40)
+        parts = [self.process.diagnostics()] if self.process is not None else []
+        parts.append(tail(self.maillog_path, 40))
+        return "\n".join(p for p in parts if p)
 
     # --- the queue -----------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """A private redis-server (no persistence) and a tiny blocking RESP client for assertions."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -130,10 +131,8 @@ class Subscription:
             return [payload for _, payload in self.messages[:count]]
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the server may have closed it already
             self.client.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed by the server: nothing left to shut down
         self.client.close()
         self.thread.join(5.0)
 
