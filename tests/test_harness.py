@@ -51,9 +51,9 @@ class RmilterFixtureTests(SynchronousTestCase):
 
         twistd shuts down cleanly on SIGTERM, then re-raises the signal: status -SIGTERM."""
         milter = harness.start_rmilter(self, "# nothing configured\n")
-        self.assertTrue(harness.base.tcp_accepts("127.0.0.1", milter.port or 0))
+        self.assertTrue(harness.base.tcp_accepts("127.0.0.1", milter.inet_port))
         self.assertTrue(harness.base.unix_accepts(milter.socket_path or ""))
-        self.assertEqual(milter.milter_inet, "inet:%d@127.0.0.1" % milter.port)
+        self.assertEqual(milter.milter_inet, "inet:%d@127.0.0.1" % milter.inet_port)
         self.assertEqual(milter.stop(), -signal.SIGTERM)
         self.assertIn("Server Shut Down.", milter.log_text())
         self.assertFalse(milter.running())

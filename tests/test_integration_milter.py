@@ -184,14 +184,14 @@ class HostileClientTests(TestCase):
         self.milter = harness.start_rmilter(self, TRACE_CONFIG + "max_frame_size = 2M;\n")
 
     def raw_connection(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.milter.port or 0), timeout=10)
+        sock = socket.create_connection(("127.0.0.1", self.milter.inet_port), timeout=10)
         self.addCleanup(sock.close)
         return sock
 
     @defer.inlineCallbacks
     def check_bad_input_closes_only_that_connection(self, garbage: bytes, log_pattern: str):  # type: ignore[no-untyped-def]
         # a well-behaved connection, negotiated before the bad one arrives
-        good = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.milter.port))
+        good = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.milter.inet_port))
         offset = self.milter.log_size()
         bad = self.raw_connection()
         bad.sendall(garbage)
@@ -206,24 +206,24 @@ class HostileClientTests(TestCase):
         self.assertTrue(after.passed, after.output)
         self.assertTrue(self.milter.running())
 
-    def test_http_request_garbage(self) -> None:
+    def test_http_request_garbage(self) -> defer.Deferred:
         """An HTTP request (read as a 1.2 GB frame length) is refused at once, not buffered."""
         return self.check_bad_input_closes_only_that_connection(
             b"GET / HTTP/1.0\r\n\r\n", r"milter protocol error: .*closing the connection")
 
-    def test_oversized_frame_refused_before_buffering(self) -> None:
+    def test_oversized_frame_refused_before_buffering(self) -> defer.Deferred:
         """A frame announcing 64 MiB (limit 2 MiB) is refused after its 4-byte length, without
         waiting for the payload."""
         return self.check_bad_input_closes_only_that_connection(
             struct.pack("!I", 64 * 1024 * 1024) + b"O" + b"\0" * 100,
             r"milter protocol error: .*closing the connection")
 
-    def test_zero_length_frame(self) -> None:
+    def test_zero_length_frame(self) -> defer.Deferred:
         """L=0 is invalid: the connection is closed with a log line."""
         return self.check_bad_input_closes_only_that_connection(
             b"\0\0\0\0", r"milter protocol error: .*closing the connection")
 
-    def test_unknown_command(self) -> None:
+    def test_unknown_command(self) -> defer.Deferred:
         """An unknown command code closes the connection (libmilter behaviour)."""
         return self.check_bad_input_closes_only_that_connection(
             struct.pack("!I", 1) + b"Z", r"milter protocol error: .*closing the connection")
@@ -232,7 +232,7 @@ class HostileClientTests(TestCase):
     def test_large_header_below_limit_accepted(self):  # type: ignore[no-untyped-def]
         """A 1.5 MiB header (one frame, below max_frame_size) is accepted: rmilter must take
         frames of at least 1 MiB, which libmilter would refuse."""
-        client = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.milter.port))
+        client = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.milter.inet_port))
         big = "x" * (1536 * 1024)
         spec = MessageSpec(headers=MessageSpec().headers + (("X-Big", big),))
         result = yield client.send_message(spec)

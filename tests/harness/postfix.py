@@ -438,7 +438,7 @@ class Postfix:
     # --- the queue -----------------------------------------------------------------------------
 
     def queued_files(self) -> List[str]:
-        files = []
+        files: List[str] = []
         for queue in _QUEUES:
             for root, _, names in os.walk(os.path.join(self.dir, "spool", queue)):
                 files.extend(os.path.join(root, n) for n in names)

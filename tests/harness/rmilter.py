@@ -5,7 +5,7 @@ import os
 import re
 import signal
 import sys
-from typing import Dict, Optional, Pattern, Sequence, Union
+from typing import Dict, List, Optional, Pattern, Sequence, Union
 
 from tests.harness.base import (
     ManagedProcess,
@@ -63,11 +63,16 @@ class Rmilter:
     # --- addresses ---------------------------------------------------------------------------
 
     @property
-    def milter_inet(self) -> str:
-        """``inet:PORT@127.0.0.1`` (Postfix smtpd_milters, miltertest -D sock=...)."""
+    def inet_port(self) -> int:
+        """The TCP port (fails when created with ``inet=False``)."""
         if self.port is None:
             raise AssertionError("this Rmilter was created with inet=False")
-        return "inet:%d@%s" % (self.port, self.host)
+        return self.port
+
+    @property
+    def milter_inet(self) -> str:
+        """``inet:PORT@127.0.0.1`` (Postfix smtpd_milters, miltertest -D sock=...)."""
+        return "inet:%d@%s" % (self.inet_port, self.host)
 
     @property
     def milter_unix(self) -> str:
@@ -76,7 +81,7 @@ class Rmilter:
             raise AssertionError("this Rmilter was created with unix=False")
         return "unix:" + self.socket_path
 
-    def listen_args(self) -> list:
+    def listen_args(self) -> List[str]:
         args = []
         if self.port is not None:
             args += ["--listen", "inet:%d@%s" % (self.port, self.host)]
@@ -93,7 +98,7 @@ class Rmilter:
         """(Re)write the config file; a running daemon sees it after ``reload()``."""
         write_file(self.config_path, config_text)
 
-    def command_line(self) -> list:
+    def command_line(self) -> List[str]:
         return [
             sys.executable, "-c", _TWISTD,
             "-n", "--pidfile=", "--logfile=" + self.log_path,
