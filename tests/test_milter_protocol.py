@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 from typing import Any, List, Optional
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
@@ -443,6 +445,23 @@ class BadInputTests(SynchronousTestCase):
         h.send(POSTFIX, *ENVELOPE, *CONTENT, protocol=other)
         self.assertTrue(other_transport.value().endswith(codec.ACCEPT_PACKET))
         self.assertFalse(other_transport.disconnecting)
+
+
+class FuzzTests(SynchronousTestCase):
+    @given(st.lists(st.one_of(st.binary(max_size=40),
+                              st.sampled_from([wire(x) for x in ENVELOPE + CONTENT + [Abort(), QuitNoClose()]])),
+                    max_size=30))
+    @settings(max_examples=200, deadline=None)
+    def test_any_bytes_after_negotiation(self, chunks: List[bytes]) -> None:
+        """Valid and random frames mixed: dataReceived never raises, and every message is finished
+        exactly once when the connection goes away."""
+        h = Harness()
+        h.send(POSTFIX)
+        for chunk in chunks:
+            h.protocol.dataReceived(chunk)
+        h.lose()
+        self.assertEqual(len(h.pipeline.finished), len(h.pipeline.messages))
+        self.assertEqual(h.factory.messages_in_flight, 0)
 
 
 class SocketOptionTests(SynchronousTestCase):

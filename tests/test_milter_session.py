@@ -382,6 +382,17 @@ class VerdictTests(SynchronousTestCase):
         self.assertEqual(pipeline.finished[-1][1], v.BARE_TEMPFAIL)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
+    def test_pipeline_returning_no_verdict_is_bare_tempfail(self) -> None:
+        """A pipeline bug returning None instead of a Verdict is answered with a bare TEMPFAIL."""
+        pipeline = FakePipeline(needing=("eom", "rcpt"))
+        pipeline.answers["rcpt"] = lambda: None
+        pipeline.answers["eom"] = lambda: "accept"
+        session, _, _ = make_session(pipeline)
+        replies = feed(session, ENVELOPE + CONTENT)
+        self.assertEqual(replies[5], codec.TEMPFAIL_PACKET)
+        self.assertEqual(replies[-1], codec.TEMPFAIL_PACKET)
+        self.assertEqual(pipeline.finished[-1][1], v.BARE_TEMPFAIL)
+
     def test_mail_exception(self) -> None:
         """pipeline.mail raising: bare TEMPFAIL, no message in flight, the session goes on."""
         pipeline = FakePipeline()

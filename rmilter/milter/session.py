@@ -260,8 +260,17 @@ class MilterSession:
             log.failure("{tag}; internal error at {stage}", tag=self._tag(), stage=stage)
             return BARE_TEMPFAIL
 
+    def _checked(self, stage: str, verdict: Any) -> Verdict:
+        """The pipeline promised a Verdict; anything else is an internal error (bare TEMPFAIL)."""
+        if isinstance(verdict, Verdict):
+            return verdict
+        log.error("{tag}; internal error at {stage}: {verdict!r} is not a verdict", tag=self._tag(), stage=stage,
+                  verdict=verdict)
+        return BARE_TEMPFAIL
+
     def _reply(self, stage: str, verdict: Verdict) -> Optional[bytes]:
         """Bytes for a stage verdict, or None when the MTA does not wait for this stage."""
+        verdict = self._checked(stage, verdict)
         if stage in self.silent_stages:
             if verdict.action is not Action.CONTINUE:
                 log.warn(
@@ -281,16 +290,16 @@ class MilterSession:
             log.warn("{tag}; modification {edit!r} not sent: {reason}", tag=self._tag(), edit=edit, reason=reason)
         return out.data
 
-    def _settle(self, stage: str, msg: Optional[MessageContext], pending: "Deferred[Verdict]") -> Outcome:
+    def _settle(self, stage: str, pending: "Deferred[Verdict]") -> Outcome:
         """Turn a pipeline Deferred into reply bytes, at once when it has already fired."""
         box: List[Any] = []
         pending.addBoth(box.append)
         if box:
-            return self._answer(stage, msg, box[0])
+            return self._answer(stage, box[0])
         self.waiting_stage = stage
-        return pending.addCallback(lambda _: self._answer(stage, msg, box[0]))
+        return pending.addCallback(lambda _: self._answer(stage, box[0]))
 
-    def _answer(self, stage: str, msg: Optional[MessageContext], result: Union[Verdict, Failure]) -> Optional[bytes]:
+    def _answer(self, stage: str, result: Union[Verdict, Failure]) -> Optional[bytes]:
         """Reply bytes for the verdict of a (maybe asynchronous) message stage."""
         self.waiting_stage = None
         if isinstance(result, Failure):
@@ -305,6 +314,7 @@ class MilterSession:
         """Answer a message stage; a final verdict ends the message (SPEC §5.1)."""
         if verdict is CONTINUE and stage != c.STAGE_EOM:  # the shared constant: most answers
             return None if stage in self.silent_stages else codec.CONTINUE_PACKET
+        verdict = self._checked(stage, verdict)
         if stage == c.STAGE_EOM:
             data = self._packets(verdict, at_eom=True)
             self._end_message(verdict)
@@ -400,13 +410,13 @@ class MilterSession:
         if self._owed is not None:
             return self._owed_verdict(c.STAGE_RCPT)
         msg = self.message
-        return self._settle(c.STAGE_RCPT, msg, self._deferred(c.STAGE_RCPT, self.pipeline.rcpt, msg, command.argv))
+        return self._settle(c.STAGE_RCPT, self._deferred(c.STAGE_RCPT, self.pipeline.rcpt, msg, command.argv))
 
     def _data(self, command: Data) -> Outcome:
         if self._owed is not None:
             return self._owed_verdict(c.STAGE_DATA)
         msg = self.message
-        return self._settle(c.STAGE_DATA, msg, self._deferred(c.STAGE_DATA, self.pipeline.data, msg))
+        return self._settle(c.STAGE_DATA, self._deferred(c.STAGE_DATA, self.pipeline.data, msg))
 
     def _header(self, command: Header) -> Outcome:
         if self._owed is not None:
@@ -423,14 +433,14 @@ class MilterSession:
         if self._owed is not None:
             return self._owed_verdict(c.STAGE_BODY)
         msg = self.message
-        return self._settle(c.STAGE_BODY, msg, self._deferred(c.STAGE_BODY, self.pipeline.body, msg, command.chunk))
+        return self._settle(c.STAGE_BODY, self._deferred(c.STAGE_BODY, self.pipeline.body, msg, command.chunk))
 
     def _eom(self, command: EndOfMessage) -> Outcome:
         if self._owed is not None:
             return self._owed_verdict(c.STAGE_EOM)
         msg = self.message
         if not command.chunk:
-            return self._settle(c.STAGE_EOM, msg, self._deferred(c.STAGE_EOM, self.pipeline.eom, msg))
+            return self._settle(c.STAGE_EOM, self._deferred(c.STAGE_EOM, self.pipeline.eom, msg))
         # Sendmail may attach the last body piece to EOB: BODY, then EOM (SPEC §3.2)
         pending = self._deferred(c.STAGE_BODY, self.pipeline.body, msg, command.chunk)
 
@@ -439,7 +449,7 @@ class MilterSession:
                 return verdict
             return self._deferred(c.STAGE_EOM, self.pipeline.eom, msg)
 
-        return self._settle(c.STAGE_EOM, msg, pending.addCallback(after_body))
+        return self._settle(c.STAGE_EOM, pending.addCallback(after_body))
 
     def _deferred(self, stage: str, f: Callable[..., "Deferred[Verdict]"], *args: Any) -> "Deferred[Verdict]":
         """A Deferred-returning pipeline call; an exception becomes a failed Deferred."""
