@@ -21,7 +21,7 @@ action and REPLYCODE text, and every modification it asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
