@@ -242,6 +242,7 @@ class AgainstRmilterTests(SynchronousTestCase):
         setup.flush()
         setup.clock.advance(setup.client.timeout)
         self.failureResultOf(sending, TimeoutError)
+        self.assertEqual(setup.client.protocol.waiters, [])
 
 
 class AgainstScriptedFilterTests(SynchronousTestCase):

@@ -261,7 +261,16 @@ class MtaProtocol(Protocol):
         return waiters
 
     def expect(self) -> "Deferred[Tuple[Reply, Tuple[Reply, ...], int]]":
-        d: Deferred = Deferred()
+        """The next final reply, with the modifications and PROGRESS count before it.
+
+        Cancelling (e.g. by a timeout) forgets the wait, so a late reply is not taken
+        for the answer to a later command.
+        """
+
+        def forget(d: Deferred) -> None:
+            self.waiters = [w for w in self.waiters if w.deferred is not d]
+
+        d: Deferred = Deferred(forget)
         if self.lost is not None:
             d.errback(self.lost)
         else:
