@@ -57,6 +57,8 @@ HEADERS = [
     ("Content-Type", "text/plain; charset=us-ascii"),
 ]
 BODY = b"".join(b"Line %03d of the benchmark body, some words to canonicalise.\r\n" % i for i in range(64))
+#: a big body with whitespace to compress (relaxed canonicalisation's worst regular-expression work)
+BIG_BODY = b"".join(b"line %05d  with   some\twhitespace   \r\n" % i for i in range(28000))
 
 
 def make_key(bits: int) -> rsa.RSAPrivateKey:
@@ -119,7 +121,11 @@ def pure_python_signature(key_pem: bytes, message: bytes) -> bytes:
 
 
 def micro_stall(keys: Dict[int, rsa.RSAPrivateKey], duration: float, concurrency: int) -> None:
-    """Lateness of a 1 ms reactor timer while signatures run (real reactor, real thread pool)."""
+    """Lateness of a 1 ms reactor timer while signatures run (real reactor, real thread pool).
+
+    ``threads(2)``: at most 2 signatures in the pool at once, as rmilter does on 2 cores
+    (Keyring.signing_slots); ``1 MB``: a 1 MB body with whitespace runs instead of 4 KB.
+    """
     from twisted.internet import reactor as global_reactor
     from twisted.internet import threads
     from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
@@ -144,6 +150,8 @@ def micro_stall(keys: Dict[int, rsa.RSAPrivateKey], duration: float, concurrency
                 return threads.deferToThread(dkim.compute_signature, request, BODY)
             if mode == "threads(2)+openssl":
                 return slots.run(threads.deferToThread, dkim.compute_signature, request, BODY)
+            if mode == "threads(2)+openssl 1 MB":
+                return slots.run(threads.deferToThread, dkim.compute_signature, request, BIG_BODY)
             if mode == "threads+pure-python":
                 return threads.deferToThread(pure_python_signature, key_pem, message)
             if mode == "reactor+openssl":
@@ -193,7 +201,8 @@ def micro_stall(keys: Dict[int, rsa.RSAPrivateKey], duration: float, concurrency
         try:
             yield measure("idle", sorted(keys)[0])
             for bits in sorted(keys):
-                for mode in ("threads+openssl", "threads(2)+openssl", "threads+pure-python", "reactor+openssl"):
+                for mode in ("threads+openssl", "threads(2)+openssl", "threads(2)+openssl 1 MB",
+                             "threads+pure-python", "reactor+openssl"):
                     yield measure(mode, bits)
         finally:
             reactor.stop()

@@ -353,6 +353,7 @@ class BodyHashTests(SynchronousTestCase):
     CASES = [
         b"", b"\r\n", b"\r\n\r\n", b"abc", b"abc\r\n", b"abc\r\n\r\n\r\n", b"  \r\n \t \r\n",
         b"a  b\t\tc  \r\n\r\n d \r\n", b"bare\nlf\n\n", b"cr\r", b"cr\r\r\n", b"x\r\n   \r\n\r\n",
+        b"\t\r\n", b"a\t \tb\r\n", b" \t\r\n\t\r\n", b"\tlead\r\n", b"x \t", b"x\t\n \n",
     ]
 
     def test_equals_dkimpy_for_edge_cases(self) -> None:

@@ -5,8 +5,9 @@ reload): named entries from the bytes the config parser read, wildcard entries
 from every ``<domain>.<selector>.key`` file of their key directory.  A message
 never touches the file system for its key.
 
-The signature is computed with dkimpy's canonicalisation and header hashing
-(the code its verifier runs) and the RSA private-key operation of
+The signature is computed with dkimpy's header canonicalisation and hashing
+(the code its verifier runs), a body canonicalisation that works slice by
+slice (tested to equal dkimpy's) and the RSA private-key operation of
 ``cryptography`` (OpenSSL).  dkimpy's own RSA code is pure Python: about 8 ms
 per 2048-bit signature, all of it inside ``pow()`` calls that hold the GIL, so
 running it in a thread would still stall the reactor for that long.  OpenSSL
@@ -61,15 +62,17 @@ FOLD_WIDTH = 78
 #: signatures computed at once in the thread pool (see Keyring.signing_slots)
 SIGNING_THREADS = max(1, os.cpu_count() or 1)
 #: body canonicalisation works on line-aligned slices of about this size, so no single
-#: regular-expression call (which holds the GIL) runs long on a big body
-CANON_CHUNK = 64 * 1024
+#: regular-expression call (which holds the GIL) runs long on a big body: about 0.5 ms per
+#: slice of whitespace-rich text
+CANON_CHUNK = 16 * 1024
 
 _HASHES = {"sha1": (hashlib.sha1, hashes.SHA1), "sha256": (hashlib.sha256, hashes.SHA256)}
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-# RFC 6376 §3.4.4 relaxed body rules, as dkimpy's canonicalization module writes them but
-# matching only where something changes (dkimpy's [\t ]+ also "replaces" every single space)
-_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
-_WSP_RUN = re.compile(rb"[\t ]{2,}|\t")
+# RFC 6376 §3.4.4 relaxed body rules once tabs are spaces: trailing spaces go, runs of
+# spaces become one.  dkimpy's regular expressions ([\t ]+) also "replace" every single
+# space; these only match where something changes (3-5 times faster on real text).
+_TRAILING_SPACES = re.compile(rb" +\r\n")
+_SPACE_RUN = re.compile(rb"  +")
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -400,10 +403,11 @@ def body_hash(body: bytes, canon: str, sign_alg: str, chunk_size: int = CANON_CH
         if chunk.count(b"\n") != chunk.count(b"\r\n"):
             chunk = _BARE_LF.sub(b"\r\n", chunk)
         if relaxed:
-            if b" \r\n" in chunk or b"\t\r\n" in chunk:
-                chunk = _TRAILING_WSP.sub(b"\r\n", chunk)
-            if b"\t" in chunk or b"  " in chunk:
-                chunk = _WSP_RUN.sub(b" ", chunk)
+            chunk = chunk.replace(b"\t", b" ")
+            if b" \r\n" in chunk:
+                chunk = _TRAILING_SPACES.sub(b"\r\n", chunk)
+            if b"  " in chunk:
+                chunk = _SPACE_RUN.sub(b" ", chunk)
         crlfs = _trailing_crlfs(chunk)
         content = chunk[: len(chunk) - 2 * crlfs]
         if content:
