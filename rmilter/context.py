@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from rmilter.netlist import normalise_sender
 
@@ -26,28 +26,36 @@ def _macro_key(name: str) -> str:
     return name
 
 
+#: for each stage, the stages after it (their macros are dropped when it arrives)
+_LATER_STAGES = {stage: MACRO_STAGES[i + 1 :] for i, stage in enumerate(MACRO_STAGES)}
+
+
 class MacroStore:
     """Macros sent by the MTA, per stage, searched newest stage first."""
+
+    __slots__ = ("_stages",)
 
     def __init__(self) -> None:
         self._stages: Dict[str, Dict[str, str]] = {}
 
-    def define(self, stage: str, pairs: Dict[str, str]) -> None:
+    def define(self, stage: str, pairs: Union[Mapping[str, str], Iterable[Tuple[str, str]]]) -> None:
         """Store the macros of one MACRO packet, dropping the sets of all later stages."""
-        if stage in MACRO_STAGES:
-            position = MACRO_STAGES.index(stage)
-            for later in MACRO_STAGES[position + 1 :]:
-                self._stages.pop(later, None)
-        self._stages[stage] = {_macro_key(k): v for k, v in pairs.items()}
+        stages = self._stages
+        for later in _LATER_STAGES.get(stage, ""):
+            if later in stages:
+                del stages[later]
+        items = pairs.items() if isinstance(pairs, Mapping) else pairs
+        stages[stage] = {(k[1:-1] if k[:1] == "{" and k[-1:] == "}" else k): v for k, v in items}
 
     def get(self, name: str) -> Optional[str]:
         key = _macro_key(name)
+        stages = self._stages
         for stage in reversed(MACRO_STAGES):
-            values = self._stages.get(stage)
+            values = stages.get(stage)
             if values is not None and key in values:
                 return values[key]
-        for stage, values in self._stages.items():  # codes outside the known stages
-            if stage not in MACRO_STAGES and key in values:
+        for stage, values in stages.items():  # codes outside the known stages
+            if stage not in _LATER_STAGES and key in values:
                 return values[key]
         return None
 

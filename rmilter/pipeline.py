@@ -11,7 +11,7 @@ import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.checks import copies, dkim, greylist, ratelimit, replies, spam, virus
@@ -348,14 +348,15 @@ def trace_result(msg: MessageContext, header: str) -> CheckResult:
 
 
 def log_summary(msg: MessageContext, verdict: Verdict) -> None:
-    """One line per message, SPEC §8.4, also readable as a structured event."""
+    """One line per message, SPEC §8.4, also a structured event with every field.
+
+    The text is formatted here with ``%`` once: a ``{}`` format of twenty fields parsed again by
+    the log observer for every message costs more than a milter step.
+    """
     fields = msg.log_fields
     first = msg.recipients[0].address if msg.recipients else "<>"  # B35: no recipients is fine
     published = fields.get("published")
-    log.info(
-        "{tag}; msg done: queue_id: {queue_id}; message id: {message_id}; ip: {ip}; "
-        "from: <{sender}>; rcpt: {rcpt} ({rcpt_count} total); user: {user}; "
-        "spam scan: {spam}; virus scan: {virus}; dkim: {dkim}{published_text}; verdict: {verdict}",
+    event = dict(
         tag=msg.tag,
         queue_id=msg.queue_id_or_noqueue,
         message_id=fields.get("message_id", "undef"),
@@ -367,11 +368,21 @@ def log_summary(msg: MessageContext, verdict: Verdict) -> None:
         spam=fields.get("spam", "unknown"),
         virus=fields.get("virus", "unknown"),
         dkim=fields.get("dkim", "unsigned"),
-        published_text=("; " + published) if published else "",
+        published=published,
         verdict=verdict.action.value,
         reply=(None if verdict.reply is None else "%s %s %s" % (verdict.reply.code, verdict.reply.ecode, verdict.reply.text)),
         greylist=fields.get("greylist"),
         reply_to=msg.reply_to_our_mail,
         duration=round(time.time() - msg.started, 6),
-        summary=True,
     )
+    text = (
+        "%(tag)s; msg done: queue_id: %(queue_id)s; message id: %(message_id)s; ip: %(ip)s; "
+        "from: <%(sender)s>; rcpt: %(rcpt)s (%(rcpt_count)d total); user: %(user)s; "
+        "spam scan: %(spam)s; virus scan: %(virus)s; dkim: %(dkim)s" % event
+    )
+    if published:
+        text += "; " + published
+    text += "; verdict: " + event["verdict"]
+    if event["reply"]:
+        text += " (%s)" % event["reply"]
+    log.info("{summary_text}", summary_text=text, summary=True, **event)

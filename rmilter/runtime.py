@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.logger import Logger
+from rmilter.log import Logger
 
 from rmilter.config.schema import Config
 from rmilter.spool import BlockingRunner, Spool

@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional, Sequence
 from twisted.application import service, strports
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger
+from rmilter.log import Logger
 
 from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET, Config

@@ -112,6 +112,8 @@ class Spool:
 
     def finish(self) -> "Deferred[None]":
         """Fires when every byte is where ``read`` can find it; fails if a write failed."""
+        if not self._on_disk:
+            return succeed(None)  # nothing was ever written: no thread round trip
         return self._chain(lambda: None)
 
     def _chain(self, f: Callable[..., T], *args: object) -> "Deferred[T]":

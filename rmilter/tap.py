@@ -29,6 +29,9 @@ class Options(usage.Options):
         "every message accepted. SIGHUP or SIGUSR1 reloads the configuration file; SIGTERM stops "
         "accepting connections and lets messages in flight finish." % (DEFAULT_BIND_SOCKET,)
     )
+    optFlags = [
+        ["debug", "d", "log debug events (connections, authentication, each backend exchange)"],
+    ]
     optParameters = [
         ["config", "c", None, "rmilter.conf to read (default: the embedded default configuration)"],
     ]
@@ -67,8 +70,10 @@ class Options(usage.Options):
 
 
 def makeService(options: Any, reactor: Any = None) -> service.IService:
+    from rmilter.log import set_debug
     from rmilter.service import RmilterService
 
+    set_debug(bool(options["debug"]))
     return RmilterService(
         options["config_object"],
         config_path=options["config"],

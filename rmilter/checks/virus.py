@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.backends.clamd import ScanResult, ScanStatus

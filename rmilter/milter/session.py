@@ -19,7 +19,7 @@ import socket
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.context import ConnectionContext, MessageContext
@@ -200,7 +200,7 @@ class MilterSession:
         """Process one decoded command; see the module docstring for what comes back."""
         kind = type(command)
         if kind is Macro:
-            self.connection.macros.define(command.stage, dict(command.macros))
+            self.connection.macros.define(command.stage, command.macros)
             return None
         step = self._allowed.get(kind)
         if step is None:

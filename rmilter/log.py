@@ -1,0 +1,33 @@
+"""rmilter's loggers: twisted.logger, with debug events dropped at the source unless asked for.
+
+twistd's log observer formats every event it gets, debug included; a per-connection debug
+event costs more than the milter step it describes.  Every rmilter module takes its
+``Logger`` from here, so ``twistd rmilter --debug`` is the one switch.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.logger import Logger as _TwistedLogger
+from twisted.logger import LogLevel
+
+_debug = False
+
+
+def set_debug(enabled: bool) -> None:
+    """Emit debug events (``twistd rmilter --debug``)."""
+    global _debug
+    _debug = enabled
+
+
+def debug_enabled() -> bool:
+    return _debug
+
+
+class Logger(_TwistedLogger):
+    """A twisted.logger.Logger whose debug events cost nothing while debugging is off."""
+
+    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
+        if level is LogLevel.debug and not _debug:
+            return
+        super().emit(level, format, **kwargs)
