@@ -278,6 +278,8 @@ class ShardedRole:
         self.roles = [FakeRedisRole("limits", s) for s in self.servers]
         self.placement = placement
 
+    sharded = True
+
     def shard_of(self, key: bytes) -> FakeRedisServer:
         return self.servers[self.placement.get(key, 0)]
 

@@ -18,8 +18,9 @@ the server again.  So at most one message at a time pays the timeout.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
@@ -59,10 +60,11 @@ class LuaScript:
     reference: Optional[Callable[[ScriptStore, Sequence[bytes], Sequence[bytes]], Any]] = field(
         default=None, compare=False
     )
+    #: the script's SHA1 as EVALSHA takes it (computed once)
+    sha1: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def sha1(self) -> str:
-        return hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha1", hashlib.sha1(self.source.encode("utf-8")).hexdigest())
 
 
 def encode_arg(value: ScriptArg) -> bytes:
@@ -161,6 +163,7 @@ class TxRedisChannel:
         self._factory: Any = None
         self._handler: Any = None
         self._response_error: Any = Exception
+        self._turn = 0
 
     @property
     def ready_connections(self) -> Optional[int]:
@@ -185,6 +188,9 @@ class TxRedisChannel:
             convertNumbers=False,
         )
         factory.reconnect = True
+        factory.protocol = _protocol_class(txredisapi.RedisProtocol)
+        # fires once the pool is complete, or fails for good (wrong password or dbname)
+        factory.deferred.addCallbacks(lambda _: None, self._pool_failed)
         # come back quickly once the server returns; the default backs off to 10 s
         factory.initialDelay = 0.2
         factory.maxDelay = max(2.0, self.settings.connect_timeout)
@@ -200,10 +206,26 @@ class TxRedisChannel:
         if self._handler is None:
             self._connect()
         try:
-            d: Deferred = self._handler.execute_command(*args)
+            pool = self._factory.pool  # connections that passed AUTH and SELECT
+            if pool:
+                # pipelined on a ready connection, in turn (what the handler does, minus a
+                # generator and two Deferreds per command)
+                self._turn += 1
+                connection = pool[self._turn % len(pool)]
+                if connection.connected:
+                    d: Deferred = connection.execute_command(*args)
+                    return d.addErrback(self._map_error)
+            # no ready connection (yet): the handler waits for one
+            d = self._handler.execute_command(*args)
         except Exception:
             return fail()
         return d.addErrback(self._map_error)
+
+    def _pool_failed(self, failure: Failure) -> None:
+        log.error(
+            "Redis server {server}: connections refused for good: {error}",
+            server=self.server.name, error=failure.getErrorMessage(),
+        )
 
     def _map_error(self, failure: Failure) -> Failure:
         if failure.check(self._response_error):
@@ -217,6 +239,32 @@ class TxRedisChannel:
         return factory.disconnect().addBoth(lambda _: None)
 
 
+def _protocol_class(base: Any) -> Any:
+    """txredisapi's protocol with TCP_NODELAY and a faster encoder for bytes arguments.
+
+    Commands of several messages follow each other on a pooled connection; with Nagle
+    the second would wait for the acknowledgement of the first.  rmilter passes every
+    argument as bytes already, so the RESP encoding needs no per-value conversion.
+    """
+
+    class RmilterRedisProtocol(base):  # type: ignore[misc, valid-type]
+        def connectionMade(self) -> Any:
+            set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
+            return base.connectionMade(self)
+
+        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+            parts = [b"*%d\r\n" % len(args)]
+            for arg in args:
+                if not isinstance(arg, bytes):
+                    arg = self._encode_value(arg)
+                parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+            return b"".join(parts)
+
+    return RmilterRedisProtocol
+
+
 ChannelMaker = Callable[[RedisServer], CommandChannel]
 
 
@@ -228,6 +276,57 @@ class _Link:
     channel: CommandChannel
     trouble: bool = False
     wait_until: float = 0.0  # while in trouble and connected: no waiting before this time
+
+
+class Deadlines:
+    """Cancels the commands still unanswered ``timeout`` seconds after they were sent.
+
+    Every command of a role has the same timeout, so deadlines come in the order
+    the commands were sent: one timer for the oldest, instead of a DelayedCall per
+    command (``Deferred.addTimeout``), which costs more than the command itself.
+    """
+
+    def __init__(self, timeout: float, clock: Any) -> None:
+        self.timeout = timeout
+        self.clock = clock
+        # [deadline, the Deferred or None once it has its result]
+        self._pending: Deque[List[Any]] = deque()
+        self._timer: Any = None
+
+    def add(self, d: Deferred) -> None:
+        entry: List[Any] = [self.clock.seconds() + self.timeout, d]
+
+        def answered(result: Any) -> Any:
+            entry[1] = None
+            return result
+
+        d.addBoth(answered)
+        if entry[1] is None:
+            return
+        self._pending.append(entry)
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        pending = self._pending
+        while pending and (pending[0][1] is None or pending[0][0] <= now):
+            _, d = pending.popleft()
+            if d is not None:
+                d.cancel()  # errbacks with CancelledError (forwarded to a Deferred it waits on)
+        if pending:
+            self._timer = self.clock.callLater(max(0.0, pending[0][0] - now), self._expire)
+
+    def stop(self) -> None:
+        """No more timers (the role is stopping); unanswered commands fail now."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        while self._pending:
+            _, d = self._pending.popleft()
+            if d is not None:
+                d.cancel()
 
 
 #: the value ``_command`` gives when the server could not be used
@@ -271,6 +370,14 @@ class RedisRole:
             self._links[id(upstream.server)] = _Link(upstream.server, make(upstream.server))
         #: commands sent to servers (not the ones failed at once), for tests and benchmarks
         self.commands_sent = 0
+        # one server: every key is on it, dead or alive (all dead = all revived, SPEC §6.6)
+        self._only: Optional[RedisServer] = servers[0] if len(servers) == 1 else None
+        self._deadlines = Deadlines(self.timeout, reactor)
+
+    @property
+    def sharded(self) -> bool:
+        """More than one server: keys may live on different servers (group them with ``shard_of``)."""
+        return self._only is None
 
     def __repr__(self) -> str:
         return "<RedisRole %s %s>" % (self.name, ",".join(u.server.name for u in self.upstreams.upstreams))
@@ -284,7 +391,7 @@ class RedisRole:
                 return reply
             return None
 
-        return self._command(self.upstreams.choose_hashed(key), (b"GET", key)).addCallback(got)
+        return self._command(self.shard_of(key), (b"GET", key)).addCallback(got)
 
     def setex(self, key: bytes, ttl: int, value: bytes) -> "Deferred[bool]":
         """SETEX (SET when ttl == 0); False on failure or an error reply."""
@@ -292,11 +399,11 @@ class RedisRole:
             args: Tuple[bytes, ...] = (b"SETEX", key, str(int(ttl)).encode("ascii"), value)
         else:
             args = (b"SET", key, value)
-        return self._command(self.upstreams.choose_hashed(key), args).addCallback(_is_ok)
+        return self._command(self.shard_of(key), args).addCallback(_is_ok)
 
     def delete(self, key: bytes) -> "Deferred[bool]":
         """DEL (the C version sent ``DELETE``, which Redis does not know, B11)."""
-        return self._command(self.upstreams.choose_hashed(key), (b"DEL", key)).addCallback(
+        return self._command(self.shard_of(key), (b"DEL", key)).addCallback(
             lambda reply: isinstance(reply, int)
         )
 
@@ -313,8 +420,8 @@ class RedisRole:
 
         All ``keys`` must live on that server: group them with ``shard_of`` first.
         """
-        server = self.upstreams.choose_hashed(keys[0]) if keys else self.upstreams.choose_first()
-        tail = (str(len(keys)).encode("ascii"),) + tuple(keys) + tuple(encode_arg(a) for a in args)
+        server = self.shard_of(keys[0]) if keys else self.upstreams.choose_first()
+        tail = (b"%d" % len(keys), *keys, *[a if type(a) is bytes else encode_arg(a) for a in args])
 
         def evaluated(reply: Any) -> Any:
             if isinstance(reply, RedisErrorReply) and str(reply).startswith("NOSCRIPT"):
@@ -339,9 +446,12 @@ class RedisRole:
 
     def shard_of(self, key: bytes) -> Any:
         """The server ``key`` hashes to right now (for grouping keys per script call)."""
+        if self._only is not None:
+            return self._only
         return self.upstreams.choose_hashed(key)
 
     def stop(self) -> "Deferred[None]":
+        self._deadlines.stop()
         closes = [link.channel.close() for link in self._links.values()]
         return DeferredList(closes, consumeErrors=True).addCallback(lambda _: None)
 
@@ -355,18 +465,15 @@ class RedisRole:
         """
         link = self._links[id(server)]
         if link.trouble and not self._worth_waiting(link):
+            # failed at once (the outage was logged when it began)
             self.upstreams.failed(server)
-            log.debug(
-                "Redis {role} server {server} unavailable, {command} skipped",
-                role=self.name, server=server.name, command=args[0].decode("ascii"),
-            )
             return succeed(UNAVAILABLE)
         self.commands_sent += 1
         try:
             d = link.channel.execute(args)
         except Exception:
             d = fail()
-        d.addTimeout(self.timeout, self.clock)
+        self._deadlines.add(d)
         return d.addCallbacks(
             self._succeeded, self._failed, callbackArgs=(link,), errbackArgs=(link, args[0], keep_errors)
         )
@@ -379,8 +486,8 @@ class RedisRole:
         return self.clock.seconds() >= link.wait_until
 
     def _succeeded(self, reply: Any, link: _Link) -> Any:
-        self.upstreams.succeeded(link.server)
-        if link.trouble:
+        if link.trouble:  # only a server in trouble has errors to forget
+            self.upstreams.succeeded(link.server)
             link.trouble = False
             log.info("Redis {role} server {server} is reachable again", role=self.name, server=link.server.name)
         return reply
@@ -419,9 +526,9 @@ def _is_ok(reply: Any) -> bool:
 
 
 def _describe(failure: Failure, timeout: float) -> str:
-    from twisted.internet.defer import TimeoutError as DeferredTimeout
+    from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
 
-    if failure.check(DeferredTimeout):
+    if failure.check(DeferredTimeout, CancelledError):
         return "no reply within %gs" % (timeout,)
     return "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import math
+import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -65,11 +65,10 @@ def address_block(client_address: str) -> bytes:
     bytes: what C's "/19" mask really keeps on little-endian hosts (B17, kept for
     record compatibility).  IPv6: the /64 then 8 zero bytes.
     """
-    ip = ipaddress.ip_address(client_address)
-    packed = ip.packed
-    if ip.version == 4:
-        return bytes((packed[0], packed[1], packed[2] & 0x07, 0)) + bytes(12)
-    return packed[:8] + bytes(8)
+    if ":" in client_address:
+        return socket.inet_pton(socket.AF_INET6, client_address)[:8] + bytes(8)
+    packed = socket.inet_pton(socket.AF_INET, client_address)
+    return bytes((packed[0], packed[1], packed[2] & 0x07, 0)) + bytes(12)
 
 
 def envelope_data(envelope_from: str, client_address: str, recipients: Iterable[str]) -> bytes:
@@ -148,70 +147,87 @@ class _Settings:
         self.timeout = g.timeout
         self.expire = g.expire
         self.expire_white = g.expire_white
+        self.expire_arg = b"%d" % int(g.expire)
         self.deadline = config.redis.connect_timeout
 
 
-@inlineCallbacks
-def check_hash(settings: _Settings, digest_bytes: bytes, kind: str) -> Generator[Deferred, Any, HashOutcome]:
-    """SPEC §6.2 "Checking one hash H"."""
+def check_hash(settings: _Settings, digest_bytes: bytes, kind: str) -> "Deferred[HashOutcome]":
+    """SPEC §6.2 "Checking one hash H": GET white, then the grey step, then maybe SETEX white.
+
+    Written with callbacks rather than inlineCallbacks: this runs for every message.
+    """
     grey, white = settings.grey, settings.white
     assert grey is not None and white is not None
     white_key = record_key(settings.white_prefix, digest_bytes)
-    stored_white = yield white.get(white_key)
-    if stored_white is not None:
-        white_time = decode_time(stored_white)
-        till = local_time((white_time or 0.0) + settings.expire_white)
-        return HashOutcome(False, False, "Whitelisted till %s, type: %s" % (till, kind))
 
-    now = settings.clock.seconds()
-    grey_key = record_key(settings.grey_prefix, digest_bytes)
-    reply = yield grey.eval_script(GREY_STEP, [grey_key], [int(settings.expire), encode_time(now)])
-    if reply is None:
-        # Redis unreachable (or the script failed): nothing stored, fail open
-        log.warn("greylisting ({kind}): Redis unavailable, message passes", kind=kind)
-        return HashOutcome(False, False, "Redis unavailable, not greylisted (fail open), type: %s" % (kind,))
-    stored = decode_time(reply) if isinstance(reply, bytes) else None
-    if stored is None:
-        return HashOutcome(
-            True,
+    def white_checked(stored_white: Optional[bytes]) -> Any:
+        if stored_white is not None:  # 1. a white record
+            white_time = decode_time(stored_white)
+            till = local_time((white_time or 0.0) + settings.expire_white)
+            return HashOutcome(False, False, "Whitelisted till %s, type: %s" % (till, kind))
+        now = settings.clock.seconds()
+        grey_key = record_key(settings.grey_prefix, digest_bytes)
+        d = grey.eval_script(GREY_STEP, [grey_key], [settings.expire_arg, encode_time(now)])
+        return d.addCallback(grey_checked, now, grey_key)
+
+    def grey_checked(reply: Any, now: float, grey_key: bytes) -> Any:
+        if reply is None:
+            # Redis unreachable (or the script failed): nothing stored, fail open
+            log.warn("greylisting ({kind}): Redis unavailable, message passes", kind=kind)
+            return HashOutcome(False, False, "Redis unavailable, not greylisted (fail open), type: %s" % (kind,))
+        stored = decode_time(reply) if isinstance(reply, bytes) else None
+        if stored is None:  # 2. no grey record: the step stored one
+            return HashOutcome(
+                True,
+                False,
+                "0 seconds passed (new record), greylisted till %s, expire at %s, type: %s"
+                % (local_time(now + settings.timeout), local_time(now + settings.expire), kind),
+            )
+        # 3. the grey record exists
+        if stored > now:
+            log.info("greylisting ({kind}): record {key} is in the future, ignored", kind=kind, key=grey_key)
+            return HashOutcome(False, True, "Record time is in the future, ignored, type: %s" % (kind,))
+        elapsed = int(math.floor(now)) - int(math.floor(stored))
+        if elapsed < settings.timeout:
+            return HashOutcome(
+                True,
+                True,
+                "%d seconds passed, greylisted till %s, expire at %s, type: %s"
+                % (elapsed, local_time(stored + settings.timeout), local_time(now + settings.expire), kind),
+            )
+        outcome = HashOutcome(
             False,
-            "0 seconds passed (new record), greylisted till %s, expire at %s, type: %s"
-            % (local_time(now + settings.timeout), local_time(now + settings.expire), kind),
-        )
-    if stored > now:
-        log.info("greylisting ({kind}): record {key} is in the future, ignored", kind=kind, key=grey_key)
-        return HashOutcome(False, True, "Record time is in the future, ignored, type: %s" % (kind,))
-    elapsed = int(math.floor(now)) - int(math.floor(stored))
-    if elapsed < settings.timeout:
-        return HashOutcome(
             True,
-            True,
-            "%d seconds passed, greylisted till %s, expire at %s, type: %s"
-            % (elapsed, local_time(stored + settings.timeout), local_time(now + settings.expire), kind),
+            "Greylisted for %d seconds, whitelisted till %s, type: %s"
+            % (elapsed, local_time(stored + settings.expire_white), kind),
         )
-    stored_ok = yield white.setex(white_key, int(settings.expire_white), encode_time(now))
-    if not stored_ok:
-        log.warn("greylisting ({kind}): cannot store white record {key}", kind=kind, key=white_key)
-    return HashOutcome(
-        False,
-        True,
-        "Greylisted for %d seconds, whitelisted till %s, type: %s"
-        % (elapsed, local_time(stored + settings.expire_white), kind),
-    )
+        return white.setex(white_key, int(settings.expire_white), encode_time(now)).addCallback(
+            white_stored, outcome
+        )
+
+    def white_stored(stored_ok: bool, outcome: HashOutcome) -> HashOutcome:
+        if not stored_ok:
+            log.warn("greylisting ({kind}): cannot store white record {key}", kind=kind, key=white_key)
+        return outcome
+
+    return white.get(white_key).addCallback(white_checked)
 
 
-@inlineCallbacks
-def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool) -> Generator[Deferred, Any, HashOutcome]:
+def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool) -> "Deferred[HashOutcome]":
     """SPEC §6.2 "Overall": the data hash decides when its grey record existed."""
+
+    def envelope_check(_: Any = None) -> "Deferred[HashOutcome]":
+        assert msg.client_address is not None
+        envelope = envelope_data(msg.envelope_from, msg.client_address, msg.recipient_addresses)
+        return check_hash(settings, digest(envelope), TYPE_ENVELOPE)
+
+    def data_checked(outcome: HashOutcome) -> Any:
+        return outcome if outcome.grey_record_existed else envelope_check()
+
     if with_data_hash and msg.spool is not None:
         body = bytes(msg.spool.body_prefix[:DATA_HASH_BYTES])
-        outcome = yield check_hash(settings, digest(body), TYPE_DATA)
-        if outcome.grey_record_existed:
-            return outcome
-    assert msg.client_address is not None
-    envelope = envelope_data(msg.envelope_from, msg.client_address, msg.recipient_addresses)
-    outcome = yield check_hash(settings, digest(envelope), TYPE_ENVELOPE)
-    return outcome
+        return check_hash(settings, digest(body), TYPE_DATA).addCallback(data_checked)
+    return envelope_check()
 
 
 def check(msg: MessageContext, with_data_hash: bool) -> "Deferred[CheckResult]":

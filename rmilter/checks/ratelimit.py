@@ -10,15 +10,16 @@ recipients at EOM, in one call per Redis server.  The time is rmilter's clock
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rmilter.backends.redis import LuaScript, ScriptStore, within
+from rmilter.backends.redis import LuaScript, ScriptStore, encode_arg, within
 from rmilter.config.schema import Bucket, Config
 from rmilter.context import MessageContext
 from rmilter.verdict import RATE_LIMIT_EXCEEDED, Verdict, tempfail
@@ -114,8 +115,7 @@ BUCKETS = LuaScript("ratelimit_buckets", _BUCKETS_LUA, _buckets_reference)
 
 
 # -- which buckets apply ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BucketKey:
+class BucketKey(NamedTuple):
     name: str  # the directive: limit_to, limit_to_ip, ...
     key: bytes
     bucket: Bucket
@@ -143,35 +143,52 @@ def exempt(config: Config, client_address: Optional[str], recipient: str) -> boo
 
 
 def bucket_keys(config: Config, msg: MessageContext, recipient: str) -> List[BucketKey]:
-    """The enabled buckets of one recipient, in C's order: bounce_to, bounce_to_ip, to_ip_from, to_ip, to."""
+    """The enabled buckets of one recipient, in C's order: bounce_to, bounce_to_ip, to_ip_from, to_ip, to.
+
+    Keys are lowercased as a whole (SPEC §6.3); the parts are lowercased one by one.
+    """
     limits = config.limits
-    rcpt = recipient
-    ip = msg.client_address or ""
-    sender = msg.envelope_from
-    candidates: List[Tuple[str, str, Bucket]] = []
+    rcpt = recipient.lower()
+    ip = (msg.client_address or "").lower()
+    sender = msg.envelope_from.lower()
+    keys: List[BucketKey] = []
     if is_bounce(sender, limits.limit_bounce_addrs):
-        candidates.append(("limit_bounce_to", "%s:<>" % (rcpt,), limits.limit_bounce_to))
-        candidates.append(("limit_bounce_to_ip", "%s:%s:<>" % (rcpt, ip), limits.limit_bounce_to_ip))
-    candidates.append(("limit_to_ip_from", "%s:%s:%s" % (rcpt, ip, sender), limits.limit_to_ip_from))
-    candidates.append(("limit_to_ip", "%s:%s" % (rcpt, ip), limits.limit_to_ip))
-    candidates.append(("limit_to", rcpt, limits.limit_to))
-    return [
-        BucketKey(name, key.lower().encode("utf-8"), bucket)
-        for name, key, bucket in candidates
-        if bucket.enabled
-    ]
+        if limits.limit_bounce_to.enabled:
+            keys.append(BucketKey("limit_bounce_to", (rcpt + ":<>").encode("utf-8"), limits.limit_bounce_to))
+        if limits.limit_bounce_to_ip.enabled:
+            keys.append(BucketKey("limit_bounce_to_ip", (rcpt + ":" + ip + ":<>").encode("utf-8"),
+                                  limits.limit_bounce_to_ip))
+    if limits.limit_to_ip_from.enabled:
+        keys.append(BucketKey("limit_to_ip_from", (rcpt + ":" + ip + ":" + sender).encode("utf-8"),
+                              limits.limit_to_ip_from))
+    if limits.limit_to_ip.enabled:
+        keys.append(BucketKey("limit_to_ip", (rcpt + ":" + ip).encode("utf-8"), limits.limit_to_ip))
+    if limits.limit_to.enabled:
+        keys.append(BucketKey("limit_to", rcpt.encode("utf-8"), limits.limit_to))
+    return keys
 
 
-def _script_args(now: float, increment: int, keys: Sequence[BucketKey]) -> List[Any]:
-    args: List[Any] = [now, increment, BUCKET_TTL]
+@functools.lru_cache(maxsize=64)
+def _bucket_args(bucket: Bucket) -> Tuple[bytes, bytes]:
+    """burst and rate as the script reads them (exact doubles), encoded once per bucket."""
+    return encode_arg(int(bucket.burst)), encode_arg(float(bucket.rate))
+
+
+_TTL_ARG = encode_arg(BUCKET_TTL)
+_INCREMENT_ARG = {0: b"0", 1: b"1"}
+
+
+def _script_args(now: float, increment: int, keys: Sequence[BucketKey]) -> List[bytes]:
+    args: List[bytes] = [encode_arg(float(now)), _INCREMENT_ARG[increment], _TTL_ARG]
     for k in keys:
-        args.append(k.bucket.burst)
-        args.append(float(k.bucket.rate))
+        args.extend(_bucket_args(k.bucket))
     return args
 
 
-def _runs(role: Any, keys: Sequence[BucketKey]) -> List[List[BucketKey]]:
+def _runs(role: Any, keys: List[BucketKey]) -> List[List[BucketKey]]:
     """Consecutive keys on the same server: one script call each, order kept."""
+    if not getattr(role, "sharded", True):
+        return [keys]
     runs: List[List[BucketKey]] = []
     last_shard: Any = None
     for k in keys:
@@ -225,7 +242,10 @@ def check(msg: MessageContext, recipient: str) -> "Deferred[Optional[Verdict]]":
         log.warn("{tag}; rate limit check for {rcpt}: no answer from Redis in time, accepted", tag=msg.tag, rcpt=recipient)
         return None
 
-    return within(next_run(0), config.redis.connect_timeout, runtime.reactor, late).addErrback(_broken, msg, None)
+    running = next_run(0)
+    if len(runs) > 1:  # one call is bounded by connect_timeout already; several are bounded together
+        running = within(running, config.redis.connect_timeout, runtime.reactor, late)
+    return running.addErrback(_broken, msg, None)
 
 
 def update(msg: MessageContext) -> "Deferred[None]":
@@ -247,14 +267,17 @@ def update(msg: MessageContext) -> "Deferred[None]":
         return succeed(None)
     now = runtime.reactor.seconds()
     groups: Dict[int, List[BucketKey]] = {}
-    for k in keys:
-        groups.setdefault(id(role.shard_of(k.key)), []).append(k)
+    if not getattr(role, "sharded", True):
+        groups[0] = keys
+    else:
+        for k in keys:
+            groups.setdefault(id(role.shard_of(k.key)), []).append(k)
     calls = [
         role.eval_script(BUCKETS, [k.key for k in group], _script_args(now, 1, group)) for group in groups.values()
     ]
 
-    def done(results: Any) -> None:
-        if any(ok and reply is None for ok, reply in results):
+    def done(replies: Any) -> None:
+        if any(reply is None for reply in replies):
             log.debug("{tag}; rate limit update incomplete: Redis unavailable", tag=msg.tag)
         return None
 
@@ -262,7 +285,9 @@ def update(msg: MessageContext) -> "Deferred[None]":
         log.warn("{tag}; rate limit update: no answer from Redis in time", tag=msg.tag)
         return None
 
-    running = DeferredList(calls, consumeErrors=True).addCallback(done)
+    if len(calls) == 1:  # bounded by connect_timeout already
+        return calls[0].addCallback(lambda reply: done([reply])).addErrback(_broken, msg, None)
+    running = gatherResults(calls).addCallback(done)
     return within(running, config.redis.connect_timeout, runtime.reactor, late).addErrback(_broken, msg, None)
 
 

@@ -164,6 +164,10 @@ class FakeRedisRole:
     def shard_of(self, key: bytes) -> Any:
         return self.server
 
+    @property
+    def sharded(self) -> bool:
+        return False
+
     def stop(self) -> "Deferred[None]":
         self.stopped = True
         return succeed(None)

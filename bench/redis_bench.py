@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Greylisting and rate limits with Redis on loopback vs the pass-through path (issue 6).
+
+    python3 bench/redis_bench.py --milterload /tmp/milterload/milterload \
+        [--conc 8] [--duration 10] [--warmup 2] [--vary-ip 65536] [--size 4k] [--reps 1]
+        [--scenarios pass,steady,greylisted]
+
+Scenarios (each a fresh ``twistd -n rmilter`` and a flushed redis-server):
+
+- ``pass``: no Redis (the pass-through path);
+- ``steady``: greylisting (timeout 1 s) and all five rate buckets (limits with huge bursts so
+  nothing trips; sender ``postmaster@example.com`` is listed in ``limit_bounce_addrs`` so the
+  two bounce buckets apply too).  A pre-run of 4096 messages lets every client block pass its
+  greylisting once; then each message costs a white-record lookup at DATA, a bucket check at
+  RCPT and a bucket update at EOM: the site's everyday traffic;
+- ``greylisted``: greylisting with the default 300 s timeout: every message is tempfailed at
+  DATA after its lookups (new or still-grey triplets), buckets checked at RCPT.
+
+Client IPs rotate over ``--vary-ip`` consecutive IPv4 addresses (milterload ``--vary-ip``), so
+rate keys differ per address and greylisting sees a new C "/19" block every 256 addresses.
+
+For each Redis scenario it also reports Redis commands per message: ``round trips`` are the
+commands rmilter sent (counted with MONITOR on a separate run of ``--count-messages``
+messages), ``executed`` adds the commands run inside the Lua scripts (INFO commandstats).
+The load generator is ../shared/tools/milterload; build it with
+``make -C ../shared/tools/milterload O=/tmp/milterload``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import HEADER, Rmilter, free_port, milterload, row, wait_for_port  # noqa: E402
+
+SENDER = "postmaster@example.com"
+
+REDIS_CONFIG = """\
+bind_socket = inet:11339@127.0.0.1;
+spamd { spamd_greylist = no; }
+redis { servers_grey = 127.0.0.1:%(port)d; servers_limits = 127.0.0.1:%(port)d; }
+greylisting { timeout = %(grey_timeout)s; }
+limits {
+  limit_to = 100000000:1;
+  limit_to_ip = 100000000:0.025;
+  limit_to_ip_from = 100000000:0.016666667;
+  limit_bounce_to = 100000000:0.000277778;
+  limit_bounce_to_ip = 100000000:0.000277778;
+  limit_bounce_addrs = postmaster, mailer-daemon, "<>";
+}
+"""
+
+PASS_CONFIG = "bind_socket = inet:11339@127.0.0.1;\n"
+
+
+# -- a private redis-server and a tiny RESP client ---------------------------------------------------
+class RedisServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="rmilter-bench-redis-")
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def command(self, *args: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args]))
+            data = b""
+            while True:
+                chunk = s.recv(1 << 20)
+                data += chunk
+                if not chunk or _complete(data):
+                    return data
+
+    def commandstats(self) -> Dict[str, int]:
+        text = self.command("INFO", "commandstats").decode()
+        stats: Dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, rest = line[len("cmdstat_"):].partition(":")
+                stats[name] = int(rest.split(",")[0].split("=")[1])
+        return stats
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _complete(data: bytes) -> bool:
+    if data.startswith((b"+", b"-", b":")):
+        return data.endswith(b"\r\n")
+    if data.startswith(b"$"):
+        head, _, rest = data.partition(b"\r\n")
+        return len(rest) >= int(head[1:]) + 2
+    return True
+
+
+class Monitor:
+    """Counts the commands clients send (MONITOR marks those run by scripts with ``lua``)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(b"*1\r\n$7\r\nMONITOR\r\n")
+        self.client: Counter = Counter()
+        self.scripted: Counter = Counter()
+        self.running = True
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        buffer = b""
+        while self.running:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\r\n")
+            for line in lines:
+                # +1700000000.123456 [0 127.0.0.1:5555] "GET" "key"   /   [0 lua] "GET" ...
+                if not line.startswith(b"+") or b"] \"" not in line:
+                    continue
+                where, _, rest = line.partition(b"] \"")
+                command = rest.split(b"\"", 1)[0].decode().lower()
+                (self.scripted if where.endswith(b"lua") else self.client)[command] += 1
+
+    def stop(self) -> Tuple[Counter, Counter]:
+        time.sleep(0.5)
+        self.running = False
+        self.sock.close()
+        self.thread.join(2)
+        return self.client, self.scripted
+
+
+# -- the runs ----------------------------------------------------------------------------------------
+def run_scenario(args: argparse.Namespace, name: str, redis: Optional[RedisServer]) -> List[str]:
+    extra = ["--from", SENDER, "--vary-ip", str(args.vary_ip)]
+    if redis is None:
+        config = PASS_CONFIG
+    else:
+        redis.command("FLUSHALL")
+        config = REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"}
+    lines: List[str] = []
+    service = Rmilter(config)
+    try:
+        if name == "steady":
+            # every client block meets greylisting once, and passes it on its next visit
+            _count_run(args, service, extra, 4096)
+            time.sleep(1.1)
+            _count_run(args, service, extra, 4096)
+        for rep in range(args.reps):
+            result = milterload(args.milterload, service.socket, concurrency=args.conc, duration=args.duration,
+                                warmup=args.warmup, size=args.size, pids=[service.pid], extra=extra)
+            lines.append(row("%s c=%d%s" % (name, args.conc, " #%d" % (rep + 1) if args.reps > 1 else ""), result))
+        if redis is not None:
+            lines.append(commands_per_message(args, service, redis, extra))
+    finally:
+        service.stop()
+    return lines
+
+
+def _count_run(args: argparse.Namespace, service: Rmilter, extra: List[str], messages: int) -> Dict[str, Any]:
+    """``messages`` messages, unmeasured (priming, counting commands)."""
+    cmd = [args.milterload, "-s", service.socket, "-c", str(args.conc), "-n", str(messages), "-b", args.size,
+           "--json"] + extra
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
+    return json.loads(out)
+
+
+def commands_per_message(args: argparse.Namespace, service: Rmilter, redis: RedisServer, extra: List[str]) -> str:
+    n = args.count_messages
+    redis.command("CONFIG", "RESETSTAT")
+    result = _count_run(args, service, extra, n)
+    stats = redis.commandstats()
+    executed = sum(v for k, v in stats.items() if not k.startswith(("config", "info")))
+    monitor = Monitor(redis.port)
+    _count_run(args, service, extra, n)
+    client, scripted = monitor.stop()
+    trips = sum(client.values())
+    finals = {k: v for k, v in result["final"].items() if v}
+    return ("  commands per message (%d messages, %s): round trips %.2f (%s); executed %.2f (%s)" % (
+        n, ",".join("%s=%d" % kv for kv in finals.items()),
+        trips / n, " ".join("%s=%.2f" % (k, v / n) for k, v in sorted(client.items())),
+        executed / n, " ".join("%s=%.2f" % (k, v / n) for k, v in sorted(stats.items())
+                                if not k.startswith(("config", "info"))),
+    ))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--milterload", required=True)
+    parser.add_argument("--conc", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--vary-ip", type=int, default=65536)
+    parser.add_argument("--size", default="4k")
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--count-messages", type=int, default=2000)
+    parser.add_argument("--scenarios", default="pass,steady,greylisted")
+    args = parser.parse_args()
+
+    redis = RedisServer()
+    print("rmilter Redis benchmark, %s, %d cores, milterload %s -c %d -b %s --vary-ip %d --from %s" % (
+        time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, args.milterload, args.conc, args.size,
+        args.vary_ip, SENDER))
+    print(HEADER)
+    try:
+        for name in args.scenarios.split(","):
+            for line in run_scenario(args, name, None if name == "pass" else redis):
+                print(line, flush=True)
+    finally:
+        redis.stop()
+
+
+if __name__ == "__main__":
+    main()
