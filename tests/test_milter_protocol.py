@@ -368,6 +368,7 @@ class PendingTests(SynchronousTestCase):
         pending.callback(v.ACCEPT)
         self.assertEqual(h.transport.value(), b"")
         self.assertEqual(h.pipeline.finished, [(h.pipeline.messages[0], None)])
+        h.clock.advance(0)
         self.successResultOf(waiting)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
@@ -501,6 +502,9 @@ class FactoryTests(SynchronousTestCase):
         waiting = h.factory.wait_for_messages()
         self.assertNoResult(waiting)
         h.send(*CONTENT)
+        self.assertNoResult(waiting)  # not before the verdict is written (next reactor turn)
+        self.assertTrue(h.transport.value())
+        h.clock.advance(0)
         self.successResultOf(waiting)
 
     def test_wait_for_messages_cancel(self) -> None:

@@ -292,9 +292,16 @@ class MilterFactory(Factory):
     def message_finished(self) -> None:
         self.messages_in_flight -= 1
         if self.messages_in_flight <= 0 and self._waiters:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+            # on the next turn of the reactor: the verdict that ended the message is written
+            # after this call returns, and a graceful stop must not close the connection first
+            self.clock.callLater(0, self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        if self.messages_in_flight > 0:
+            return
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def wait_for_messages(self) -> "Deferred[None]":
         """Fires when no message is in flight (at once if none is): for a graceful stop."""
