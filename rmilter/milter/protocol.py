@@ -266,6 +266,8 @@ class MilterFactory(Factory):
 
     protocol = MilterProtocol  # type: ignore[assignment]
 
+    noisy = False  # no "Starting factory" lines: the service logs its listeners itself
+
     def __init__(
         self,
         pipeline: Any,
