@@ -46,7 +46,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q -q
   # "newaliases: fatal: open /etc/postfix/main.cf" during Postfix's postinst is expected
-  apt-get install -y -q -q --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}" \
+  apt-get install -y -q -q -o Dpkg::Use-Pty=0 "${missing[@]}" \
     > /tmp/rmilter-install-deps.log 2>&1 || {
       tail -n 40 /tmp/rmilter-install-deps.log >&2
       echo "install-deps.sh: apt-get install failed (full log: /tmp/rmilter-install-deps.log)" >&2
