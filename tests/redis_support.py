@@ -159,8 +159,9 @@ def c_bucket(value: Optional[bytes]) -> Tuple[float, float]:
     return struct.unpack("<dd", value)  # type: ignore[return-value]
 
 
-def send_message(reactor: Any, port: int, spec: Any) -> "Deferred[Any]":
+def send_message(reactor: Any, port: Optional[int], spec: Any) -> "Deferred[Any]":
     """One message on a new milter connection (CONNECT with ``spec.client``); the MessageResult."""
+    assert port is not None, "rmilter listens on TCP"
     from twisted.internet.defer import inlineCallbacks
     from twisted.internet.endpoints import TCP4ClientEndpoint
 

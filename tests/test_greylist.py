@@ -312,6 +312,7 @@ class FailOpenTests(SynchronousTestCase):
         config = make_config(redis=RedisConfig(servers_grey=REDIS, connect_timeout=1.0))
         self.runtime.config = config
         self.roles.server.hang = True
+        assert self.roles.grey is not None
         self.roles.grey.timeout = 0.6  # each command alone within its bound, two of them are not
         d = greylist.check(make_message(self.runtime), False)
         self.clock.advance(0.6)

@@ -7,9 +7,10 @@ what we write the C version would read.
 from __future__ import annotations
 
 import time
-from typing import Any, List
+from typing import Any, Generator, List
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
 from rmilter.testing.mta import ClientSpec, MessageSpec
@@ -21,6 +22,8 @@ spamd { spamd_greylist = no; }
 redis { servers_grey = %(redis)s; connect_timeout = 0.5s; }
 greylisting { timeout = 2s; expire = 1h; whitelist = 198.51.100.0/24, 2001:db8:77::/48; }
 """
+
+reactor: Any = _reactor  # the global reactor, typed loosely (IReactorTCP + IReactorTime)
 
 
 def sleep(seconds: float) -> defer.Deferred:
@@ -45,7 +48,7 @@ class DataStageTests(TestCase):
         return send_message(reactor, self.milter.port, message)
 
     @defer.inlineCallbacks
-    def test_first_delivery_retry_and_pass(self) -> None:
+    def test_first_delivery_retry_and_pass(self) -> Generator[Any, Any, None]:
         """TEMPFAIL at DATA with a grey record; a retry before timeout is refused; after it, a white record."""
         before = time.time()
         first = yield self.send(spec())
@@ -72,7 +75,7 @@ class DataStageTests(TestCase):
         self.assertEqual(again.action, "accept")
 
     @defer.inlineCallbacks
-    def test_same_network_shares_records(self) -> None:
+    def test_same_network_shares_records(self) -> Generator[Any, Any, None]:
         """Another address of the same C "/19" block and the same IPv6 /64 hit the same record (B17)."""
         first = yield self.send(spec(ip="203.0.113.200"))
         self.assertEqual(first.action, "tempfail")
@@ -84,7 +87,7 @@ class DataStageTests(TestCase):
         self.assertEqual(len(self.redis.keys("white*")), 2)
 
     @defer.inlineCallbacks
-    def test_whitelisted_ip_never_greylisted(self) -> None:
+    def test_whitelisted_ip_never_greylisted(self) -> Generator[Any, Any, None]:
         """Clients in greylisting.whitelist (IPv4 and IPv6) pass and leave no record."""
         for ip in ("198.51.100.7", "2001:db8:77::1"):
             result = yield self.send(spec(ip=ip))
@@ -92,14 +95,14 @@ class DataStageTests(TestCase):
         self.assertEqual(self.redis.keys(), [])
 
     @defer.inlineCallbacks
-    def test_authenticated_never_greylisted(self) -> None:
+    def test_authenticated_never_greylisted(self) -> Generator[Any, Any, None]:
         """A SASL-authenticated sender passes and leaves no record (SPEC §5.11)."""
         result = yield self.send(spec(auth_authen="alice"))
         self.assertEqual(result.action, "accept")
         self.assertEqual(self.redis.keys(), [])
 
     @defer.inlineCallbacks
-    def test_redis_stopped_mid_run(self) -> None:
+    def test_redis_stopped_mid_run(self) -> Generator[Any, Any, None]:
         """Redis gone: messages flow (fail open); Redis back: greylisting resumes."""
         first = yield self.send(spec(ip="192.0.2.1"))
         self.assertEqual(first.action, "tempfail")
@@ -138,7 +141,7 @@ greylisting { timeout = 2s; }
         self.milter = start_rmilter(self, config)
 
     @defer.inlineCallbacks
-    def test_two_records_then_pass_with_header(self) -> None:
+    def test_two_records_then_pass_with_header(self) -> Generator[Any, Any, None]:
         """Rspamd says greylist: TEMPFAIL at EOM, two grey records; after timeout accepted with X-Rmilter-Greylist."""
         body = b"Hello\r\nRSPAMD-TEST-ACTION: greylist\r\n"
         message = spec(body=body)
@@ -159,7 +162,7 @@ greylisting { timeout = 2s; }
         self.assertIn(b"white" + data_key[4:], self.redis.keys())
 
     @defer.inlineCallbacks
-    def test_no_greylisting_for_clean_mail(self) -> None:
+    def test_no_greylisting_for_clean_mail(self) -> Generator[Any, Any, None]:
         """Rspamd says no action: no greylisting and no record."""
         result = yield send_message(reactor, self.milter.port, spec(body=b"Hello\r\nRSPAMD-TEST-ACTION: no action\r\n"))
         self.assertEqual(result.action, "accept")

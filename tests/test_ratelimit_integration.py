@@ -8,15 +8,18 @@ messages pass.
 from __future__ import annotations
 
 import time
-from typing import Any, List
+from typing import Any, Generator, List
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from rmilter.testing.mta import ClientSpec, MessageSpec, MilterClient
 from tests.harness import start_redis, start_rmilter
 from tests.redis_support import c_bucket, send_message
+
+reactor: Any = _reactor  # the global reactor, typed loosely (IReactorTCP + IReactorTime)
 
 
 def sleep(seconds: float) -> defer.Deferred:
@@ -38,7 +41,7 @@ class RateLimitDaemonTests(TestCase):
         return send_message(reactor, self.milter.port, message)
 
     @defer.inlineCallbacks
-    def test_burst_then_refused_then_leaked(self) -> None:
+    def test_burst_then_refused_then_leaked(self) -> Generator[Any, Any, None]:
         """burst 2, rate 0.5/s: three accepted, the fourth refused at RCPT, accepted again after the leak."""
         self.start("limit_to = 2:0.5;")
         actions: List[str] = []
@@ -56,7 +59,7 @@ class RateLimitDaemonTests(TestCase):
         self.assertEqual((yield self.send()).action, "accept")
 
     @defer.inlineCallbacks
-    def test_keys_of_all_buckets(self) -> None:
+    def test_keys_of_all_buckets(self) -> Generator[Any, Any, None]:
         """The three buckets of an ordinary sender, lowercased, as C names them (SPEC §9)."""
         self.start("limit_to = 100:1; limit_to_ip = 30:0.025; limit_to_ip_from = 20:0.016666667;")
         result = yield self.send(MessageSpec(sender="Sender@Example.NET", recipients=("Rcpt@Example.org",)))
@@ -70,12 +73,13 @@ class RateLimitDaemonTests(TestCase):
             self.assertAlmostEqual(c_bucket(self.redis.get(key))[1], 1.0, places=3)
 
     @defer.inlineCallbacks
-    def test_concurrent_messages_counted_once(self) -> None:
+    def test_concurrent_messages_counted_once(self) -> Generator[Any, Any, None]:
         """50 messages over 10 concurrent connections to one recipient: the bucket holds 50 (leak ~0)."""
         self.start("limit_to = 1000:0.000001; limit_to_ip = 1000:0.000001;")
 
         @defer.inlineCallbacks
-        def connection(n: int) -> Any:
+        def connection(n: int) -> Generator[Any, Any, Any]:
+            assert self.milter.port is not None
             client = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.milter.port))
             actions = []
             for _ in range(5):
@@ -92,7 +96,7 @@ class RateLimitDaemonTests(TestCase):
             self.assertTrue(abs(count - 50.0) < 1e-3, (key, count))
 
     @defer.inlineCallbacks
-    def test_redis_stopped(self) -> None:
+    def test_redis_stopped(self) -> Generator[Any, Any, None]:
         """No Redis: recipients pass at RCPT and messages at EOM."""
         self.start("limit_to = 1:0.001;")
         self.redis.stop()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import Any, List
+from typing import Any, Generator, List
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, task
+from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
 from rmilter.backends.redis import RedisRole, RedisSettings
@@ -21,6 +22,8 @@ from rmilter.checks.ratelimit import BUCKETS, BucketState
 from rmilter.config.schema import RedisServer
 from rmilter.testing.fake_redis import FakeRedisServer
 from tests.harness import start_redis
+
+reactor: Any = _reactor  # the global reactor, typed loosely (IReactorTCP + IReactorTime)
 
 
 def role_for(port: int, name: str = "grey", **settings: Any) -> RedisRole:
@@ -43,7 +46,7 @@ class RoleTests(TestCase):
         self.addCleanup(self.role.stop)
 
     @defer.inlineCallbacks
-    def test_binary_values_come_back_as_bytes(self) -> None:
+    def test_binary_values_come_back_as_bytes(self) -> Generator[Any, Any, None]:
         """Values that are not text, or look like numbers, are returned as the stored bytes."""
         values = [struct.pack("<qq", 1700000000, 250000), b"\xff\xfe\x00\x01" * 4, b"1234567890123456", b"3.5"]
         for i, value in enumerate(values):
@@ -57,7 +60,7 @@ class RoleTests(TestCase):
             self.assertEqual(self.redis.ttl(key), 100)
 
     @defer.inlineCallbacks
-    def test_set_del_miss_publish(self) -> None:
+    def test_set_del_miss_publish(self) -> Generator[Any, Any, None]:
         """SET without TTL, DEL, a miss, PUBLISH counting subscribers."""
         self.assertTrue((yield self.role.setex(b"plain", 0, b"v")))
         self.assertEqual(self.redis.ttl(b"plain"), -1)
@@ -70,7 +73,7 @@ class RoleTests(TestCase):
         self.assertEqual(subscription.wait_messages(1), [b"\x00payload\xff"])
 
     @defer.inlineCallbacks
-    def test_script_loaded_again_after_flush(self) -> None:
+    def test_script_loaded_again_after_flush(self) -> Generator[Any, Any, None]:
         """EVALSHA falls back to EVAL when the server does not know the script (restart, SCRIPT FLUSH)."""
         args = [1000.0, 1, 86400, 5, 0.5]
         self.assertEqual((yield self.role.eval_script(BUCKETS, [b"b1"], args)), 0)
@@ -85,7 +88,7 @@ class AuthTests(TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def test_password_and_database(self) -> None:
+    def test_password_and_database(self) -> Generator[Any, Any, None]:
         """With requirepass and dbname 3 the record lands in database 3."""
         redis = start_redis(self)
         redis.command("CONFIG", "SET", "requirepass", "s3cret")
@@ -99,7 +102,7 @@ class AuthTests(TestCase):
             self.assertEqual(c.command("GET", "k"), b"v")
 
     @defer.inlineCallbacks
-    def test_wrong_password_fails_open(self) -> None:
+    def test_wrong_password_fails_open(self) -> Generator[Any, Any, None]:
         """A wrong password: commands fail (never hang), and the role says so."""
         redis = start_redis(self)
         redis.command("CONFIG", "SET", "requirepass", "s3cret")
@@ -121,7 +124,7 @@ class ScriptEquivalenceTests(TestCase):
         self.addCleanup(self.role.stop)
 
     @defer.inlineCallbacks
-    def test_bucket_script_matches_reference(self) -> None:
+    def test_bucket_script_matches_reference(self) -> Generator[Any, Any, None]:
         """Random check/update sequences over several buckets: same replies, same stored bytes."""
         rng = random.Random(6)
         model = FakeRedisServer()
@@ -144,7 +147,7 @@ class ScriptEquivalenceTests(TestCase):
                     self.assertEqual(self.redis.ttl(key), 86400)
 
     @defer.inlineCallbacks
-    def test_grey_step_matches_reference(self) -> None:
+    def test_grey_step_matches_reference(self) -> Generator[Any, Any, None]:
         """The grey step stores the 16-byte time with TTL on a miss and returns an existing record."""
         key = b"greyAAAA"
         first = yield self.role.eval_script(GREY_STEP, [key], [86400, encode_time(1700000000.25)])
@@ -161,7 +164,7 @@ class ConcurrencyTests(TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def test_concurrent_updates_lose_nothing(self) -> None:
+    def test_concurrent_updates_lose_nothing(self) -> Generator[Any, Any, None]:
         """400 updates of one bucket issued at once over two pools: the count is 400."""
         redis = start_redis(self)
         roles = [role_for(redis.port, "limits", poolsize=4) for _ in range(2)]
@@ -187,7 +190,7 @@ class FailOpenTests(TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def test_stopped_then_restarted(self) -> None:
+    def test_stopped_then_restarted(self) -> Generator[Any, Any, None]:
         """Redis stopped: misses and False, quickly; restarted: commands work again."""
         redis = start_redis(self)
         role = role_for(redis.port, connect_timeout=0.5)
@@ -208,7 +211,7 @@ class FailOpenTests(TestCase):
         self.assertEqual((yield role.get(b"k")), b"w")
 
     @defer.inlineCallbacks
-    def test_silent_server(self) -> None:
+    def test_silent_server(self) -> Generator[Any, Any, None]:
         """A server that accepts and never answers: each call ends (fails) after connect_timeout."""
         factory = protocol.Factory.forProtocol(SilentServer)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")

@@ -41,6 +41,7 @@ class FromConfigTests(SynchronousTestCase):
         assert roles is not None
         self.assertIs(roles.white, roles.grey)
         self.assertEqual([roles.id, roles.spam, roles.copy], [None, None, None])
+        assert roles.limits is not None
         self.assertEqual(roles.limits.name, "limits")
         self.assertEqual(len(roles.roles()), 2)
         # lazy: channels exist but none has sent anything
@@ -50,6 +51,7 @@ class FromConfigTests(SynchronousTestCase):
                                    Clock(), ChannelMaker())
         assert roles2 is not None
         self.assertIsNot(roles2.white, roles2.grey)
+        assert roles2.white is not None
         self.assertEqual(roles2.white.name, "white")
 
     def test_settings(self) -> None:

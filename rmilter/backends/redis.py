@@ -173,7 +173,7 @@ class TxRedisChannel:
 
     def _connect(self) -> None:
         # txredisapi imports the global reactor: import it only when a command is sent
-        import txredisapi
+        import txredisapi  # type: ignore[import-untyped]
         from twisted.internet.endpoints import HostnameEndpoint
 
         factory = txredisapi.RedisFactory(
@@ -530,7 +530,7 @@ def _describe(failure: Failure, timeout: float) -> str:
 
     if failure.check(DeferredTimeout, CancelledError):
         return "no reply within %gs" % (timeout,)
-    return "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
+    return "%s: %s" % (getattr(failure.type, "__name__", "error"), failure.getErrorMessage())
 
 
 T = TypeVar("T")
