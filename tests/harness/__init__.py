@@ -14,11 +14,11 @@ thread never stalls them.  That makes two test styles possible, both with trial:
 
 Fixtures belonging to one test are started with the ``start_*`` functions below, which
 register ``testcase.addCleanup(fixture.stop)``.  Rspamd takes seconds to start, so
-``shared_rspamd()`` returns one instance per test process, stopped at interpreter exit.
-Anything still running at exit is stopped by pid (tests/harness/base.py).
+``shared_rspamd()`` returns one instance per test process, stopped at interpreter exit (extra
+Lua rules: ``register_lua(name, source)`` at import time of the test module).  Anything still running at exit is stopped by pid (tests/harness/base.py).
 
-A service that is missing or does not answer in time raises ``ServiceUnavailable``, an
-``AssertionError``: the test FAILS with the reason and the tail of the service's log.  Tests
+A service that is missing or does not answer in time raises ``ServiceUnavailable`` (trial's
+``FailTest``, an ``AssertionError``): the test FAILS with the reason and the tail of the service's log.  Tests
 never skip for a missing service.
 
 Scratch files live in one per-run directory ``/tmp/rmt-XXXXXX`` (short: unix sockets live there),
@@ -27,12 +27,18 @@ removed at exit unless ``RMILTER_KEEP_SCRATCH=1``.  Ports are free ports picked 
 Quick reference::
 
     redis = start_redis(self)                    # redis.address, redis.command("GET", "k")
-    milter = start_rmilter(self, config_text)    # milter.milter_inet, milter.wait_for_log(...)
+    milter = start_rmilter(self, config_text)    # milter.milter_inet / .milter_unix / .inet_port,
+                                                 # .wait_for_log(regex), .reload(), .stop()
     clamd = start_clamd(self)                    # clamd.address, clamd.socket_path, clamd.scan(b"...")
     rspamd = shared_rspamd()                     # rspamd.address, rspamd.checkv2(msg, ...)
     sink = start_smtp_sink(self)                 # sink.messages()
-    postfix = start_postfix(self, sink)          # postfix.set_milters(milter.milter_inet); postfix.swaks(...)
+    postfix = start_postfix(self, sink)          # postfix.set_milters(milter.milter_inet)
+    sent = postfix.swaks(data, auth_user="alice")  # sent.status, .queue_id, .server_replies
+    [msg] = postfix.wait_delivered(1)            # msg.header("X-..."), msg.raw (DKIM-verifiable)
     result = miltertest(milter.milter_inet, hdr="X-Rmilter-Trace")   # result.passed, .headers(...)
+
+For Postfix to reach rmilter's unix socket (smtpd runs as user postfix, rmilter makes sockets
+0660), start rmilter with ``unix_mode="666"``.
 """
 from __future__ import annotations
 
