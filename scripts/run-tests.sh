@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install the dependencies, then run the whole test suite with trial against real services.
+# As root: the packages are installed with apt-get and Postfix, Rspamd and smtp-sink need root.
 #
 #   sudo scripts/run-tests.sh                  # everything (what CI runs)
 #   sudo scripts/run-tests.sh tests.test_harness
@@ -46,5 +47,10 @@ rm -f "$log"
 count() { printf '%s' "$summary" | grep -oE "$1=[0-9]+" | cut -d= -f2 | head -n 1 || true; }
 passed=$(count successes); failures=$(count failures); errors=$(count errors); skips=$(count skips)
 echo "trial finished in $(( $(date +%s) - start )) s with status $status"
-echo "Tests: ${passed:-0} passed, $(( ${failures:-0} + ${errors:-0} )) failed${skips:+, $skips skipped}"
+if [ -n "$summary" ]; then
+  echo "Tests: ${passed:-0} passed, $(( ${failures:-0} + ${errors:-0} )) failed${skips:+, $skips skipped}"
+else
+  echo "trial printed no summary: the run did not complete" >&2
+  [ "$status" -ne 0 ] || status=1
+fi
 exit "$status"
