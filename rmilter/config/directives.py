@@ -355,8 +355,9 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
     ),
     "spamd": (
         _d("servers", RSPAMD_SERVERS, "reset", max_items=SERVER_LIMIT),
-        _d("also_check", RSPAMD_SERVERS, "append", allow_empty=False, max_items=SERVER_LIMIT,
-           ignored_note="also_check is ignored since rmilter 1.8.5 (use rspamd_proxy mirrors)"),
+        # C ignored also_check since 1.8.5; here the servers are scanned in parallel without
+        # affecting the verdict, and differing results are written to diff_dir (issue 4)
+        _d("also_check", RSPAMD_SERVERS, "append", allow_empty=False, max_items=SERVER_LIMIT),
         _d("diff_dir", DIRECTORY),
         _d("symbols_dir", DIRECTORY),
         _d("check_symbols", TEXT),
