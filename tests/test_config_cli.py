@@ -107,7 +107,7 @@ class SampleConfigTests(SynchronousTestCase):
             self.assertTrue(any(key.startswith(section + ".") for key in config.origins), section)
         self.assertTrue(config.greylisting_active and config.limits_active)
         self.assertEqual(config.cache_backend, "redis")
-        self.assertEqual(rconfig.listen_endpoint(config.main.bind_socket or ""), "tcp:11332:interface=127.0.0.1")
+        self.assertEqual(rconfig.listen_endpoint(config.main.bind_socket or ""), "tcp:11339:interface=127.0.0.1")
         self.assertEqual(len(config.dkim.domains), 1)
 
     def test_sample_is_commented(self) -> None:
