@@ -59,8 +59,10 @@ NOT_SIGNED_FAILURE = "not signed, internal failure"
 HEADER_NAME = "DKIM-Signature"
 #: folded signatures (fold_header = yes) keep lines within this many characters
 FOLD_WIDTH = 78
-#: signatures computed at once in the thread pool (see Keyring.signing_slots)
-SIGNING_THREADS = max(1, os.cpu_count() or 1)
+#: signatures computed at once in the thread pool (see Keyring.signing_slots): one per core,
+#: at most 4 (4 x 2000 2048-bit signatures/s is more than one reactor can feed), so signing
+#: never takes every thread of the pool that spool writes also use
+SIGNING_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: body canonicalisation works on line-aligned slices of about this size, so no single
 #: regular-expression call (which holds the GIL) runs long on a big body: about 0.5 ms per
 #: slice of whitespace-rich text
