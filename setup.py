@@ -17,6 +17,7 @@ setup(
         "dkimpy>=1.1",
         "treq>=22.1",
         "service-identity>=21.1",
+        "cryptography>=3.1",
         "xxhash>=3.0",
         "hiredis>=2.0",
         "zstandard>=0.19",

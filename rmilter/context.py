@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from rmilter.netlist import normalise_sender
 
@@ -119,6 +119,8 @@ class MessageContext:
     subject: Optional[str] = None  # value of the last Subject header
     strict: bool = True
     reply_to_our_mail: Optional[str] = None  # the Message-ID that matched (SPEC §6.4)
+    #: In-Reply-To / References lookups started at HEADER, settled at EOM (rmilter.checks.replies)
+    reply_lookups: List[Any] = field(default_factory=list)
     spool: Optional["Spool"] = None
     #: summary log fields filled in by the pipeline (SPEC §8.4)
     log_fields: Dict[str, str] = field(default_factory=dict)

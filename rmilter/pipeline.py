@@ -382,6 +382,8 @@ def log_summary(msg: MessageContext, verdict: Verdict) -> None:
     )
     if published:
         text += "; " + published
+    if msg.reply_to_our_mail:
+        text += "; reply to our message " + msg.reply_to_our_mail
     text += "; verdict: " + event["verdict"]
     if event["reply"]:
         text += " (%s)" % event["reply"]

@@ -221,6 +221,20 @@ class WhoIsScannedTests(PipelineTestCase):
         self.assertNotIn("spam", self.rec.names())
         self.assertEqual(msg.log_fields["spam"], "skipped, reply to our message")
 
+    def test_summary_line_names_the_reply(self) -> None:
+        """The summary line says which of our messages a reply answers (issue 7)."""
+        from twisted.logger import globalLogPublisher
+
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.rec.reply_hit = "<orig@example.com>"
+        self.run_message(make_config(), headers=(("In-Reply-To", "<orig@example.com>"),))
+        [summary] = [e for e in events if e.get("summary")]
+        self.assertIn("; reply to our message <orig@example.com>; verdict: accept", summary["summary_text"])
+        self.assertEqual(summary["reply_to"], "<orig@example.com>")
+        self.assertEqual(summary["queue_id"], "QID1")
+
 
 class EomOrderTests(PipelineTestCase):
     def config(self, **spamd: Any) -> Config:

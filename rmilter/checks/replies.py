@@ -32,10 +32,6 @@ STORED_VALUE = b"1"
 #: is a Redis GET; past the limit the thread root and the nearest ancestors are kept
 MAX_LOOKUPS = 100
 
-#: attribute of a MessageContext holding its pending lookups (see ``_pending``)
-_PENDING_ATTRIBUTE = "_reply_lookups"
-
-
 def message_id_key(prefix: str, message_id: str) -> bytes:
     """``prefix`` + lowercase hex BLAKE2b-512 of the exact id bytes, at most 249 bytes (SPEC §6.4, §9)."""
     digest = hashlib.blake2b(message_id.encode("utf-8", "surrogateescape"), digest_size=64).hexdigest()
@@ -51,16 +47,8 @@ class Lookup:
 
 
 def _pending(msg: MessageContext) -> List[Lookup]:
-    """The message's lookups.
-
-    Kept as an attribute of the message so they disappear with it (ABORT, a new
-    MAIL); MessageContext has no field for them yet.
-    """
-    lookups: Optional[List[Lookup]] = getattr(msg, _PENDING_ATTRIBUTE, None)
-    if lookups is None:
-        lookups = []
-        setattr(msg, _PENDING_ATTRIBUTE, lookups)
-    return lookups
+    """The message's lookups: they live on the message, so they go with it (ABORT, a new MAIL)."""
+    return msg.reply_lookups
 
 
 def _id_role(msg: MessageContext) -> Optional[Any]:
@@ -112,7 +100,7 @@ def _miss(msg: MessageContext, message_id: str) -> Callable[[Failure], None]:
 
 def settle(msg: MessageContext) -> "Deferred[None]":
     """Wait for the lookups (each bounded by connect_timeout); on a hit mark the message a reply."""
-    lookups = _pending(msg) if hasattr(msg, _PENDING_ATTRIBUTE) else []
+    lookups = _pending(msg)
     if not lookups:
         return succeed(None)
 
