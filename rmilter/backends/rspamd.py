@@ -32,7 +32,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, Timeo
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,

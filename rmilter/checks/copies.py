@@ -13,7 +13,7 @@ import random
 from typing import Any, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.context import MessageContext

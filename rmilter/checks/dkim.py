@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.config.schema import Config, DkimConfig, DkimDomain

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.context import MessageContext

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.logger import Logger
+from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.backends.rspamd import (
