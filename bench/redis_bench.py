@@ -41,7 +41,7 @@ from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HEADER, Rmilter, free_port, milterload, row, wait_for_port  # noqa: E402
+from common import Rmilter, free_port, milterload, wait_for_port  # noqa: E402
 
 SENDER = "postmaster@example.com"
 
@@ -149,26 +149,48 @@ class Monitor:
 
 
 # -- the runs ----------------------------------------------------------------------------------------
-def run_scenario(args: argparse.Namespace, name: str, redis: Optional[RedisServer]) -> List[str]:
+TABLE_HEADER = (
+    "| run                  |    msg/s |  p50 ms |  p99 ms | rmilter CPU | CPU µs/msg | redis CPU µs/msg | final replies |\n"
+    "|----------------------|----------|---------|---------|-------------|------------|------------------|---------------|"
+)
+
+
+def table_row(label: str, result: Dict[str, Any]) -> str:
+    lat = result["latency_ms"]
+    watched = result.get("watched") or []
+    rmilter = watched[0] if watched else {}
+    redis_cpu = watched[1]["cpu_s"] * 1e6 / max(1, result["messages"]) if len(watched) > 1 else 0.0
+    finals = ",".join("%s=%d" % kv for kv in result.get("final", {}).items() if kv[1])
+    return "| %-20s | %8.0f | %7.2f | %7.2f | %10.0f%% | %10.0f | %16.0f | %s |" % (
+        label, result["msgs_per_s"], lat["p50"], lat["p99"], rmilter.get("pct_of_core", 0),
+        result.get("watched_cpu_us_per_msg") or (rmilter.get("cpu_s", 0) * 1e6 / max(1, result["messages"])),
+        redis_cpu, finals,
+    )
+
+
+def config_for(name: str, redis: Optional[RedisServer]) -> str:
+    if name == "pass" or redis is None:
+        return PASS_CONFIG
+    return REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"}
+
+
+def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool) -> List[str]:
+    """One fresh daemon (and a flushed Redis) for one measured run of scenario ``name``."""
     extra = ["--from", SENDER, "--vary-ip", str(args.vary_ip)]
-    if redis is None:
-        config = PASS_CONFIG
-    else:
-        redis.command("FLUSHALL")
-        config = REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"}
+    redis.command("FLUSHALL")
     lines: List[str] = []
-    service = Rmilter(config)
+    service = Rmilter(config_for(name, redis))
     try:
         if name == "steady":
             # every client block meets greylisting once, and passes it on its next visit
             _count_run(args, service, extra, 4096)
             time.sleep(1.1)
             _count_run(args, service, extra, 4096)
-        for rep in range(args.reps):
-            result = milterload(args.milterload, service.socket, concurrency=args.conc, duration=args.duration,
-                                warmup=args.warmup, size=args.size, pids=[service.pid], extra=extra)
-            lines.append(row("%s c=%d%s" % (name, args.conc, " #%d" % (rep + 1) if args.reps > 1 else ""), result))
-        if redis is not None:
+        pids = [service.pid] + ([redis.proc.pid] if name != "pass" else [])
+        result = milterload(args.milterload, service.socket, concurrency=args.conc, duration=args.duration,
+                            warmup=args.warmup, size=args.size, pids=pids, extra=extra)
+        lines.append(table_row("%s c=%d%s" % (name, args.conc, " #%d" % (rep + 1) if args.reps > 1 else ""), result))
+        if count and name != "pass":
             lines.append(commands_per_message(args, service, redis, extra))
     finally:
         service.stop()
@@ -194,7 +216,7 @@ def commands_per_message(args: argparse.Namespace, service: Rmilter, redis: Redi
     client, scripted = monitor.stop()
     trips = sum(client.values())
     finals = {k: v for k, v in result["final"].items() if v}
-    return ("  commands per message (%d messages, %s): round trips %.2f (%s); executed %.2f (%s)" % (
+    return ("Redis commands per message (%d messages, %s): round trips %.2f (%s); executed %.2f (%s)" % (
         n, ",".join("%s=%d" % kv for kv in finals.items()),
         trips / n, " ".join("%s=%.2f" % (k, v / n) for k, v in sorted(client.items())),
         executed / n, " ".join("%s=%.2f" % (k, v / n) for k, v in sorted(stats.items())
@@ -216,16 +238,22 @@ def main() -> None:
     args = parser.parse_args()
 
     redis = RedisServer()
-    print("rmilter Redis benchmark, %s, %d cores, milterload %s -c %d -b %s --vary-ip %d --from %s" % (
-        time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, args.milterload, args.conc, args.size,
-        args.vary_ip, SENDER))
-    print(HEADER)
+    print("rmilter Redis benchmark, %s, %d cores, load %s, milterload -c %d -d %g -w %g -b %s --vary-ip %d --from %s" % (
+        time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, " ".join("%.1f" % l for l in os.getloadavg()),
+        args.conc, args.duration, args.warmup, args.size, args.vary_ip, SENDER))
+    print(TABLE_HEADER)
+    notes: List[str] = []
     try:
-        for name in args.scenarios.split(","):
-            for line in run_scenario(args, name, None if name == "pass" else redis):
-                print(line, flush=True)
+        # scenarios interleaved, so that background load hits them alike
+        for rep in range(args.reps):
+            for name in args.scenarios.split(","):
+                lines = measure(args, name, rep, redis, count=(rep == args.reps - 1))
+                print(lines[0], flush=True)
+                notes.extend("%s: %s" % (name, line.strip()) for line in lines[1:])
     finally:
         redis.stop()
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -209,6 +210,40 @@ class TimeoutTests(SynchronousTestCase):
         self.channel.ready = 1
         self.channel.replies[b"GET"] = b"back"
         self.assertEqual(self.successResultOf(self.role.get(b"k")), b"back")
+
+    def test_command_waiting_on_another_deferred_is_cancelled(self) -> None:
+        """A command whose Deferred waits on an inner one (txredisapi's handler path) still times out."""
+        inner: Deferred = Deferred()
+        outer: Deferred = Deferred()
+        outer.callback(None)
+        outer.addCallback(lambda _: inner)  # fired, but paused on ``inner``
+        self.channel.execute = lambda args: outer  # type: ignore[method-assign]
+        d = self.role.get(b"k")
+        self.assertNoResult(d)
+        self.clock.advance(1.0)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(inner.called)  # the cancellation reached it (its failure went to the outer one)
+
+    def test_commands_time_out_in_order(self) -> None:
+        """Commands sent at different times each get their full timeout from one timer."""
+        self.channel.hang = True
+        first = self.role.get(b"a")
+        self.clock.advance(0.5)
+        self.channel.hang = True
+        second = self.role._command(SERVERS[0], (b"GET", b"b"))  # sent while the first is pending
+        self.clock.advance(0.5)
+        self.assertIsNone(self.successResultOf(first))
+        self.assertNoResult(second)
+        self.clock.advance(0.5)
+        self.assertIs(self.successResultOf(second), redis.UNAVAILABLE)
+
+    def test_stop_ends_pending_commands(self) -> None:
+        """stop() leaves no timer behind and ends unanswered commands."""
+        self.channel.hang = True
+        d = self.role.get(b"k")
+        self.successResultOf(self.role.stop())
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_first_command_waits_for_the_connection(self) -> None:
         """Before the first command there is no pool yet: the command is sent (and may wait)."""

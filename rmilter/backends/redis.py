@@ -121,7 +121,7 @@ class RedisSettings:
     password: Optional[str] = None
     dbid: Optional[int] = None
     #: connections per server and role; commands are pipelined over them
-    poolsize: int = 2
+    poolsize: int = 1
 
     @property
     def retry_interval(self) -> float:
