@@ -6,6 +6,7 @@ what we write the C version would read.
 """
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any, Generator, List
 
@@ -123,6 +124,30 @@ class DataStageTests(TestCase):
         self.assertTrue(self.redis.keys())
         self.milter.wait_for_log("Redis grey server .* failing open")
         self.milter.wait_for_log("Redis grey server .* is reachable again")
+
+
+    @defer.inlineCallbacks
+    def test_redis_hangs(self) -> Generator[Any, Any, None]:
+        """Redis stopped with SIGSTOP (connections open, no answers): messages pass, none waits past the timeout."""
+        self.assertEqual((yield self.send(spec(ip="192.0.2.1"))).action, "tempfail")
+        assert self.redis.process is not None
+        self.redis.process.signal(signal.SIGSTOP)
+        try:
+            for i in range(6):
+                started = reactor.seconds()
+                result = yield self.send(spec(ip="192.0.2.%d" % (30 + i)))
+                self.assertEqual(result.action, "accept", i)
+                # connect_timeout is 0.5 s; generous margin for a loaded machine, far below a hang
+                self.assertLess(reactor.seconds() - started, 3.0)
+        finally:
+            self.redis.process.signal(signal.SIGCONT)
+        deadline = reactor.seconds() + 20
+        while reactor.seconds() < deadline:
+            result = yield self.send(spec(ip="10.2.0.1"))
+            if result.action == "tempfail":
+                break
+            yield sleep(0.2)
+        self.assertEqual(result.action, "tempfail")
 
 
 class EomStageTests(TestCase):

@@ -3,7 +3,10 @@
 Every role (``grey``, ``white``, ``limits``, ``id``, ``spam``, ``copy``) is a
 ``RedisRole``: a server list with SPEC §6.6 health, keys placed on servers by
 the consistent hash of ``UpstreamList.choose_hashed`` (so shards written by the
-C rmilter are found), one lazy txredisapi connection pool per server.
+C rmilter are found), one lazy txredisapi connection pool per server, opened by
+the first command.  Commands are pipelined: the pool holds one persistent
+connection by default, so the commands of all messages handled in one reactor
+turn go out in one write and their replies come back in one read.
 
 Every call returns a Deferred that never fails and fires within
 ``redis.connect_timeout``: Redis being unreachable means fail open (SPEC
@@ -120,7 +123,9 @@ class RedisSettings:
     maxerrors: int = 10
     password: Optional[str] = None
     dbid: Optional[int] = None
-    #: connections per server and role; commands are pipelined over them
+    #: connections per server and role.  Commands are pipelined; with one connection the
+    #: commands of one reactor turn share a write (measured: ~200 µs less CPU per message
+    #: than two connections at 8 concurrent messages, bench/redis_bench.py)
     poolsize: int = 1
 
     @property
