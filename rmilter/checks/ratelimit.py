@@ -216,36 +216,45 @@ def check(msg: MessageContext, recipient: str) -> "Deferred[Optional[Verdict]]":
     keys = bucket_keys(config, msg, recipient)
     if not keys:
         return succeed(None)
-    now = runtime.reactor.seconds()
     runs = _runs(role, keys)
-
-    def next_run(index: int) -> "Deferred[Optional[Verdict]]":
-        run = runs[index]
-        d = role.eval_script(BUCKETS, [k.key for k in run], _script_args(now, 0, run))
-        return d.addCallback(checked, index)
-
-    def checked(reply: Any, index: int) -> Any:
-        if isinstance(reply, int) and 1 <= reply <= len(runs[index]):
-            exceeded = runs[index][reply - 1]
-            log.info(
-                "{tag}; rate limit exceeded for {rcpt}: bucket {bucket} ({key})",
-                tag=msg.tag, rcpt=recipient, bucket=exceeded.name, key=exceeded.key.decode("utf-8", "replace"),
-            )
-            return tempfail(RATE_LIMIT_EXCEEDED)
-        if reply is None:
-            log.debug("{tag}; rate limit check for {rcpt} skipped: Redis unavailable", tag=msg.tag, rcpt=recipient)
-        if index + 1 < len(runs):
-            return next_run(index + 1)
-        return None
-
-    def late() -> Optional[Verdict]:
-        log.warn("{tag}; rate limit check for {rcpt}: no answer from Redis in time, accepted", tag=msg.tag, rcpt=recipient)
-        return None
-
-    running = next_run(0)
+    running = _check_run(role, msg, recipient, runs, 0, runtime.reactor.seconds())
     if len(runs) > 1:  # one call is bounded by connect_timeout already; several are bounded together
+
+        def late() -> Optional[Verdict]:
+            log.warn("{tag}; rate limit check for {rcpt}: no answer from Redis in time, accepted",
+                     tag=msg.tag, rcpt=recipient)
+            return None
+
         running = within(running, config.redis.connect_timeout, runtime.reactor, late)
     return running.addErrback(_broken, msg, None)
+
+
+def _check_run(
+    role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float
+) -> "Deferred[Optional[Verdict]]":
+    """One script call for the ``index``-th run of buckets; the next run only if none was exceeded.
+
+    Plain functions, not closures calling each other, so that no reference cycle is
+    left for the garbage collector at every RCPT.
+    """
+    run = runs[index]
+    d = role.eval_script(BUCKETS, [k.key for k in run], _script_args(now, 0, run))
+    return d.addCallback(_run_checked, role, msg, recipient, runs, index, now)
+
+
+def _run_checked(
+    reply: Any, role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float
+) -> Any:
+    if isinstance(reply, int) and 1 <= reply <= len(runs[index]):
+        exceeded = runs[index][reply - 1]
+        log.info(
+            "{tag}; rate limit exceeded for {rcpt}: bucket {bucket} ({key})",
+            tag=msg.tag, rcpt=recipient, bucket=exceeded.name, key=exceeded.key.decode("utf-8", "replace"),
+        )
+        return tempfail(RATE_LIMIT_EXCEEDED)
+    if index + 1 < len(runs):
+        return _check_run(role, msg, recipient, runs, index + 1, now)
+    return None
 
 
 def update(msg: MessageContext) -> "Deferred[None]":
