@@ -199,9 +199,8 @@ class TxRedisChannel:
         # come back quickly once the server returns; the default backs off to 10 s
         factory.initialDelay = 0.2
         factory.maxDelay = max(2.0, self.settings.connect_timeout)
-        endpoint = HostnameEndpoint(
-            self.reactor, self.server.host, self.server.port, timeout=max(1, int(self.settings.connect_timeout + 0.999))
-        )
+        endpoint = HostnameEndpoint(self.reactor, self.server.host, self.server.port,
+                                    timeout=self.settings.connect_timeout)
         factory.startConnecting(endpoint)
         self._factory = factory
         self._handler = factory.handler
