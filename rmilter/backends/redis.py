@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rmilter.backends.upstream import UpstreamList
 from rmilter.config.schema import Config, RedisServer
+from rmilter.log import Logger
 
 log = Logger(namespace="rmilter.redis")
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rmilter.backends.redis import LuaScript, ScriptStore, within
 from rmilter.context import MessageContext
+from rmilter.log import Logger
 from rmilter.verdict import AddHeader, CheckResult, tempfail
 
 log = Logger(namespace="rmilter.greylist")

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rmilter.backends.redis import LuaScript, ScriptStore, encode_arg, within
 from rmilter.config.schema import Bucket, Config
 from rmilter.context import MessageContext
+from rmilter.log import Logger
 from rmilter.verdict import RATE_LIMIT_EXCEEDED, Verdict, tempfail
 
 log = Logger(namespace="rmilter.ratelimit")
