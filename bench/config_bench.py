@@ -23,7 +23,7 @@ from typing import Callable, List, Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from rmilter.config import load, parse_text  # noqa: E402
+from rmilter.config import parse_text  # noqa: E402
 from rmilter.netlist import NetList  # noqa: E402
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from rmilter.log import Logger
 from twisted.python.failure import Failure
 
@@ -19,16 +19,13 @@ from rmilter.context import ConnectionContext, MessageContext, Recipient
 from rmilter.runtime import Runtime
 from rmilter.spool import spool_head
 from rmilter.verdict import (
-    ACCEPT,
     BARE_TEMPFAIL,
     AddHeader,
     CONTINUE,
-    SERVICE_FAILURE,
     Action,
     CheckResult,
     Verdict,
     decide,
-    tempfail,
 )
 
 log = Logger(namespace="rmilter.pipeline")

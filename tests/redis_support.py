@@ -10,7 +10,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from rmilter.config.schema import (
-    Bucket,
     Config,
     GlobalConfig,
     GreylistingConfig,

@@ -17,7 +17,6 @@ from twisted.trial.unittest import TestCase
 
 from rmilter.backends import clamd as clamd_backend
 from rmilter.backends.clamd import ClamdClient, ScanStatus
-from rmilter.checks import virus
 from rmilter.config.schema import ClamavConfig, Config, GlobalConfig, ServerSpec, SpamdConfig
 from rmilter.context import ConnectionContext, MessageContext
 from rmilter.pipeline import Pipeline

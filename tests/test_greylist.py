@@ -1,7 +1,6 @@
 """Greylisting (SPEC §6.2) against the in-memory Redis: keys, values, TTLs, notes, fail open."""
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import struct
 
@@ -19,7 +18,7 @@ from rmilter.checks.greylist import (
     local_time,
     record_key,
 )
-from rmilter.config.schema import GreylistingConfig, RedisConfig, RedisServer
+from rmilter.config.schema import GreylistingConfig, RedisConfig
 from rmilter.netlist import NetList, normalise_sender
 from rmilter.testing.fake_redis import FakeRedisRoles
 from rmilter.verdict import Action, AddHeader

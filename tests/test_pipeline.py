@@ -9,7 +9,6 @@ from typing import Any, List, Optional
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from rmilter import pipeline as pipeline_module
 from rmilter.checks import copies, dkim, greylist, ratelimit, replies, spam, virus
 from rmilter.checks.spam import SpamOutcome
 from rmilter.config.schema import (

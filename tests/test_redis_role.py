@@ -1,8 +1,7 @@
 """RedisRole (SPEC §6.1, §6.6) with scripted channels and a Clock: commands, placement, health, timeouts."""
 from __future__ import annotations
 
-import dataclasses
-from typing import List, Tuple
+from typing import Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -11,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rmilter.backends import redis
 from rmilter.backends.redis import LuaScript, RedisErrorReply, RedisRole, RedisSettings, RedisUnavailable, encode_arg
 from rmilter.config.schema import Config, RedisConfig, RedisServer
-from tests.redis_support import ChannelMaker, ScriptedChannel
+from tests.redis_support import ChannelMaker
 
 SERVERS = tuple(RedisServer("r%d" % i, "10.0.0.%d" % i) for i in range(4))
 SCRIPT = LuaScript("test", "return 1")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from rmilter.config import values as v
 from rmilter.config.endpoints import endpoint_description
 from rmilter.config.lexer import QUOTED, WORD, Token
-from rmilter.config.schema import CLAMD_DEFAULT_PORT, RSPAMD_DEFAULT_PORT, Bucket
+from rmilter.config.schema import CLAMD_DEFAULT_PORT, RSPAMD_DEFAULT_PORT
 from rmilter.netlist import NetList, RecipientList
 
 

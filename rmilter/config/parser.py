@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from rmilter.config import directives as dirs
 from rmilter.config import values as v
-from rmilter.config.directives import Context, Directive, Group, ValueToken
+from rmilter.config.directives import Context, Group, ValueToken
 from rmilter.config.lexer import COMMA, EOF, EQ, LBRACE, PLUSEQ, QUOTED, RBRACE, SEMI, WORD, Token
 from rmilter.config.schema import (
     ClamavConfig,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 

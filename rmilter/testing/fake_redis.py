@@ -12,7 +12,7 @@ Lua scripts run through their Python ``reference`` rendering.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, succeed
