@@ -381,7 +381,7 @@ def log_summary(msg: MessageContext, verdict: Verdict) -> None:
         text += "; " + published
     if msg.reply_to_our_mail:
         text += "; reply to our message " + msg.reply_to_our_mail
-    text += "; verdict: " + event["verdict"]
+    text += "; verdict: " + verdict.action.value
     if event["reply"]:
         text += " (%s)" % event["reply"]
     log.info("{summary_text}", summary_text=text, summary=True, **event)

@@ -144,7 +144,7 @@ class RmilterService(service.MultiService):
             path = unix_socket_path(endpoint)
             if path is not None:
                 clear_stale_socket(path)
-            listener = strports.service(endpoint, self.factory, reactor=self.reactor)
+            listener = strports.service(endpoint, self.factory, reactor=self.reactor)  # type: ignore[arg-type]
             # make a bind failure raise from startService instead of only being logged
             listener._raiseSynchronously = True  # type: ignore[attr-defined]
             listener.setServiceParent(self)

@@ -74,7 +74,7 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
     from rmilter.service import RmilterService
 
     set_debug(bool(options["debug"]))
-    return RmilterService(
+    return RmilterService(  # type: ignore[return-value]
         options["config_object"],
         config_path=options["config"],
         listen=options["listen"],
