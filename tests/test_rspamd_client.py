@@ -10,16 +10,14 @@ import tempfile
 from typing import Any, List, Tuple
 
 import zstandard
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    UNIXClientEndpoint,
-)
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI
 
 from rmilter.backends import rspamd
 from rmilter.backends.rspamd import (
@@ -29,11 +27,11 @@ from rmilter.backends.rspamd import (
     RspamdClient,
     ScanFailed,
     ScanRequest,
-    ServerEndpointFactory,
     SpoolProducer,
     from_config,
     parse_reply,
     prepare_body,
+    server_connector,
 )
 from rmilter.config.schema import Config, ServerSpec, SpamdConfig
 from rmilter.spool import Spool, run_inline
@@ -70,7 +68,7 @@ class ClientTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.fakes = FakeRspamdCluster({s.name: FakeRspamd() for s in servers})
         config = SpamdConfig(servers=tuple(servers), **spamd)
-        return RspamdClient(config, self.clock, agent_for=self.fakes.agent_for, rng=random.Random(1))
+        return RspamdClient(config, self.clock, connector_for=self.fakes.connector_for, rng=random.Random(1))
 
     def scan(self, client: RspamdClient, request: ScanRequest = FULL_REQUEST, body: bytes = MESSAGE):
         return client.scan(request, MessageBody(data=body))
@@ -217,7 +215,7 @@ class BodyTests(SynchronousTestCase):
         self.patch(spool, "read", counting)
         clock = Clock()
         fakes = FakeRspamdCluster({"r1": FakeRspamd()})
-        client = RspamdClient(SpamdConfig(servers=(R1,)), clock, agent_for=fakes.agent_for)
+        client = RspamdClient(SpamdConfig(servers=(R1,)), clock, connector_for=fakes.connector_for)
         self.successResultOf(client.scan(FULL_REQUEST, body))
         self.assertEqual(fakes["r1"].requests[0].body, spool.head + payload)
         self.assertEqual(len(reads), 4)
@@ -423,14 +421,6 @@ class FailureTests(ClientTestCase):
         client = self.make_client(servers=(R1, R2), maxerrors=2, error_time=10.0, dead_time=60.0,
                                   retry_count=2, retry_timeout=0.0)
         r1 = client.upstreams.upstreams[0]
-        attempts_on_r1 = []
-        real_request = client.agent(R1).request
-
-        def spy(*args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
-            attempts_on_r1.append(1)
-            return real_request(*args, **kwargs)
-
-        self.patch(client.agent(R1), "request", spy)
         self.fakes["r1"].refuse()
         for _ in range(50):
             d = self.scan(client)
@@ -438,11 +428,11 @@ class FailureTests(ClientTestCase):
             self.assertEqual(self.successResultOf(d).server, R2)
             if r1.dead_until is not None:
                 break
-        self.assertEqual(len(attempts_on_r1), 2)
+        self.assertEqual(self.fakes["r1"].refused, 2)  # one connect attempt per failed scan attempt
         self.assertEqual(r1.dead_until, self.clock.seconds() + 60.0)
         for _ in range(20):
             self.assertEqual(self.successResultOf(self.scan(client)).server, R2)
-        self.assertEqual(len(attempts_on_r1), 2)
+        self.assertEqual(self.fakes["r1"].refused, 2)
         # revived after dead_time
         self.fakes["r1"].refuse(False)
         self.clock.advance(60.0)
@@ -458,35 +448,60 @@ class FailureTests(ClientTestCase):
         self.assertEqual(client.upstreams.upstreams[0].errors, 0)
 
 
-class EndpointTests(SynchronousTestCase):
-    def endpoint(self, server: ServerSpec) -> Any:
-        return ServerEndpointFactory(MemoryReactorClock(), server, 1.5).endpointForURI(
-            URI.fromBytes(b"http://localhost/checkv2"))
+class ConnectTests(SynchronousTestCase):
+    def test_connect_kinds(self) -> None:
+        """IP literals (v4 and v6) connect by TCP without a resolver, paths by unix socket."""
+        reactor = MemoryReactorClock()
+        for server in (R1, ServerSpec("v6", host="::1", port=11334)):
+            server_connector(reactor, server, 1.5)(ClientFactory())
+        server_connector(reactor, ServerSpec("/run/rspamd.sock", path="/run/rspamd.sock"), 1.5)(ClientFactory())
+        self.assertEqual([c[:2] + (c[3],) for c in reactor.tcpClients],
+                         [("127.0.0.1", 11333, 1.5), ("::1", 11334, 1.5)])
+        self.assertEqual([c[0] for c in reactor.unixClients], ["/run/rspamd.sock"])
 
-    def test_endpoint_kinds(self) -> None:
-        self.assertIsInstance(self.endpoint(ServerSpec("/run/rspamd.sock", path="/run/rspamd.sock")),
-                              UNIXClientEndpoint)
-        self.assertIsInstance(self.endpoint(R1), TCP4ClientEndpoint)
-        self.assertIsInstance(self.endpoint(ServerSpec("v6", host="::1", port=11333)), TCP6ClientEndpoint)
-        self.assertIsInstance(self.endpoint(ServerSpec("name", host="rspamd.example", port=11333)),
-                              HostnameEndpoint)
+    def test_host_name_goes_through_hostname_endpoint(self) -> None:
+        connects: List[Any] = []
+        self.patch(HostnameEndpoint, "connect", lambda endpoint, factory: connects.append(endpoint) or Deferred())
+        server_connector(MemoryReactorClock(), ServerSpec("name", host="rspamd.example", port=11333), 1.5)(
+            ClientFactory())
+        [endpoint] = connects
+        self.assertEqual((endpoint._hostBytes, endpoint._port), (b"rspamd.example", 11333))
 
-    def test_real_agent_pool_and_tcp_connect(self) -> None:
-        """The default agent: persistent pool well above 2 per host, connect with connect_timeout."""
+    def test_real_tcp_connect(self) -> None:
+        """The default connector: connect with connect_timeout; a stop() leaves no pooled connection."""
         reactor = MemoryReactorClock()
         config = Config(spamd=SpamdConfig(servers=(R1,), connect_timeout=1.5))
         client = from_config(config, reactor)
         assert client is not None
         d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
         self.assertNoResult(d)
-        [pool] = client._pools
-        self.assertTrue(pool.persistent)
-        self.assertGreaterEqual(pool.maxPersistentPerHost, 64)
         host, port, _factory, timeout, _bind = reactor.tcpClients[0]
         self.assertEqual((host, port, timeout), ("127.0.0.1", 11333, 1.5))
         self.successResultOf(client.stop())
 
-    def test_real_agent_unix_socket(self) -> None:
+    def test_connect_timeout_fails_the_attempt(self) -> None:
+        """A connect that times out is one failed attempt, described as such."""
+        reactor = MemoryReactorClock()
+        client = from_config(Config(spamd=SpamdConfig(servers=(R1,), retry_count=1)), reactor)
+        assert client is not None
+        d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
+        factory = reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(net_error.TimeoutError()))
+        failure = self.failureResultOf(d, ScanFailed)
+        self.assertIn("connect timed out", failure.value.errors[0])
+
+    def test_deadline_stops_a_pending_connect(self) -> None:
+        reactor = MemoryReactorClock()
+        client = from_config(Config(spamd=SpamdConfig(servers=(R1,), retry_count=1, connect_timeout=1.0,
+                                                      results_timeout=2.0)), reactor)
+        assert client is not None
+        d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
+        connector = reactor.connectors[0]
+        reactor.advance(3.0)
+        self.assertIn("timed out", self.failureResultOf(d, ScanFailed).value.errors[0])
+        self.assertTrue(connector.stoppedConnecting)
+
+    def test_real_unix_socket(self) -> None:
         reactor = MemoryReactorClock()
         sock = ServerSpec("/run/rspamd/normal.sock", path="/run/rspamd/normal.sock")
         client = from_config(Config(spamd=SpamdConfig(servers=(sock,), connect_timeout=2.0)), reactor)

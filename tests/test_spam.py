@@ -67,7 +67,7 @@ class SpamTestCase(SynchronousTestCase):
         self.fakes = getattr(self, "fakes", None) or FakeRspamdCluster(
             {s.name: FakeRspamd() for s in tuple(spamd.servers) + tuple(spamd.also_check)})
         runtime = Runtime(config, self.clock, run_inline)
-        runtime.rspamd = RspamdClient(spamd, self.clock, agent_for=self.fakes.agent_for, rng=random.Random(3))
+        runtime.rspamd = RspamdClient(spamd, self.clock, connector_for=self.fakes.connector_for, rng=random.Random(3))
         conn = ConnectionContext(hostname="mail.example.net", family="4", client_address="192.0.2.10",
                                  helo="helo.example.net", daemon_name="mx.example.org")
         msg = MessageContext(connection=conn, runtime=runtime, tag="0123456789")

@@ -71,7 +71,7 @@ class PipelineSpamTestCase(SynchronousTestCase):
                     rcpts: Sequence[str] = ("<bob@example.org>",), body: bytes = b"Hello\r\n"):
         self.clock = Clock()
         runtime = Runtime(config, self.clock, run_inline)
-        runtime.rspamd = RspamdClient(config.spamd, self.clock, agent_for=self.fakes.agent_for,
+        runtime.rspamd = RspamdClient(config.spamd, self.clock, connector_for=self.fakes.connector_for,
                                       rng=random.Random(0))
         pipeline = Pipeline(lambda: runtime)
         conn = ConnectionContext(hostname="mail.example.net", family="4", client_address=ip)

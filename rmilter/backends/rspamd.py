@@ -1,19 +1,25 @@
-"""Client for Rspamd's HTTP protocol (SPEC §6.6, §6.8.1-§6.8.2, §7.1), on Twisted's HTTP/1.1 agent.
+"""Client for Rspamd's HTTP protocol (SPEC §6.6, §6.8.1-§6.8.2, §7.1): a small HTTP/1.1 client of its own.
 
-One ``Agent`` per configured server, built with ``Agent.usingEndpointFactory``
-(TCP or unix socket) on a persistent ``HTTPConnectionPool`` sized for many
-messages in flight.  Requests go to the agent directly rather than through
-``treq.HTTPClient``: treq re-parses and IDNA-encodes the URL and runs its cookie
-and redirect layers on every request, 0.3-0.7 ms of CPU per message, which is
-more than the rest of a scan costs us.  treq's in-memory agent
-(``treq.testing.RequestTraversalAgent``) is what the unit tests plug in
-(``rmilter.testing.fake_rspamd``).  A scan is up to
-``retry_count`` attempts, each on a freshly chosen live server (SPEC §6.6),
-separated by a pause that never blocks the reactor.  Every attempt has one
-deadline, ``connect_timeout + results_timeout``, that covers connecting,
-sending, the response headers *and* the body read: treq's own ``timeout=``
-ends with the headers, which would let a server that stalls mid-body hang the
-message.
+Twisted's ``Agent`` (and treq on top of it) cost about 0.7 ms of CPU per scan:
+Headers objects, URI parsing, endpoint and pool wrappers, the response Deferred
+chain and ``readBody``.  A scan needs none of it: the request is one head (cached
+request line and Host, the SPEC §6.8.1 fields, Content-Length) written with the
+body, and the reply is read by ``_HTTPConnection`` with a Content-Length, chunked
+or up to the close of the connection, looking only at the status and the
+Compression / Connection headers.  Rspamd 3.4's normal worker answers
+``Connection: close``, so usually every scan connects anew (``reactor.connectTCP``
+/ ``connectUNIX`` directly, no endpoint wrappers); a server that keeps the
+connection open gets it reused (up to ``POOL_SIZE`` idle per server, none older
+than ``POOL_IDLE_TIMEOUT``; a pooled connection that turns out closed before any
+reply byte is replaced by a new one, once, without counting as a failure).
+
+A scan is up to ``retry_count`` attempts, each on a freshly chosen live server
+(SPEC §6.6), separated by a pause that never blocks the reactor.  Every attempt
+has one deadline, ``connect_timeout + results_timeout``, that covers connecting,
+sending, the reply head *and* its body; the connect itself is bounded by
+``connect_timeout``.  The unit tests plug in an in-memory Rspamd through the
+``connector_for`` hook (``rmilter.testing.fake_rspamd``): the same protocol code
+talks to a twisted.web server over an in-memory transport.
 
 The message goes out from the spool: from the one in-memory copy when the
 spool lives in memory, else streamed in chunks from the spool file; nothing is
@@ -28,26 +34,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import deferLater
-from rmilter.log import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-    PartialDownloadError,
-    ResponseFailed,
-    ResponseNeverReceived,
-    readBody,
-)
-from twisted.web._newclient import RequestTransmissionFailed
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from rmilter.log import Logger
 
 from rmilter.backends.upstream import UpstreamList
 from rmilter.config.schema import Config, ServerSpec, SpamdConfig
@@ -103,9 +98,9 @@ def describe_failure(failure: Failure) -> str:
         return "connect timed out"
     if failure.check(net_error.ConnectError, net_error.DNSLookupError):
         return "cannot connect: %s" % (failure.getErrorMessage(),)
-    if failure.check(ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed):
+    if failure.check(ConnectionLostEarly, net_error.ConnectionLost, net_error.ConnectionDone):
         return "connection lost before the reply"
-    if failure.check(PartialDownloadError):
+    if failure.check(ReplyCutShort):
         return "reply cut short"
     if failure.check(BadReply):
         return "bad reply: %s" % (failure.getErrorMessage(),)
@@ -161,6 +156,10 @@ class ScanRequest:
         if self.pass_all:
             lines.append((b"Pass", b"all"))
         return lines
+
+    def wire_headers(self) -> bytes:
+        """``header_lines`` as they go on the wire."""
+        return b"".join([b"%s: %s\r\n" % line for line in self.header_lines()])
 
 
 # -- the message body -----------------------------------------------------------------------
@@ -562,53 +561,389 @@ class ScanResult:
     attempts: int = 1
 
 
-@implementer(IAgentEndpointFactory)
-class ServerEndpointFactory:
-    """Every request of an agent goes to one configured server, TCP or unix socket."""
-
-    def __init__(self, reactor: Any, server: ServerSpec, connect_timeout: float) -> None:
-        self.reactor = reactor
-        self.server = server
-        self.connect_timeout = connect_timeout
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        server = self.server
-        timeout = max(self.connect_timeout, 0.001)
-        endpoint: Any
-        if server.path is not None:
-            endpoint = UNIXClientEndpoint(self.reactor, server.path, timeout=timeout)
-            return cast(IStreamClientEndpoint, endpoint)
-        host = server.host or "localhost"
-        port = server.port or 11333
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            endpoint = HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
-        else:
-            endpoint_class = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-            endpoint = endpoint_class(self.reactor, host, port, timeout=timeout)
-        return cast(IStreamClientEndpoint, endpoint)
+#: starts one connection to a server; the factory hears how it went (``buildProtocol`` or
+#: ``clientConnectionFailed``); the returned callable, if any, gives up a pending connect
+Connector = Callable[[ClientFactory], Optional[Callable[[], None]]]
 
 
-def _url(server: ServerSpec, path: str) -> bytes:
-    """The request URL; only its path and Host header matter, the endpoint decides where it goes."""
+def server_connector(reactor: Any, server: ServerSpec, connect_timeout: float) -> Connector:
+    """How to reach one configured server: unix socket, IP literal (no resolver) or host name."""
+    timeout = max(connect_timeout, 0.001)
     if server.path is not None:
-        return b"http://localhost" + path.encode("ascii")
+        path = server.path
+
+        def unix(factory: ClientFactory) -> Optional[Callable[[], None]]:
+            return _stopper(reactor.connectUNIX(path, factory, timeout=timeout))
+
+        return unix
+    host = server.host or "localhost"
+    port = server.port or 11333
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        endpoint = HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+
+        def named(factory: ClientFactory) -> Optional[Callable[[], None]]:
+            d = endpoint.connect(factory)
+            d.addErrback(lambda f: factory.clientConnectionFailed(None, f))  # type: ignore[arg-type]
+            return d.cancel
+
+        return named
+
+    def tcp(factory: ClientFactory) -> Optional[Callable[[], None]]:
+        # connectTCP takes IPv6 literals too
+        return _stopper(reactor.connectTCP(host, port, factory, timeout=timeout))
+
+    return tcp
+
+
+def _stopper(connector: Any) -> Callable[[], None]:
+    def stop() -> None:
+        try:
+            connector.stopConnecting()
+        except net_error.NotConnectingError:
+            pass  # connected meanwhile: the factory drops the connection itself
+
+    return stop
+
+
+def _host_header(server: ServerSpec) -> bytes:
+    if server.path is not None:
+        return b"localhost"
     host = server.host or "localhost"
     if ":" in host:
         host = "[%s]" % (host,)
-    return ("http://%s:%d%s" % (host, server.port or 11333, path)).encode("idna")
+    return ("%s:%d" % (host, server.port or 11333)).encode("idna")
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Rspamd closes its connection after every reply (3.4: ``Connection: close``), so a
-    factory starts and stops per message; Twisted would log both events each time."""
+class _Exchange:
+    """One request in flight: its bytes, where it goes, and the Deferred waiting for the reply."""
+
+    __slots__ = ("client", "server", "head", "body", "result", "connection", "stop_connect", "done")
+
+    def __init__(self, client: "RspamdClient", server: ServerSpec, head: bytes, body: MessageBody) -> None:
+        self.client = client
+        self.server = server
+        self.head = head
+        self.body = body
+        self.result: "Deferred[ScanReply]" = Deferred(self._cancel)
+        self.connection: Optional[_HTTPConnection] = None
+        self.stop_connect: Optional[Callable[[], None]] = None
+        self.done = False
+
+    def _cancel(self, _: "Deferred[ScanReply]") -> None:
+        """The deadline (or the caller) gave up: drop the connection or the connect."""
+        self.done = True
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abandon()
+        elif self.stop_connect is not None:
+            self.stop_connect()
+
+    def succeed(self, reply: ScanReply) -> None:
+        if not self.done:
+            self.done = True
+            self.result.callback(reply)
+
+    def fail(self, failure: Failure) -> None:
+        if not self.done:
+            self.done = True
+            self.result.errback(failure)
+
+
+class _ConnectFactory(ClientFactory):
+    """One connect attempt for one exchange (connections live on in the pool, factories do not)."""
 
     noisy = False
 
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
 
-class _Pool(HTTPConnectionPool):
-    _factory = _QuietClientFactory
+    def buildProtocol(self, addr: Any) -> Optional["_HTTPConnection"]:
+        exchange = self.exchange
+        if exchange.done:
+            return None  # given up while connecting: Twisted closes the new connection
+        exchange.stop_connect = None
+        return _HTTPConnection(exchange.client, exchange.server, exchange)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.exchange.fail(reason)
+
+
+class ConnectionLostEarly(RspamdError):
+    """The connection closed before a whole reply head arrived."""
+
+
+class ReplyCutShort(RspamdError):
+    """The connection closed before the announced reply body was complete."""
+
+
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _UNTIL_CLOSE = range(6)
+
+
+class _HTTPConnection(Protocol):
+    """HTTP/1.1 to one Rspamd server, one exchange at a time, kept for the next when allowed.
+
+    The request goes out as the head bytes and the body (one shared buffer, or the
+    spool file streamed under backpressure).  The reply is read with a Content-Length,
+    chunked, or up to the close of the connection; only the status and the headers
+    the scan needs (Compression, Connection) are looked at.
+    """
+
+    def __init__(self, client: "RspamdClient", server: ServerSpec, exchange: Optional[_Exchange]) -> None:
+        self.client = client
+        self.server = server
+        self.exchange = exchange
+        self.reused = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._state = _HEAD
+        self._buffer = b""
+        self._parts: List[bytes] = []
+        self._remaining = 0
+        self._status = 0
+        self._compressed = False
+        self._keep_alive = False
+        self._received = False
+        self._producer: Optional[SpoolProducer] = None
+
+    # -- sending ---------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if self.server.path is None and hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)  # the tail of a big body must not wait for an ACK
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.done:
+                transport.loseConnection()
+                return
+            self.send(exchange)
+
+    def send(self, exchange: _Exchange) -> None:
+        """Write one request; the reply may complete within this call (in-memory transports)."""
+        self.exchange = exchange
+        exchange.connection = self
+        transport: Any = self.transport
+        body = exchange.body
+        if body.data is not None:
+            transport.write(exchange.head)
+            transport.write(body.data)
+            return
+        producer = self._producer = cast(SpoolProducer, body.producer())
+        transport.write(exchange.head)
+        transport.registerProducer(producer, True)
+        producer.startProducing(transport).addCallbacks(self._sent, self._send_failed)
+
+    def _sent(self, _: object) -> None:
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def _send_failed(self, failure: Failure) -> None:
+        self._sent(None)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.connection = None
+            exchange.fail(failure)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def abandon(self) -> None:
+        """The exchange was given up: this connection is in an unknown state, close it."""
+        self.exchange = None
+        if self._producer is not None:
+            self._producer.stopProducing()
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- receiving -------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self.exchange is None:
+            self.transport.loseConnection()  # type: ignore[union-attr]  # nothing is expected now
+            return
+        self._received = True
+        try:
+            self._feed(data)
+        except RspamdError:
+            self._finish_failed(Failure())
+
+    def _feed(self, data: bytes) -> None:
+        if self._state == _HEAD:
+            buffer = self._buffer + data if self._buffer else data
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > 65536:
+                    raise BadReply("reply head too long")
+                self._buffer = buffer
+                return
+            self._buffer = b""
+            rest = buffer[end + 4:]
+            if not self._head(buffer[:end]):
+                if rest:
+                    self._feed(rest)  # an interim 1xx reply: the real one follows
+                return
+            data = rest
+            if not data and self._state != _LENGTH:
+                return
+        state = self._state
+        if state == _LENGTH:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._parts.append(data)
+                self._remaining = remaining - len(data)
+                return
+            self._parts.append(data[:remaining] if len(data) > remaining else data)
+            self._complete(len(data) == remaining)
+        elif state == _UNTIL_CLOSE:
+            self._parts.append(data)
+        else:
+            self._chunked(data)
+
+    def _head(self, head: bytes) -> bool:
+        """Status and the headers we use; False for an interim (1xx) reply."""
+        lines = head.split(b"\r\n")
+        status_line = lines[0].split(None, 2)
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
+            raise BadReply("not an HTTP reply")
+        try:
+            status = int(status_line[1])
+        except ValueError:
+            raise BadReply("bad HTTP status line")
+        if 100 <= status < 200:
+            return False
+        self._status = status
+        length: Optional[int] = None
+        chunked = False
+        close = status_line[0] != b"HTTP/1.1"
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise BadReply("bad Content-Length")
+                if length < 0:
+                    raise BadReply("bad Content-Length")
+            elif name == b"transfer-encoding":
+                chunked = value.strip().lower().endswith(b"chunked")
+            elif name == b"connection":
+                token = value.strip().lower()
+                if token == b"close":
+                    close = True
+                elif token == b"keep-alive":
+                    close = False
+            elif name == b"compression":
+                self._compressed = value.strip().lower() == b"zstd"
+        if chunked:
+            self._state = _CHUNK_SIZE
+        elif length is not None:
+            self._state = _LENGTH
+            self._remaining = length
+        elif status in (204, 304):
+            self._state = _LENGTH
+            self._remaining = 0
+        else:
+            self._state = _UNTIL_CLOSE
+            close = True
+        self._keep_alive = not close
+        return True
+
+    def _chunked(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        position = 0
+        while True:
+            state = self._state
+            if state == _CHUNK_SIZE:
+                end = buffer.find(b"\r\n", position)
+                if end < 0:
+                    break
+                try:
+                    size = int(buffer[position:end].split(b";", 1)[0], 16)
+                except ValueError:
+                    raise BadReply("bad chunk size")
+                position = end + 2
+                if size == 0:
+                    self._state = _TRAILER
+                else:
+                    self._remaining = size
+                    self._state = _CHUNK_DATA
+            elif state == _CHUNK_DATA:
+                if len(buffer) - position < self._remaining + 2:
+                    break
+                end = position + self._remaining
+                self._parts.append(buffer[position:end])
+                position = end + 2
+                self._state = _CHUNK_SIZE
+            else:  # trailer fields (none expected), up to an empty line
+                end = buffer.find(b"\r\n", position)
+                if end < 0:
+                    break
+                if end == position:
+                    self._buffer = b""
+                    self._complete(end + 2 == len(buffer))
+                    return
+                position = end + 2
+        self._buffer = buffer[position:]
+
+    def _complete(self, clean: bool) -> None:
+        """The whole reply is here: parse it, then pool or close the connection."""
+        exchange = self.exchange
+        assert exchange is not None
+        parts = self._parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        status, compressed = self._status, self._compressed
+        keep = self._keep_alive and clean
+        producer = self._producer
+        if producer is not None:  # answered before the whole body was read: stop sending it
+            keep = False
+            producer.stopProducing()
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.exchange = None
+        exchange.connection = None
+        self._reset()
+        if keep:
+            self.client._idle(self)
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        try:
+            if compressed or body.startswith(ZSTD_MAGIC):
+                body = decompress_reply(body)
+            reply = parse_reply(body, status)
+        except BadReply:
+            exchange.fail(Failure())
+            return
+        exchange.succeed(reply)
+
+    def _finish_failed(self, failure: Failure) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        if exchange is not None:
+            exchange.connection = None
+            exchange.fail(failure)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.client._forget(self)
+        if self._producer is not None:
+            self._producer.stopProducing()
+            self._producer = None
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if self._state == _UNTIL_CLOSE:
+            self._complete(False)
+            return
+        self.exchange = None
+        exchange.connection = None
+        if self._state != _HEAD:
+            exchange.fail(Failure(ReplyCutShort("reply cut short")))
+        elif self.reused and not self._received:
+            # the server closed the idle connection as we reused it: once more, on a new one
+            self.client._connect(exchange)
+        else:
+            exchange.fail(Failure(ConnectionLostEarly(reason.getErrorMessage())))
 
 
 class RspamdClient:
@@ -619,23 +954,25 @@ class RspamdClient:
         config: SpamdConfig,
         reactor: Any,
         *,
-        agent_for: Optional[Callable[[ServerSpec], IAgent]] = None,
+        connector_for: Optional[Callable[[ServerSpec], Connector]] = None,
         rng: Optional[random.Random] = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self._rng = rng or random.Random()
-        self._pools: List[HTTPConnectionPool] = []
-        self._agent_for = agent_for or self._real_agent
+        self._connector_for = connector_for or (
+            lambda server: server_connector(reactor, server, config.connect_timeout))
         self.upstreams: UpstreamList[ServerSpec] = self._upstream_list(config.servers)
         self.also_check: Optional[UpstreamList[ServerSpec]] = (
             self._upstream_list(config.also_check) if config.also_check else None
         )
-        self._agents: Dict[ServerSpec, IAgent] = {}
-        self._urls: Dict[ServerSpec, bytes] = {}
+        self._connectors: Dict[ServerSpec, Connector] = {}
+        self._request_lines: Dict[ServerSpec, bytes] = {}
+        #: idle connections by server, the most recently used last
+        self.idle: Dict[ServerSpec, List[_HTTPConnection]] = {}
         self.path = "/symbols" if config.protocol == "legacy" else "/checkv2"
         self.deadline = config.connect_timeout + config.results_timeout
-        self._stopped: Optional["Deferred[None]"] = None
+        self._stopped = False
 
     def _upstream_list(self, servers: Sequence[ServerSpec]) -> UpstreamList[ServerSpec]:
         c = self.config
@@ -649,57 +986,67 @@ class RspamdClient:
             rng=self._rng,
         )
 
-    def _real_agent(self, server: ServerSpec) -> IAgent:
-        pool = _Pool(self.reactor, persistent=True)
-        pool.maxPersistentPerHost = POOL_SIZE
-        pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
-        # POST is not idempotent, so the pool would not retry it anyway; our retries do
-        pool.retryAutomatically = False
-        self._pools.append(pool)
-        return Agent.usingEndpointFactory(
-            self.reactor, ServerEndpointFactory(self.reactor, server, self.config.connect_timeout), pool=pool
-        )
+    def connector(self, server: ServerSpec) -> Connector:
+        """How connections to one server are made (built on first use)."""
+        connector = self._connectors.get(server)
+        if connector is None:
+            connector = self._connectors[server] = self._connector_for(server)
+            self._request_lines[server] = b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (
+                self.path.encode("ascii"), _host_header(server))
+        return connector
 
-    def agent(self, server: ServerSpec) -> IAgent:
-        """The agent of one server (made on first use)."""
-        agent = self._agents.get(server)
-        if agent is None:
-            agent = self._agents[server] = self._agent_for(server)
-            self._urls[server] = _url(server, self.path)
-        return agent
+    # -- connections ------------------------------------------------------------------------
+    def _connect(self, exchange: _Exchange) -> None:
+        exchange.stop_connect = self.connector(exchange.server)(_ConnectFactory(exchange))
+
+    def _idle(self, connection: _HTTPConnection) -> None:
+        """A connection whose reply is complete and which the server keeps open."""
+        idle = self.idle.setdefault(connection.server, [])
+        if self._stopped or len(idle) >= POOL_SIZE:
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        connection.idle_since = self.reactor.seconds()
+        connection.reused = True
+        idle.append(connection)
+
+    def _forget(self, connection: _HTTPConnection) -> None:
+        idle = self.idle.get(connection.server)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    def _pooled(self, server: ServerSpec) -> Optional[_HTTPConnection]:
+        idle = self.idle.get(server)
+        if not idle:
+            return None
+        oldest = self.reactor.seconds() - POOL_IDLE_TIMEOUT
+        while idle:
+            connection = idle.pop()
+            if connection.idle_since >= oldest:
+                return connection
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+        return None
 
     # -- one attempt ---------------------------------------------------------------------
     def exchange(self, server: ServerSpec, request: ScanRequest, body: MessageBody) -> "Deferred[ScanReply]":
         """One POST to one server, bounded as a whole by ``connect_timeout + results_timeout``."""
-        headers = Headers()
-        for name, value in request.header_lines():
-            headers.addRawHeader(name, value)
-        if body.compressed:
-            headers.addRawHeader(b"Compression", b"zstd")
-            headers.addRawHeader(b"Content-Type", b"application/x-compressed")
+        connector = self.connector(server)
+        head = b"".join((
+            self._request_lines[server],
+            request.wire_headers(),
+            b"Compression: zstd\r\nContent-Type: application/x-compressed\r\n" if body.compressed
+            else b"Content-Type: text/plain\r\n",
+            b"Content-Length: %d\r\n\r\n" % (body.length,),
+        ))
+        exchange = _Exchange(self, server, head, body)
+        d = exchange.result
+        connection = self._pooled(server)
+        if connection is not None:
+            connection.send(exchange)
         else:
-            headers.addRawHeader(b"Content-Type", b"text/plain")
-        agent: Any = self.agent(server)  # zope interface methods confuse mypy (no self)
-        d: "Deferred[Any]" = agent.request(b"POST", self._urls[server], headers, body.producer())
-        d.addCallback(self._read)
-        d.addTimeout(self.deadline, self.reactor)
+            exchange.stop_connect = connector(_ConnectFactory(exchange))
+        if not exchange.done:
+            d.addTimeout(self.deadline, self.reactor)
         return d
-
-    def _read(self, response: IResponse) -> "Deferred[ScanReply]":
-        status = response.code
-        compressed = response.headers.getRawHeaders(b"compression") or []
-
-        def got(body: bytes) -> ScanReply:
-            if body.startswith(ZSTD_MAGIC) or any(v.strip().lower() == b"zstd" for v in compressed):
-                body = decompress_reply(body)
-            return parse_reply(body, status)
-
-        def partial(failure: Failure) -> bytes:
-            # an HTTP/1.0 reply ended by closing the connection: what arrived is the body
-            failure.trap(PartialDownloadError)
-            return failure.value.response or b""
-
-        return readBody(response).addErrback(partial).addCallback(got)
 
     # -- a scan with retries -------------------------------------------------------------
     def scan(self, request: ScanRequest, body: MessageBody) -> "Deferred[ScanResult]":
@@ -755,11 +1102,13 @@ class RspamdClient:
         return attempt(1)
 
     def stop(self) -> "Deferred[None]":
-        """Close the pooled connections (idempotent)."""
-        if self._stopped is None:
-            closing = [pool.closeCachedConnections() for pool in self._pools]
-            self._stopped = DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
-        return self._stopped
+        """Close the idle pooled connections (idempotent); requests in flight end on their own."""
+        self._stopped = True
+        idle, self.idle = self.idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.transport.loseConnection()  # type: ignore[union-attr]
+        return succeed(None)
 
 
 def from_config(config: Config, reactor: Any) -> Optional[RspamdClient]:

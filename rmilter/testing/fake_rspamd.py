@@ -1,19 +1,21 @@
-"""An in-memory Rspamd for unit tests: a twisted.web resource behind treq's in-memory agent.
+"""An in-memory Rspamd for unit tests: a twisted.web resource behind an in-memory connection.
 
 ``FakeRspamd`` records every request it gets (method, path, header lines in
 arrival order, body - decompressed when the client used ``Compression: zstd``)
 and answers with configured replies: a JSON document, any bytes with any HTTP
 status, "never answer" (to exercise deadlines) or "connection refused".  Its
-``agent()`` is an ``IAgent`` built on ``treq.testing.RequestTraversalAgent``, so
-the real ``RspamdClient`` (treq, Twisted's HTTP/1.1 client, the body producer)
-runs unchanged; no socket and no reactor are involved.
+``connector()`` is what ``RspamdClient(connector_for=...)`` uses to connect: the
+client's real HTTP protocol gets an in-memory transport whose other end is a
+twisted.web ``Site`` serving the fake, so the client code runs unchanged; no
+socket and no reactor are involved.  Like Rspamd 3.4's normal worker, the fake
+closes the connection after every reply unless ``keep_alive`` is set.
 
 Typical use::
 
     fakes = FakeRspamdCluster({"r1": FakeRspamd(), "r2": FakeRspamd()})
     fakes["r1"].answer(checkv2_reply(action="reject", smtp_message="Gtube pattern"))
     fakes["r2"].refuse()
-    client = RspamdClient(config.spamd, clock, agent_for=fakes.agent_for)
+    client = RspamdClient(config.spamd, clock, connector_for=fakes.connector_for)
 """
 from __future__ import annotations
 
@@ -23,14 +25,15 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred, fail
-from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer  # type: ignore[import-untyped]
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from treq.testing import RequestTraversalAgent
-
+from rmilter.backends.rspamd import Connector
 from rmilter.config.schema import ServerSpec
 
 
@@ -73,6 +76,8 @@ class FakeReply:
     refuse: bool = False
     #: send the headers and this much of the body, then stall
     partial: Optional[int] = None
+    #: send the body chunked (no Content-Length)
+    chunked: bool = False
 
 
 REFUSE = FakeReply(refuse=True)
@@ -198,9 +203,15 @@ class FakeRspamd(Resource):
         self.pending: List[Request] = []
         #: compress replies to requests that came compressed (what Rspamd does)
         self.compress_replies = True
-        self._agent: Optional[RequestTraversalAgent] = None
-        #: connections refused so far
+        #: connections refused so far, and connections made
         self.refused = 0
+        self.connections = 0
+        #: keep the connection open after a reply (Rspamd 3.4 closes it)
+        self.keep_alive = False
+        self._reactor = MemoryReactorClock()
+        self._site = Site(self, reactor=self._reactor)
+        self._pumps: List[iosim.IOPump] = []
+        self._pumping = False
 
     @staticmethod
     def _as_reply(reply: Union[FakeReply, Mapping[str, Any]]) -> FakeReply:
@@ -272,7 +283,26 @@ class FakeRspamd(Resource):
             request.write(payload[: reply.partial])
             self.pending.append(request)
             return NOT_DONE_YET
-        return payload
+        self._finish(request, payload, reply.chunked)
+        return NOT_DONE_YET
+
+    def _finish(self, request: Request, payload: bytes, chunked: bool = False) -> None:
+        """Write the whole reply; then close the connection unless ``keep_alive``."""
+        if not chunked:
+            request.setHeader("Content-Length", str(len(payload)))
+        if not self.keep_alive:
+            request.setHeader("Connection", "close")
+        transport = request.transport
+        if chunked and payload:
+            middle = len(payload) // 2
+            request.write(payload[:middle])
+            request.write(payload[middle:])
+        elif payload:
+            request.write(payload)
+        if not request._disconnected:  # the client may have read the whole reply and closed already
+            request.finish()
+        if not self.keep_alive and transport is not None:
+            transport.loseConnection()
 
     def release(self, reply: Union[None, FakeReply, Mapping[str, Any]] = None) -> None:
         """Answer every hung request with ``reply`` (default: the default reply)."""
@@ -284,40 +314,82 @@ class FakeRspamd(Resource):
             request.setResponseCode(answer.code)
             for name, value in answer.headers:
                 request.setHeader(name, value)
-            request.write(answer.body)
-            request.finish()
+            if request.responseHeaders.hasHeader(b"content-length"):  # a partial reply: the rest
+                request.write(answer.body)
+                if not request._disconnected:
+                    request.finish()
+            else:
+                self._finish(request, answer.body, answer.chunked)
         self.flush()
 
     # -- the client side -----------------------------------------------------------------------
-    def agent(self) -> IAgent:
-        """An agent that talks to this fake (and refuses when it is down)."""
-        return cast(IAgent, FakeRspamdAgent(self))
+    def connector(self) -> Connector:
+        """Connects a client factory to this fake (refused when it is down)."""
+        return self._connect
 
-    def _traversal(self) -> RequestTraversalAgent:
-        if self._agent is None:
-            self._agent = RequestTraversalAgent(self)
-        return self._agent
+    def _connect(self, factory: ClientFactory) -> None:
+        if self._refuses_next():
+            self.refused += 1
+            factory.clientConnectionFailed(None, Failure(net_error.ConnectionRefusedError("fake rspamd is down")))
+            return None
+        self.connections += 1
+        client_address = IPv4Address("TCP", "127.0.0.1", 40000 + self.connections)
+        server_address = IPv4Address("TCP", "127.0.0.1", 11333)
+        server = self._site.buildProtocol(client_address)
+        client = factory.buildProtocol(server_address)
+        if client is None:
+            return None
+        server_io = _Transport(self, server, True, server_address, client_address)
+        client_io = _Transport(self, client, False, client_address, server_address)
+        self._pumps.append(iosim.IOPump(client, server, client_io, server_io, False, self._reactor))
+        server.makeConnection(server_io)
+        client.makeConnection(client_io)
+        self.flush()
+        return None
 
     def flush(self) -> None:
-        """Deliver bytes written by the resource after ``render`` returned."""
-        if self._agent is not None:
-            self._agent.flush()
+        """Move bytes both ways until nothing moves (not re-entered from a write inside it)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            moved = True
+            while moved:
+                moved = False
+                for pump in list(self._pumps):
+                    if pump.pump(advanceClock=False):
+                        moved = True
+                    elif pump.clientIO.disconnected and pump.serverIO.disconnected:
+                        self._pumps.remove(pump)
+        finally:
+            self._pumping = False
+
+    @property
+    def open_connections(self) -> int:
+        return sum(1 for p in self._pumps if not (p.clientIO.disconnected or p.serverIO.disconnected))
 
 
-@implementer(IAgent)
-class FakeRspamdAgent:
-    """``IAgent`` for one ``FakeRspamd``: refused connections fail like a real connect."""
+class _Transport(iosim.FakeTransport):
+    """An in-memory transport that delivers what is written right away (via the fake's pump)."""
 
-    def __init__(self, fake: FakeRspamd) -> None:
-        self.fake = fake
+    def __init__(self, fake: FakeRspamd, protocol: Any, is_server: bool, host: Any, peer: Any) -> None:
+        super().__init__(protocol, is_server, hostAddress=host, peerAddress=peer)
+        self._fake = fake
 
-    def request(self, method: bytes, uri: bytes, headers: Any = None,
-                bodyProducer: Optional[IBodyProducer] = None) -> "Deferred[Any]":
-        fake = self.fake
-        if fake._refuses_next():
-            fake.refused += 1
-            return fail(net_error.ConnectionRefusedError("fake rspamd is down"))
-        return fake._traversal().request(method, uri, headers, bodyProducer)
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._fake.flush()
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self._fake.flush()
+
+    def abortConnection(self) -> None:
+        super().abortConnection()
+        self._fake.flush()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """Nothing to tune in memory."""
 
 
 class FakeRspamdCluster(Dict[str, FakeRspamd]):
@@ -326,11 +398,11 @@ class FakeRspamdCluster(Dict[str, FakeRspamd]):
     def __init__(self, fakes: Optional[Mapping[str, FakeRspamd]] = None) -> None:
         super().__init__(fakes or {})
 
-    def agent_for(self, server: ServerSpec) -> IAgent:
+    def connector_for(self, server: ServerSpec) -> Connector:
         fake = self.get(server.name)
         if fake is None:
             fake = self[server.name] = FakeRspamd()
-        return fake.agent()
+        return fake.connector()
 
     @property
     def requests(self) -> List[Tuple[str, RecordedRequest]]:
