@@ -400,14 +400,22 @@ def _integer(value: Any) -> Optional[int]:
     return None
 
 
-def _symbol(name: str, value: Any) -> Optional[Symbol]:
-    if not isinstance(value, dict):
-        return None
-    options = value.get("options")
-    opts: Tuple[str, ...] = ()
-    if isinstance(options, list):
-        opts = tuple(o for o in options if isinstance(o, str))
-    return Symbol(_string(value.get("name")) or name, _number(value.get("score")), opts)
+def _symbols(obj: Any) -> Tuple[Symbol, ...]:
+    """Every ``{name: {"score":.., "options": [..]}}`` entry of ``obj`` (others are skipped)."""
+    out: List[Symbol] = []
+    append = out.append
+    for name, value in _pairs(obj):
+        if not isinstance(value, dict):
+            continue
+        options = value.get("options")
+        opts: Tuple[str, ...] = ()
+        if options and isinstance(options, list):
+            opts = tuple([o for o in options if isinstance(o, str)])
+        given = value.get("name")
+        score = value.get("score")
+        append(Symbol(given if given and isinstance(given, str) else name,
+                      score if type(score) is float else _number(score), opts))
+    return tuple(out)
 
 
 def _strings(value: Any) -> Tuple[str, ...]:
@@ -463,11 +471,11 @@ def parse_reply(body: bytes, status: int = 200) -> ScanReply:
     if isinstance(metric, dict):
         # legacy /symbols shape: everything about the scan inside "default"
         fields: Dict[str, Any] = metric
-        symbols = tuple(s for s in (_symbol(k, v) for k, v in _pairs(metric)) if s is not None)
+        symbols = _symbols(metric)
         block_name = "rmilter"
     elif "action" in top or "score" in top or isinstance(top.get("symbols"), dict):
         fields = top
-        symbols = tuple(s for s in (_symbol(k, v) for k, v in _pairs(top.get("symbols"))) if s is not None)
+        symbols = _symbols(top.get("symbols"))
         block_name = "milter"
     else:
         error = _string(top.get("error"))

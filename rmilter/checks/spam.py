@@ -146,11 +146,22 @@ def extended_headers(msg: MessageContext, scan: ScanResult) -> List[Edit]:
 _HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
 
 
+#: names Rspamd asked about so far, valid or not (it sends the same few on every reply)
+_header_names: Dict[str, bool] = {}
+
+
 def _valid_header_name(name: str) -> bool:
-    return _HEADER_NAME.match(name) is not None
+    valid = _header_names.get(name)
+    if valid is None:
+        valid = _HEADER_NAME.match(name) is not None
+        if len(_header_names) < 1024:
+            _header_names[name] = valid
+    return valid
 
 
 def _clean_value(value: str) -> str:
+    if "\n" not in value and "\r" not in value and "\0" not in value:
+        return value  # nothing to drop or refold: the usual single-line value
     return header_value_safe(value.replace("\0", ""))
 
 
