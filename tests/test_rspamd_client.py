@@ -7,7 +7,7 @@ import json
 import os
 import random
 import tempfile
-from typing import Any, List, Tuple
+from typing import Any, List, Tuple, cast
 
 import zstandard
 from twisted.internet import error as net_error
@@ -190,7 +190,7 @@ class BodyTests(SynchronousTestCase):
                 written.append(data)
 
         for _ in range(3):
-            producer = body.producer()
+            producer: Any = body.producer()
             self.assertEqual(producer.length, spool.size)
             self.successResultOf(producer.startProducing(Consumer()))
         self.assertEqual(len(written), 3)
@@ -448,6 +448,115 @@ class FailureTests(ClientTestCase):
         self.assertEqual(client.upstreams.upstreams[0].errors, 0)
 
 
+class HTTPTests(ClientTestCase):
+    """The client's own HTTP/1.1: reply framings, connection reuse, and what a lost connection means."""
+
+    def test_rspamd_closes_so_every_scan_connects(self) -> None:
+        """Rspamd 3.4 answers ``Connection: close``: nothing is pooled, each scan connects anew."""
+        client = self.make_client()
+        for _ in range(3):
+            self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "no action")
+        self.assertEqual(self.fakes["r1"].connections, 3)
+        self.assertEqual(client.idle.get(R1, []), [])
+        self.assertEqual(self.fakes["r1"].open_connections, 0)
+
+    def test_keep_alive_connection_is_reused(self) -> None:
+        """A server that keeps the connection open gets the next request on it."""
+        client = self.make_client()
+        self.fakes["r1"].keep_alive = True
+        self.fakes["r1"].answer_next(checkv2_reply(action="reject"), checkv2_reply(action="greylist"))
+        self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "reject")
+        self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "greylist")
+        self.assertEqual(self.fakes["r1"].connections, 1)
+        self.assertEqual(len(self.fakes["r1"].requests), 2)
+        self.assertEqual(self.fakes["r1"].requests[1].body, MESSAGE)
+        self.successResultOf(client.stop())
+        self.assertEqual(self.fakes["r1"].open_connections, 0)
+
+    def test_pooled_connection_older_than_idle_timeout_is_not_used(self) -> None:
+        client = self.make_client()
+        self.fakes["r1"].keep_alive = True
+        self.successResultOf(self.scan(client))
+        self.clock.advance(rspamd.POOL_IDLE_TIMEOUT + 1)
+        self.successResultOf(self.scan(client))
+        self.assertEqual(self.fakes["r1"].connections, 2)
+
+    def test_pooled_connection_closed_by_server_is_replaced(self) -> None:
+        """The server closed an idle connection as we reused it: a new one, not a failed attempt."""
+        client = self.make_client(retry_count=1)
+        self.fakes["r1"].keep_alive = True
+        self.successResultOf(self.scan(client))
+        [connection] = client.idle[R1]
+        transport: Any = connection.transport
+        self.patch(transport, "write", lambda data: transport.loseConnection())
+        result = self.successResultOf(self.scan(client))
+        self.assertEqual((result.attempts, self.fakes["r1"].connections), (1, 2))
+        self.assertEqual(client.upstreams.upstreams[0].errors, 0)
+
+    def test_chunked_reply(self) -> None:
+        client = self.make_client()
+        self.fakes["r1"].answer(FakeReply(json.dumps(checkv2_reply(action="add header")).encode(), chunked=True))
+        self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "add header")
+
+    def exchange_bytes(self, reply: bytes, close: bool = True, retry_count: int = 1) -> Any:
+        """Run one scan on a StringTransport and feed ``reply`` to the client's protocol."""
+        from twisted.internet.testing import StringTransport
+
+        protocols: List[Any] = []
+
+        def connector(factory: Any) -> None:
+            protocol = factory.buildProtocol(None)
+            protocol.makeConnection(StringTransport())
+            protocols.append(protocol)
+
+        self.clock = Clock()
+        client = RspamdClient(SpamdConfig(servers=(R1,), retry_count=retry_count), self.clock,
+                              connector_for=lambda server: connector)
+        d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
+        [protocol] = protocols
+        sent = protocol.transport.value()
+        self.assertTrue(sent.startswith(b"POST /checkv2 HTTP/1.1\r\nHost: 127.0.0.1:11333\r\n"))
+        self.assertTrue(sent.endswith(b"\r\n\r\n" + MESSAGE))
+        for i in range(len(reply)):  # byte by byte: every split point of the framing
+            protocol.dataReceived(reply[i:i + 1])
+        if close:
+            protocol.connectionLost(Failure(net_error.ConnectionDone()))
+        return d
+
+    def test_reply_framings_byte_by_byte(self) -> None:
+        """Content-Length, chunked (with extensions and trailers), close-delimited HTTP/1.0, 100 Continue."""
+        document = json.dumps(checkv2_reply(action="reject", score=20)).encode()
+        half = len(document) // 2
+        replies = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(document), document),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x;x=y\r\n%s\r\n%x\r\n%s\r\n0\r\nX-T: 1\r\n\r\n"
+            % (half, document[:half], len(document) - half, document[half:]),
+            b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + document,
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(document), document),
+        ]
+        for reply in replies:
+            result = self.successResultOf(self.exchange_bytes(reply))
+            self.assertEqual((result.reply.action, result.reply.score), ("reject", 20.0), reply[:40])
+
+    def test_compressed_reply_by_header(self) -> None:
+        document = zstandard.ZstdCompressor().compress(json.dumps(checkv2_reply(action="greylist")).encode())
+        reply = b"HTTP/1.1 200 OK\r\nCompression: zstd\r\nContent-Length: %d\r\n\r\n%s" % (len(document), document)
+        self.assertEqual(self.successResultOf(self.exchange_bytes(reply)).reply.action, "greylist")
+
+    def test_reply_cut_short(self) -> None:
+        reply = b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"action\": "
+        failure = self.failureResultOf(self.exchange_bytes(reply), ScanFailed)
+        self.assertEqual(failure.value.errors, ("r1: reply cut short",))
+
+    def test_connection_lost_before_the_reply(self) -> None:
+        failure = self.failureResultOf(self.exchange_bytes(b"HTTP/1.1 200 OK\r\nContent-"), ScanFailed)
+        self.assertEqual(failure.value.errors, ("r1: connection lost before the reply",))
+
+    def test_garbage_is_a_bad_reply(self) -> None:
+        failure = self.failureResultOf(self.exchange_bytes(b"SSH-2.0-OpenSSH\r\n\r\n", close=False), ScanFailed)
+        self.assertIn("bad reply: not an HTTP reply", failure.value.errors[0])
+
+
 class ConnectTests(SynchronousTestCase):
     def test_connect_kinds(self) -> None:
         """IP literals (v4 and v6) connect by TCP without a resolver, paths by unix socket."""
@@ -461,7 +570,11 @@ class ConnectTests(SynchronousTestCase):
 
     def test_host_name_goes_through_hostname_endpoint(self) -> None:
         connects: List[Any] = []
-        self.patch(HostnameEndpoint, "connect", lambda endpoint, factory: connects.append(endpoint) or Deferred())
+        def connect(endpoint: Any, factory: Any) -> "Deferred[Any]":
+            connects.append(endpoint)
+            return Deferred()
+
+        self.patch(HostnameEndpoint, "connect", connect)
         server_connector(MemoryReactorClock(), ServerSpec("name", host="rspamd.example", port=11333), 1.5)(
             ClientFactory())
         [endpoint] = connects
@@ -486,7 +599,7 @@ class ConnectTests(SynchronousTestCase):
         assert client is not None
         d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
         factory = reactor.tcpClients[0][2]
-        factory.clientConnectionFailed(None, Failure(net_error.TimeoutError()))
+        factory.clientConnectionFailed(cast(Any, None), Failure(net_error.TimeoutError()))
         failure = self.failureResultOf(d, ScanFailed)
         self.assertIn("connect timed out", failure.value.errors[0])
 

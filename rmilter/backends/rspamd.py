@@ -592,8 +592,12 @@ def server_connector(reactor: Any, server: ServerSpec, connect_timeout: float) -
         endpoint = HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
 
         def named(factory: ClientFactory) -> Optional[Callable[[], None]]:
-            d = endpoint.connect(factory)
-            d.addErrback(lambda f: factory.clientConnectionFailed(None, f))  # type: ignore[arg-type]
+            d: "Deferred[Any]" = endpoint.connect(cast(Any, factory))
+
+            def failed(failure: Failure) -> None:
+                factory.clientConnectionFailed(cast(Any, None), failure)
+
+            d.addErrback(failed)
             return d.cancel
 
         return named
@@ -698,6 +702,9 @@ class _HTTPConnection(Protocol):
     the scan needs (Compression, Connection) are looked at.
     """
 
+    #: a TCP or unix transport (or an in-memory one in tests)
+    transport: Any
+
     def __init__(self, client: "RspamdClient", server: ServerSpec, exchange: Optional[_Exchange]) -> None:
         self.client = client
         self.server = server
@@ -747,7 +754,7 @@ class _HTTPConnection(Protocol):
     def _sent(self, _: object) -> None:
         if self._producer is not None:
             self._producer = None
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.transport.unregisterProducer()
 
     def _send_failed(self, failure: Failure) -> None:
         self._sent(None)
@@ -756,19 +763,19 @@ class _HTTPConnection(Protocol):
             self.exchange = None
             exchange.connection = None
             exchange.fail(failure)
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self.transport.abortConnection()
 
     def abandon(self) -> None:
         """The exchange was given up: this connection is in an unknown state, close it."""
         self.exchange = None
         if self._producer is not None:
             self._producer.stopProducing()
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self.transport.abortConnection()
 
     # -- receiving -------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         if self.exchange is None:
-            self.transport.loseConnection()  # type: ignore[union-attr]  # nothing is expected now
+            self.transport.loseConnection()  # nothing is expected now
             return
         self._received = True
         try:
@@ -907,14 +914,14 @@ class _HTTPConnection(Protocol):
         if producer is not None:  # answered before the whole body was read: stop sending it
             keep = False
             producer.stopProducing()
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.transport.unregisterProducer()
         self.exchange = None
         exchange.connection = None
         self._reset()
         if keep:
             self.client._idle(self)
         else:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()
         try:
             if compressed or body.startswith(ZSTD_MAGIC):
                 body = decompress_reply(body)
@@ -930,7 +937,7 @@ class _HTTPConnection(Protocol):
         if exchange is not None:
             exchange.connection = None
             exchange.fail(failure)
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.client._forget(self)
@@ -1011,7 +1018,7 @@ class RspamdClient:
         """A connection whose reply is complete and which the server keeps open."""
         idle = self.idle.setdefault(connection.server, [])
         if self._stopped or len(idle) >= POOL_SIZE:
-            connection.transport.loseConnection()  # type: ignore[union-attr]
+            connection.transport.loseConnection()
             return
         connection.idle_since = self.reactor.seconds()
         connection.reused = True
@@ -1031,7 +1038,7 @@ class RspamdClient:
             connection = idle.pop()
             if connection.idle_since >= oldest:
                 return connection
-            connection.transport.loseConnection()  # type: ignore[union-attr]
+            connection.transport.loseConnection()
         return None
 
     # -- one attempt ---------------------------------------------------------------------
@@ -1115,7 +1122,7 @@ class RspamdClient:
         idle, self.idle = self.idle, {}
         for connections in idle.values():
             for connection in connections:
-                connection.transport.loseConnection()  # type: ignore[union-attr]
+                connection.transport.loseConnection()
         return succeed(None)
 
 

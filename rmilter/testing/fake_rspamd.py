@@ -292,7 +292,7 @@ class FakeRspamd(Resource):
             request.setHeader("Content-Length", str(len(payload)))
         if not self.keep_alive:
             request.setHeader("Connection", "close")
-        transport = request.transport
+        transport: Any = request.transport
         if chunked and payload:
             middle = len(payload) // 2
             request.write(payload[:middle])
@@ -330,20 +330,20 @@ class FakeRspamd(Resource):
     def _connect(self, factory: ClientFactory) -> None:
         if self._refuses_next():
             self.refused += 1
-            factory.clientConnectionFailed(None, Failure(net_error.ConnectionRefusedError("fake rspamd is down")))
+            factory.clientConnectionFailed(cast(Any, None), Failure(net_error.ConnectionRefusedError("fake rspamd is down")))
             return None
         self.connections += 1
         client_address = IPv4Address("TCP", "127.0.0.1", 40000 + self.connections)
         server_address = IPv4Address("TCP", "127.0.0.1", 11333)
         server = self._site.buildProtocol(client_address)
-        client = factory.buildProtocol(server_address)
+        client = factory.buildProtocol(cast(Any, server_address))
         if client is None:
             return None
         server_io = _Transport(self, server, True, server_address, client_address)
         client_io = _Transport(self, client, False, client_address, server_address)
         self._pumps.append(iosim.IOPump(client, server, client_io, server_io, False, self._reactor))
         server.makeConnection(server_io)
-        client.makeConnection(client_io)
+        client.makeConnection(cast(Any, client_io))
         self.flush()
         return None
 
