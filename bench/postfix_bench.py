@@ -3,6 +3,7 @@
 
     python3 bench/postfix_bench.py [--messages 2000] [--reps 2] [--sessions 20] [--size 4096]
         [--nullmilter /tmp/milterload/nullmilter] [--max-use 100] [--warmup 200] [--out FILE.jsonl]
+    python3 bench/postfix_bench.py --summarize FILE.jsonl [FILE.jsonl ...]
 
 Runs as root (Postfix).  Everything comes from the test harness (tests/harness): a counting
 smtp-sink (no dump files, so the sink is not the bottleneck), one private Postfix 3.x per run
@@ -419,7 +420,16 @@ def main() -> int:
                         help="messages sent once per setting before measuring (0: none)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per run")
     parser.add_argument("--out", help="append one JSON line per run to this file")
+    parser.add_argument("--summarize", nargs="+", metavar="JSONL",
+                        help="only print the table for the runs in these --out files")
     args = parser.parse_args()
+    if args.summarize:
+        runs: List[RunResult] = []
+        for path in args.summarize:
+            with open(path) as f:
+                runs.extend(RunResult(**json.loads(line)) for line in f if line.strip())
+        print(summary(runs))
+        return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("1/conn", "-d") for m in modes):
         parser.error("--modes takes 1/conn and -d")
