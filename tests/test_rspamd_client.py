@@ -386,7 +386,7 @@ class FailureTests(ClientTestCase):
         self.assertEqual(len(self.fakes["r1"].requests), 2)
 
     def test_stalled_body_read_times_out(self) -> None:
-        """Headers arrive but the body stalls: the deadline still ends the attempt (treq's would not)."""
+        """Headers arrive but the body stalls: the deadline still ends the attempt (it covers the body read)."""
         client = self.make_client(connect_timeout=1.0, results_timeout=2.0, retry_count=1)
         body = json.dumps(checkv2_reply(action="reject")).encode()
         self.fakes["r1"].answer_next(FakeReply(body, partial=10))

@@ -393,7 +393,7 @@ class _Transport(iosim.FakeTransport):
 
 
 class FakeRspamdCluster(Dict[str, FakeRspamd]):
-    """Fakes by server name, with the ``agent_for`` hook ``RspamdClient`` takes."""
+    """Fakes by server name, with the ``connector_for`` hook ``RspamdClient`` takes."""
 
     def __init__(self, fakes: Optional[Mapping[str, FakeRspamd]] = None) -> None:
         super().__init__(fakes or {})
