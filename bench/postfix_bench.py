@@ -31,8 +31,16 @@ then the script waits until the sink has counted all N and the queue is empty.  
 - ``e2e msg/s``: N / (start of smtp-source .. last message delivered to the sink, queue empty);
 - the milter process's CPU seconds over that whole window (utime+stime of all its threads from
   /proc/PID/stat) and per message, and its RSS (VmRSS, sampled every 0.1 s: maximum);
+- CPU per message of that run's Postfix (master, reaped and live children), smtp-source, the
+  sink, and their total with the milter; ``Δ total vs none`` in the table is what the milter
+  costs the machine per message, Postfix's side of the milter protocol included;
 - ``busy cores``: whole-machine non-idle CPU over the window (/proc/stat), i.e. Postfix +
   smtp-source + sink + milter + anything else running on the shared machine.
+
+The run saturates both cores, so msg/s moves with whatever else runs on the machine; the CPU
+per message columns do much less and are the ones to compare.  A run fails (exit status 1, the
+``failed`` column) when smtp-source fails, the sink counts fewer than N messages, or rmilter did
+not log a ``msg done:`` line for each message.
 
 Fairness: the harness sets ``max_use = 1`` (an smtpd serves one session and exits) so that an
 idle smtpd cannot serve a test with settings from before a reload.  Here every run starts its own
