@@ -167,8 +167,8 @@ class SwaksResult:
 
 
 def _main_cf(p: "Postfix") -> str:
-    return "\n".join(
-        [
+    """main.cf text: the defaults below, with ``extra_main_cf`` replacing or adding settings."""
+    lines = (
             "compatibility_level = 3.6",
             "queue_directory = %s/spool" % p.dir,
             "data_directory = %s/data" % p.dir,
@@ -209,9 +209,10 @@ def _main_cf(p: "Postfix") -> str:
             # one session per smtpd process: an idle smtpd started before a reload would
             # otherwise serve the next session with the old settings (smtpd_milters ...)
             "max_use = 1",
-        ]
-        + ["%s = %s" % kv for kv in p.extra_main_cf.items()]
-    ) + "\n"
+    )
+    settings = dict(line.split(" = ", 1) if " = " in line else (line.rstrip(" ="), "") for line in lines)
+    settings.update(p.extra_main_cf)
+    return "".join(("%s = %s" % kv).rstrip() + "\n" for kv in settings.items())
 
 
 _MASTER_CF = """\
