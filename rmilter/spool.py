@@ -81,6 +81,7 @@ class Spool:
         self._fd: Optional[int] = None
         self._tail: "Deferred[None]" = succeed(None)  # file operations run one after another
         self.failed: Optional[BaseException] = None
+        self._joined: Optional[bytes] = None  # cache of memory_bytes()
         self.closed = False
 
     # -- writing ---------------------------------------------------------------------------
@@ -180,9 +181,11 @@ class Spool:
 
     def memory_bytes(self) -> Optional[bytes]:
         """The whole spool when it lives in memory, else None."""
-        if not self._on_disk:
-            return self.head + bytes(self._memory)
-        return None
+        if self._on_disk:
+            return None
+        if self._joined is None or len(self._joined) != self.size:
+            self._joined = b"".join((self.head, self._memory))  # one copy, reused by later callers
+        return self._joined
 
     # -- cleanup ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -191,6 +194,7 @@ class Spool:
             return
         self.closed = True
         self._memory = bytearray()
+        self._joined = None
 
         def remove(_: object) -> None:
             fd, path = self._fd, self.path

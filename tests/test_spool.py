@@ -157,3 +157,16 @@ class SlowDiskTests(SynchronousTestCase):
         runner.run_all()
         self.assertEqual(os.listdir(tempdir), [])
         os.rmdir(tempdir)
+
+
+class MemoryBytesTests(SynchronousTestCase):
+    def test_joined_once_and_refreshed_after_append(self) -> None:
+        """memory_bytes() joins head and body once; more body bytes give a fresh buffer."""
+        spool = Spool(tempfile.gettempdir(), 0o600, 1000, run_inline)
+        spool.set_head(b"H\r\n\r\n")
+        spool.append(b"one")
+        first = spool.memory_bytes()
+        self.assertIs(spool.memory_bytes(), first)
+        spool.append(b"two")
+        self.assertEqual(spool.memory_bytes(), b"H\r\n\r\nonetwo")
+        spool.close()
