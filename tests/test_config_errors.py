@@ -235,3 +235,24 @@ class ManyErrorsTests(ErrorTestCase):
         )
         errors = self.errors(text)
         self.assertEqual([int(e.split(":")[1]) for e in errors], [1, 3, 4, 5, 7, 8, 9], errors)
+
+
+class HypothesisFoundTests(SynchronousTestCase):
+    """Regressions found by the property tests."""
+
+    def test_nul_byte_in_include_pattern_is_a_config_error(self) -> None:
+        from rmilter.config import ConfigError, parse_text
+
+        for text in ('.include "/tmp/a\x00b/*.conf"\n', ".try_include /tmp/a\x00b/*.conf\n"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_text(text, "t.conf")
+            self.assertIn("t.conf:1:", caught.exception.errors[0])
+            self.assertIn("unusable pattern", caught.exception.errors[0])
+
+    def test_host_named_r_with_port(self) -> None:
+        """``r:1`` is host ``r`` port 1 (as C's HOSTPORT lexes it), for clamav and spamd alike."""
+        from rmilter.config import parse_text
+
+        config = parse_text("clamav { servers = r:1; };\nspamd { servers = r:2; };\n", "t.conf")
+        self.assertEqual([(s.host, s.port) for s in config.clamav.servers], [("r", 1)])
+        self.assertEqual([(s.host, s.port) for s in config.spamd.servers], [("r", 2)])

@@ -178,7 +178,11 @@ class Lexer:
         if not os.path.isabs(pattern) and os.path.isfile(filename):
             # relative to the including file, so a config tree can be moved as a whole
             pattern = os.path.join(os.path.dirname(os.path.abspath(filename)), pattern)
-        matches = sorted(glob.glob(pattern))  # B29: ascending order, the last file read wins
+        try:
+            matches = sorted(glob.glob(pattern))  # B29: ascending order, the last file read wins
+        except (ValueError, OSError) as e:  # e.g. a NUL byte in the pattern
+            self.errors.append("%s: %s %r: unusable pattern (%s)" % (where, word, m.group(1), e))
+            return pos
         if not matches:
             if word == ".include":
                 self.errors.append("%s: .include %s: no file matches (B26: a missing include is fatal)"

@@ -228,7 +228,11 @@ def parse_server(text: str, default_port: int, allow_rspamd_prefix: bool) -> Ser
     for spamd (it only ever meant "rspamd").
     """
     spec = text
-    if allow_rspamd_prefix and spec.startswith("r:"):
+    # "r:11333" is host "r", port 11333, as the C lexer reads it (HOSTPORT, longest match)
+    host_named_r = re.fullmatch(r"r:[0-9]{1,5}", spec) is not None
+    if host_named_r:
+        pass
+    elif allow_rspamd_prefix and spec.startswith("r:"):
         spec = spec[2:]
         if not spec:
             raise ValueProblem("%r: no server after the r: prefix" % text)
