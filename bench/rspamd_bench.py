@@ -20,62 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Rmilter, free_port, milterload, wait_for_port  # noqa: E402
-
-#: the Hyperscan cache shared with the test harness: a first start compiles for 10-14 s
-HS_CACHE_DIR = os.environ.get("RMILTER_HS_CACHE", "/var/tmp/rmilter-test-hs-cache")
-
-DISABLED_MODULES = (
-    "rbl surbl fuzzy_check dcc asn emails spf dmarc phishing url_redirector rspamd_update "
-    "neural ratelimit greylist history_redis replies mx_check whitelist mid mime_types multimap "
-    "reputation bimi arc external_services spamtrap clickhouse elastic metric_exporter hfilter "
-    "dkim_signing"
-).split()
-
-RSPAMD_CONF = """\
-.include "$CONFDIR/common.conf"
-options {
-  pidfile = "$RUNDIR/rspamd.pid";
-  .include "$CONFDIR/options.inc"
-  .include(try=true; priority=1,duplicate=merge) "$LOCAL_CONFDIR/local.d/options.inc"
-}
-logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "error"; }
-worker "normal" {
-  bind_socket = "127.0.0.1:%(normal)d"; bind_socket = "%(normal_sock)s";
-  count = 1; task_timeout = 8s;
-}
-worker "rspamd_proxy" {
-  bind_socket = "127.0.0.1:%(proxy)d"; count = 1;
-  milter = yes; timeout = 120s;
-  upstream "normal" { default = yes; hosts = "%(upstream)s"; }
-  spam_header = "X-Spam";
-  reject_message = "Spam message rejected";
-}
-"""
-
-OPTIONS_INC = """\
-dns { nameserver = ["127.0.0.1:%(dns)d"]; timeout = 0.3s; retransmits = 1; }
-filters = "chartable,dkim,regexp";
-enable_test_patterns = true;
-hs_cache_dir = "%(hs_cache)s/";
-"""
-
-MILTER_HEADERS = """\
-use = ["x-spamd-result", "x-rspamd-queue-id", "x-spam-status", "authentication-results"];
-skip_local = false;
-skip_authenticated = false;
-"""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import Rmilter, milterload  # noqa: E402
+from tests.harness.rspamd import Rspamd  # noqa: E402
 
 RMILTER_CONF = """\
 spamd {
@@ -86,58 +40,21 @@ spamd {
 """
 
 
-def write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
 class BenchRspamd:
-    """Rspamd with a normal worker and a milter proxy forwarding to it."""
+    """The test harness's Rspamd (tests/harness/rspamd.py), with its milter proxy forwarding to
+    the normal worker instead of scanning itself, so both milters use the same worker."""
 
     def __init__(self, unix: bool = False) -> None:
-        self.dir = tempfile.mkdtemp(prefix="rspamd-bench-")
-        self.normal = free_port()
-        self.proxy = free_port()
-        self.normal_sock = os.path.join(self.dir, "normal.sock")
+        self.rspamd = Rspamd(proxy_self_scan=False, normal_unix=unix, log_level="error").start()
         #: how both milters reach the normal worker
-        self.server = self.normal_sock if unix else "127.0.0.1:%d" % self.normal
-        local_d = os.path.join(self.dir, "local.d")
-        for sub in ("local.d", "db", "run", "log"):
-            os.makedirs(os.path.join(self.dir, sub))
-        os.makedirs(HS_CACHE_DIR, exist_ok=True)
-        values = {"normal": self.normal, "proxy": self.proxy, "dns": free_port(), "hs_cache": HS_CACHE_DIR,
-                  "normal_sock": self.normal_sock, "upstream": self.server}
-        write(os.path.join(self.dir, "rspamd.conf"), RSPAMD_CONF % values)
-        write(os.path.join(local_d, "options.inc"), OPTIONS_INC % values)
-        for module in DISABLED_MODULES:
-            write(os.path.join(local_d, module + ".conf"), "enabled = false;\n")
-        write(os.path.join(local_d, "actions.conf"), "rewrite_subject = 8;\n")
-        write(os.path.join(local_d, "milter_headers.conf"), MILTER_HEADERS)
-        argv = [shutil.which("rspamd") or "rspamd", "-f"]
-        if os.geteuid() == 0:
-            argv += ["-u", "root", "-g", "root"]
-        argv += ["-c", os.path.join(self.dir, "rspamd.conf"), "--var=LOCAL_CONFDIR=" + self.dir,
-                 "--var=DBDIR=" + os.path.join(self.dir, "db"), "--var=RUNDIR=" + os.path.join(self.dir, "run"),
-                 "--var=LOGDIR=" + os.path.join(self.dir, "log")]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("rspamd exited; see %s/log/rspamd.log" % self.dir)
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:%d/ping" % self.normal, timeout=1) as r:
-                    if b"pong" in r.read():
-                        break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("rspamd did not answer /ping")
-        wait_for_port(self.proxy, 30)
+        self.server = self.rspamd.normal_socket or self.rspamd.address
+        self.proxy = self.rspamd.proxy_port
 
     def worker_pid(self, kind: str) -> Optional[int]:
         """The pid of the worker whose title names ``kind`` (``normal``, ``rspamd_proxy``)."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        assert self.rspamd.process is not None
+        out = subprocess.run(["pgrep", "-P", str(self.rspamd.process.pid)], capture_output=True,
+                             text=True).stdout
         for pid in out.split():
             try:
                 with open("/proc/%s/cmdline" % pid, "rb") as f:
@@ -149,14 +66,7 @@ class BenchRspamd:
         return None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.rspamd.stop()
 
 
 def busy_jiffies() -> Tuple[int, int]:

@@ -70,8 +70,8 @@ options {
   .include "$CONFDIR/options.inc"
   .include(try=true; priority=1,duplicate=merge) "$LOCAL_CONFDIR/local.d/options.inc"
 }
-logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "notice"; }
-worker "normal" { bind_socket = "127.0.0.1:%(normal)d"; count = 1; task_timeout = 8s; }
+logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "%(log_level)s"; }
+worker "normal" { bind_socket = "127.0.0.1:%(normal)d";%(normal_unix)s count = 1; task_timeout = 8s; }
 worker "controller" {
   bind_socket = "127.0.0.1:%(controller)d"; count = 1;
   password = "q1"; secure_ip = "127.0.0.1"; static_dir = "${WWWDIR}";
@@ -79,7 +79,7 @@ worker "controller" {
 worker "rspamd_proxy" {
   bind_socket = "127.0.0.1:%(proxy)d"; count = 1;
   milter = yes; timeout = 120s;
-  upstream "local" { default = yes; self_scan = yes; }
+  %(proxy_upstream)s
   spam_header = "X-Spam";
   reject_message = "Spam message rejected";
 }
@@ -140,6 +140,10 @@ class Rspamd:
 
     ``extra_lua`` is a mapping name -> Lua source appended to ``rspamd.local.lua`` (e.g. a rule
     echoing the request); ``extra_local_d`` maps file names to contents added to ``local.d/``.
+
+    For benchmarks (bench/rspamd_bench.py): ``proxy_self_scan=False`` makes the milter proxy
+    forward to the normal worker (over its unix socket ``normal_socket`` when ``normal_unix``),
+    so the proxy and rmilter scan on the same worker; ``log_level`` quietens the log.
     """
 
     host = "127.0.0.1"
@@ -148,8 +152,15 @@ class Rspamd:
         self,
         extra_lua: Optional[Mapping[str, str]] = None,
         extra_local_d: Optional[Mapping[str, str]] = None,
+        *,
+        proxy_self_scan: bool = True,
+        normal_unix: bool = False,
+        log_level: str = "notice",
     ) -> None:
         self.dir = scratch_dir("rspamd")
+        self.proxy_self_scan = proxy_self_scan
+        self.normal_socket: Optional[str] = os.path.join(self.dir, "normal.sock") if normal_unix else None
+        self.log_level = log_level
         self.normal_port = free_port()
         self.controller_port = free_port()
         self.proxy_port = free_port()
@@ -201,6 +212,12 @@ class Rspamd:
             "dns": self.dns_port,
             "hs_cache": HS_CACHE_DIR,
             "dkim_dir": self.dkim_dir,
+            "log_level": self.log_level,
+            "normal_unix": ' bind_socket = "%s";' % self.normal_socket if self.normal_socket else "",
+            "proxy_upstream": (
+                'upstream "local" { default = yes; self_scan = yes; }' if self.proxy_self_scan
+                else 'upstream "normal" { default = yes; hosts = "%s"; }' % (self.normal_socket or self.address)
+            ),
         }
         local_d = os.path.join(self.dir, "local.d")
         write_file(os.path.join(self.dir, "rspamd.conf"), _TOP_CONF % ports)
