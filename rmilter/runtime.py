@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="rmilter.runtime")
 
+#: Runtime.build's default: read the DKIM keys now (at start, before the reactor runs)
+_LOAD_KEYS = object()
+
 
 @dataclass
 class Runtime:
@@ -49,7 +52,7 @@ class Runtime:
         config: Config,
         reactor: Any,
         run_blocking: BlockingRunner,
-        dkim_keyring: Optional["Keyring"] = None,
+        dkim_keyring: Any = _LOAD_KEYS,
     ) -> "Runtime":
         """Create the backend clients the configuration asks for (no network I/O happens here).
 
@@ -63,7 +66,8 @@ class Runtime:
         runtime.rspamd = rspamd.from_config(config, reactor)
         runtime.clamd = clamd.from_config(config, reactor)
         runtime.redis = redis.from_config(config, reactor)
-        runtime.dkim = dkim_keyring if dkim_keyring is not None else dkim.from_config(config)
+        # a reload passes the keyring it loaded in a thread, None included: no disk I/O here then
+        runtime.dkim = dkim.from_config(config) if dkim_keyring is _LOAD_KEYS else dkim_keyring
         return runtime
 
     def new_spool(self) -> Spool:

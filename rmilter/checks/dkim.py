@@ -322,8 +322,7 @@ def from_config(config: Config) -> Optional[Keyring]:
     keyring, problems = build_keyring(section)
     for problem in problems:
         log.error("{problem}", problem=problem)
-    if keyring.options.sign_alg == "sha1":
-        log.warn("dkim: sign_alg = sha1 is in effect; many receivers no longer accept rsa-sha1, use sha256")
+    # (sign_alg = sha1 is reported once, with the other start-up notices: config.startup_notices)
     log.info(
         "dkim: {count} signing keys loaded for {entries} domain entries",
         count=keyring.key_count,
