@@ -28,6 +28,7 @@ from rmilter.netlist import NetList, RecipientList
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
+from tests.pipeline_support import send_until_eom
 from rmilter.verdict import Action, AddHeader, CheckResult, reject, tempfail
 
 SPAMD = (ServerSpec("rspamd", host="127.0.0.1", port=11333),)
@@ -99,26 +100,11 @@ class PipelineTestCase(SynchronousTestCase):
                     rcpts=("<bob@example.org>",), body: bytes = b"Hello\r\n", headers=(("Subject", "hi"),)):
         runtime = Runtime(config, None, run_inline)
         self.pipeline = Pipeline(lambda: runtime)
-        conn = ConnectionContext(hostname="mail.example.net", family="4" if ip else "U", client_address=ip)
-        self.assertEqual(self.pipeline.connect(conn).action, Action.CONTINUE)
-        self.pipeline.helo(conn, "mail.example.net")
-        macros = {"{mail_addr}": "alice@example.net"}
-        if auth:
-            macros["{auth_authen}"] = auth
-        conn.macros.define("M", macros)
-        msg, verdict = self.pipeline.mail(conn, ["<alice@example.net>", "SIZE=10"])
-        self.assertEqual(verdict.action, Action.CONTINUE)
-        for rcpt in rcpts:
-            self.successResultOf(self.pipeline.rcpt(msg, [rcpt]))
-        conn.macros.define("T", {"i": "QID1"})
-        data = self.successResultOf(self.pipeline.data(msg))
-        if data.action is not Action.CONTINUE:
+        msg, data, eom = send_until_eom(self, self.pipeline, ip=ip, auth=auth, rcpts=rcpts, headers=headers,
+                                        body=body)
+        if eom is None:
             return msg, data
-        for name, value in headers:
-            self.pipeline.header(msg, name, value)
-        self.pipeline.eoh(msg)
-        self.successResultOf(self.pipeline.body(msg, body))
-        verdict = self.successResultOf(self.pipeline.eom(msg))
+        verdict = self.successResultOf(eom)
         self.pipeline.finish(msg, verdict)
         return msg, verdict
 

@@ -26,9 +26,10 @@ from rmilter.config.schema import (
     ServerSpec,
     SpamdConfig,
 )
-from rmilter.context import ConnectionContext, MessageContext
+from rmilter.context import MessageContext
 from rmilter.netlist import NetList, RecipientList
 from rmilter.pipeline import Pipeline
+from tests.pipeline_support import send_until_eom
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
 from rmilter.testing.fake_rspamd import FakeRspamd, FakeRspamdCluster, checkv2_reply
@@ -74,22 +75,8 @@ class PipelineSpamTestCase(SynchronousTestCase):
         runtime.rspamd = RspamdClient(config.spamd, self.clock, connector_for=self.fakes.connector_for,
                                       rng=random.Random(0))
         pipeline = Pipeline(lambda: runtime)
-        conn = ConnectionContext(hostname="mail.example.net", family="4", client_address=ip)
-        pipeline.connect(conn)
-        pipeline.helo(conn, "helo.example.net")
-        macros = {"{mail_addr}": "alice@example.net"}
-        if auth:
-            macros["{auth_authen}"] = auth
-        conn.macros.define("M", macros)
-        msg, _ = pipeline.mail(conn, ["<alice@example.net>"])
-        for rcpt in rcpts:
-            self.successResultOf(pipeline.rcpt(msg, [rcpt]))
-        conn.macros.define("T", {"i": "QID1"})
-        self.successResultOf(pipeline.data(msg))
-        pipeline.header(msg, "Subject", "hi")
-        pipeline.eoh(msg)
-        self.successResultOf(pipeline.body(msg, body))
-        d = pipeline.eom(msg)
+        msg, _, d = send_until_eom(self, pipeline, ip=ip, auth=auth, rcpts=rcpts, body=body, helo="helo.example.net")
+        assert d is not None
         self.clock.advance(0)
         verdict: Verdict = self.successResultOf(d)
         pipeline.finish(msg, verdict)

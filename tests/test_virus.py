@@ -16,6 +16,7 @@ from rmilter.config.schema import ClamavConfig, Config, GlobalConfig, ServerSpec
 from rmilter.context import ConnectionContext, MessageContext
 from rmilter.netlist import NetList, RecipientList
 from rmilter.pipeline import Pipeline
+from tests.pipeline_support import send_until_eom
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
 from rmilter.testing.fake_clamd import REFUSE, MemoryClamdNetwork, Script
@@ -185,19 +186,8 @@ class PipelineVirusTests(VirusCheckBase):
                     body: bytes = b"Hello\r\n", settle: bool = True) -> Tuple[MessageContext, "Deferred[Any]"]:
         runtime = self.runtime_for(config)
         pipeline = Pipeline(lambda: runtime)
-        conn = ConnectionContext(hostname="mail.example.net", family="4", client_address=ip)
-        pipeline.connect(conn)
-        pipeline.helo(conn, "mail.example.net")
-        conn.macros.define("M", {"{mail_addr}": "alice@example.net"})
-        msg, _ = pipeline.mail(conn, ["<alice@example.net>"])
-        for rcpt in rcpts:
-            self.successResultOf(pipeline.rcpt(msg, [rcpt]))
-        conn.macros.define("T", {"i": "QID1"})
-        self.successResultOf(pipeline.data(msg))
-        pipeline.header(msg, "Subject", "hi")
-        pipeline.eoh(msg)
-        self.successResultOf(pipeline.body(msg, body))
-        d = pipeline.eom(msg)
+        msg, _, d = send_until_eom(self, pipeline, ip=ip, rcpts=rcpts, body=body)
+        assert d is not None
         if settle:
             self.network.run()
             for _ in range(10):
