@@ -26,6 +26,7 @@ from rmilter.verdict import (
     CheckResult,
     Verdict,
     decide,
+    deciding_result,
 )
 
 log = Logger(namespace="rmilter.pipeline")
@@ -236,10 +237,10 @@ class Pipeline:
         else:
             fields["spam"] = spam_mode
 
-        ended = decide(results)
-        if ended.action is not Action.ACCEPT:
-            self._skip_after(msg, results, virus_scan)
-            return ended
+        ended_by = deciding_result(results)
+        if ended_by is not None:
+            self._skip_after(msg, ended_by, virus_scan)
+            return ended_by.verdict
 
         # -- pub/sub copy (step 6) --------------------------------------------------------------
         if not oversized and not spam_failed:
@@ -303,22 +304,19 @@ class Pipeline:
             return "skipped, recipient whitelist"
         return "skipped, ip whitelist"
 
-    def _skip_after(self, msg: MessageContext, results: List[CheckResult], virus_scan: Optional[Deferred]) -> None:
+    def _skip_after(self, msg: MessageContext, ended_by: CheckResult, virus_scan: Optional[Deferred]) -> None:
         """Log values for the checks a spam-stage verdict made unnecessary (SPEC §8.4)."""
         if virus_scan is not None:
             virus_scan.cancel()  # the result no longer matters: free the clamd connection now
-        fields = msg.log_fields
-        spam_log = fields.get("spam", "")
-        if "temporary fail" in spam_log:
+        if ended_by.check == "spam_failure":
             reason = "spamd tempfail"
-        elif spam_log.startswith("greylisted"):
+        elif ended_by.check == "greylist":
             reason = "spamd greylist"
-        elif "soft reject" in spam_log:
+        elif ended_by.verdict is not None and ended_by.verdict.action is Action.TEMPFAIL:
             reason = "spam soft reject"
         else:
             reason = "spam detected"
-        fields["virus"] = "skipped, " + reason
-        fields["dkim"] = "skipped, " + reason
+        msg.log_fields["virus"] = msg.log_fields["dkim"] = "skipped, " + reason
 
     # -- end of transaction ------------------------------------------------------------------
     def finish(self, msg: MessageContext, verdict: Optional[Verdict]) -> None:

@@ -144,6 +144,15 @@ class CheckResult:
 PRECEDENCE = ("spam_failure", "greylist", "spam", "virus")
 
 
+def deciding_result(results: Iterable[CheckResult]) -> Optional[CheckResult]:
+    """The result whose demanded verdict wins, in ``PRECEDENCE`` order, or None."""
+    rank = {name: i for i, name in enumerate(PRECEDENCE)}
+    demanding = [r for r in results if r.verdict is not None and r.verdict.ends_message]
+    if not demanding:
+        return None
+    return min(demanding, key=lambda r: rank.get(r.check, len(PRECEDENCE)))  # first of equals wins
+
+
 def decide(results: Iterable[CheckResult]) -> Verdict:
     """Turn the results of the EOM checks into the final verdict.
 
@@ -153,11 +162,9 @@ def decide(results: Iterable[CheckResult]) -> Verdict:
     edits of every check, in the order the checks ran.
     """
     ordered = list(results)
-    rank = {name: i for i, name in enumerate(PRECEDENCE)}
-    demanding = [r for r in ordered if r.verdict is not None and r.verdict.ends_message]
-    if demanding:
-        demanding.sort(key=lambda r: rank.get(r.check, len(PRECEDENCE)))
-        return demanding[0].verdict  # type: ignore[return-value]
+    winner = deciding_result(ordered)
+    if winner is not None:
+        return winner.verdict  # type: ignore[return-value]
     edits: Tuple[Edit, ...] = ()
     for result in ordered:
         edits += result.edits

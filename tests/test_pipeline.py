@@ -243,6 +243,14 @@ class EomOrderTests(PipelineTestCase):
         self.assertEqual(msg.log_fields["virus"], "skipped, spam detected")
         self.assertEqual(msg.log_fields["dkim"], "skipped, spam detected")
 
+    def test_soft_reject_names_the_reason_for_skipped_checks(self) -> None:
+        self.rec.spam = SpamOutcome(CheckResult("spam", "delayed, action: soft reject",
+                                                verdict=tempfail("Temporary failure")), action="soft reject")
+        msg, verdict = self.run_message(self.config())
+        self.assertEqual(verdict.action, Action.TEMPFAIL)
+        self.assertEqual(msg.log_fields["virus"], "skipped, spam soft reject")
+        self.assertEqual(msg.log_fields["dkim"], "skipped, spam soft reject")
+
     def test_add_header_action_greylists_at_eom(self) -> None:
         """SPEC §5.9 4b: greylist / add header / rewrite subject are greylisted after rspamd."""
         self.rec.spam = SpamOutcome(CheckResult("spam", "action: add header"), action="add header",
