@@ -1,5 +1,17 @@
-"""Packaging for rmilter: ``pip install .`` makes ``twistd rmilter`` and ``rmilter check-config`` work."""
+"""Packaging for rmilter: ``pip install .`` makes ``twistd rmilter`` and ``rmilter check-config`` work.
+
+Python 3.11 is the floor (Debian 12's python3) and the version the suite runs on in CI; the code
+uses 3.10+ features (``dataclass(slots=True)``).  Build files go to a temporary directory, so
+``pip install .`` leaves the checkout as it was (no ``build/`` or ``*.egg-info``).
+"""
+import atexit
+import shutil
+import tempfile
+
 from setuptools import find_packages, setup
+
+_BUILD_DIR = tempfile.mkdtemp(prefix="rmilter-build.")
+atexit.register(shutil.rmtree, _BUILD_DIR, True)
 
 setup(
     name="rmilter",
@@ -8,7 +20,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="BSD-2-Clause",
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     packages=find_packages(include=["rmilter", "rmilter.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["rmilter_plugin.py", "rmilter_endpoints.py"]},
     install_requires=[
@@ -29,5 +41,7 @@ setup(
         "Framework :: Twisted",
         "Topic :: Communications :: Email :: Filters",
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
     ],
+    options={"build": {"build_base": _BUILD_DIR}, "egg_info": {"egg_base": _BUILD_DIR}},
 )

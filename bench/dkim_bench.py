@@ -23,6 +23,7 @@ unauthenticated (unsigned) 4 KB messages while 8 other connections send authenti
 from __future__ import annotations
 
 import argparse
+import email.utils
 import hashlib
 import importlib.metadata
 import json
@@ -51,7 +52,7 @@ HEADERS = [
     ("From", "Alice <alice@example.com>"),
     ("To", "bob@example.org"),
     ("Subject", "benchmark message"),
-    ("Date", "Thu, 26 Nov 2026 10:00:00 +0000"),
+    ("Date", email.utils.formatdate(usegmt=True)),
     ("Message-ID", "<bench@example.com>"),
     ("MIME-Version", "1.0"),
     ("Content-Type", "text/plain; charset=us-ascii"),

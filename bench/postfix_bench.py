@@ -9,7 +9,7 @@ Runs as root (Postfix).  Everything comes from the test harness (tests/harness):
 smtp-sink (no dump files, so the sink is not the bottleneck), one private Postfix 3.x per run
 relaying to it, rmilter (``twistd -n rmilter``, empty config = pass-through, no backends) and
 optionally libmilter's do-nothing filter (``nullmilter``, built from
-/work/shared/tools/milterload with ``make O=/tmp/milterload``).
+../shared/tools/milterload with ``make O=/tmp/milterload``).
 
 Settings of ``smtpd_milters``, measured in the same run, interleaved (the order rotates with the
 repetition):

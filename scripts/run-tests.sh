@@ -7,8 +7,8 @@
 #
 # Environment:
 #   RMILTER_SKIP_INSTALL=1   do not run install-deps.sh (a machine already set up)
-#   RMILTER_TESTDATA=DIR     the shared test data (default: <repo>/../shared/testdata, else
-#                            /work/shared/testdata, if present)
+#   RMILTER_TESTDATA=DIR     the shared test data (default: <repo>/../shared/testdata, beside
+#                            the checkout, if present; nowhere else is looked at)
 #   TRIAL_JOBS=N             trial worker processes (default 2; 1 runs in-process)
 #   PYTHON=python3           the interpreter
 # Tests needing Redis, Rspamd, clamd or Postfix start private instances of them on loopback;
@@ -23,15 +23,10 @@ if [ "${RMILTER_SKIP_INSTALL:-0}" != 1 ]; then
   "$repo/scripts/install-deps.sh"
 fi
 
-# the shared configuration corpus: beside the checkout, else the workplace's copy; where neither
-# exists the corpus tests fail and say they were not run
-if [ -z "${RMILTER_TESTDATA:-}" ]; then
-  for candidate in "$(dirname "$repo")/shared/testdata" /work/shared/testdata; do
-    if [ -d "$candidate/configs" ]; then
-      export RMILTER_TESTDATA="$candidate"
-      break
-    fi
-  done
+# the shared configuration corpus: beside the checkout (../shared/testdata) unless RMILTER_TESTDATA
+# names it; where it is not found the corpus tests fail and say they were not run
+if [ -z "${RMILTER_TESTDATA:-}" ] && [ -d "$(dirname "$repo")/shared/testdata/configs" ]; then
+  export RMILTER_TESTDATA="$(dirname "$repo")/shared/testdata"
 fi
 echo "run-tests.sh: RMILTER_TESTDATA=${RMILTER_TESTDATA:-<unset: the corpus tests will fail and say so>}"
 export RMILTER_REQUIRE_SERVICES=1

@@ -249,10 +249,40 @@ class HypothesisFoundTests(SynchronousTestCase):
             self.assertIn("t.conf:1:", caught.exception.errors[0])
             self.assertIn("unusable pattern", caught.exception.errors[0])
 
-    def test_host_named_r_with_port(self) -> None:
-        """``r:1`` is host ``r`` port 1 (as C's HOSTPORT lexes it), for clamav and spamd alike."""
+    def test_r_prefix_in_spamd_and_clamav(self) -> None:
+        """SPEC §4.4 and C's add_spamd_server: every spamd entry loses one leading ``r:``, whatever
+        follows; clamav entries keep it, so ``r:1`` there is host ``r`` port 1 (C's HOSTPORT)."""
         from rmilter.config import parse_text
 
-        config = parse_text("clamav { servers = r:1; };\nspamd { servers = r:2; };\n", "t.conf")
-        self.assertEqual([(s.host, s.port) for s in config.clamav.servers], [("r", 1)])
-        self.assertEqual([(s.host, s.port) for s in config.spamd.servers], [("r", 2)])
+        config = parse_text("clamav { servers = r:1, \"r:1:7\"; };\n"
+                            "spamd { servers = r:2, \"r:r:3:4\", r:rspamd:5; };\n", "t.conf")
+        self.assertEqual([(s.host, s.port, s.priority) for s in config.clamav.servers], [("r", 1, 0), ("r", 1, 7)])
+        self.assertEqual([(s.host, s.port, s.priority) for s in config.spamd.servers],
+                         [("2", 11333, 0), ("r", 3, 4), ("rspamd", 5, 0)])
+
+    def test_spamd_r_prefix_then_host_port_priority(self) -> None:
+        """Found by the property tests: ``"r:1:0"`` in spamd is the prefix, then host ``1`` and port
+        ``0``, which is refused (ports are 1-65535), not host ``r`` port 1 priority 0."""
+        from rmilter.config import ConfigError, parse_text
+
+        with self.assertRaises(ConfigError) as caught:
+            parse_text('spamd { servers = "r:1:0"; };\n', "t.conf")
+        self.assertEqual(len(caught.exception.errors), 1)
+        self.assertIn("t.conf:1:", caught.exception.errors[0])
+        self.assertIn("'0' is not a port number (1-65535)", caught.exception.errors[0])
+
+    def test_spamd_host_named_r_round_trips(self) -> None:
+        """The printer writes a spamd host named ``r`` with the prefix, so its output parses back."""
+        from rmilter.config import format_config, parse_text
+
+        config = parse_text('spamd { servers = "r:r:1:0", r:11333; };\n', "t.conf")
+        again = parse_text(format_config(config), "printed.conf")
+        self.assertEqual(again.spamd.servers, config.spamd.servers)
+        self.assertEqual([(s.host, s.port) for s in again.spamd.servers], [("r", 1), ("11333", 11333)])
+
+    def test_clamav_r_prefix_with_a_host_is_explained(self) -> None:
+        from rmilter.config import ConfigError, parse_text
+
+        with self.assertRaises(ConfigError) as caught:
+            parse_text("clamav { servers = r:localhost:3310; };\n", "t.conf")
+        self.assertIn("the r: prefix marks rspamd servers", caught.exception.errors[0])

@@ -67,7 +67,20 @@ def server(rspamd: bool) -> st.SearchStrategy[str]:
     with_priority = st.tuples(host, port, st.integers(0, 100)).map(lambda t: '"%s:%d:%d"' % t)
     unix = st.from_regex(r"/run/[a-z]{1,8}\.sock", fullmatch=True)
     prefixed = tcp.map(lambda s: "r:" + s) if rspamd else tcp
-    return st.one_of(tcp, with_priority, unix, prefixed)
+    entries = st.one_of(tcp, with_priority, unix, prefixed)
+    if rspamd:
+        # every spamd entry loses one leading "r:" (SPEC §4.4, C's add_spamd_server): a host
+        # named "r" needs the prefix written out ("r:r:1:0"; "r:1:0" is host "1", port 0)
+        entries = entries.map(_spamd_entry)
+    return entries
+
+
+def _spamd_entry(entry: str) -> str:
+    quoted = entry.startswith('"')
+    text = entry.strip('"')
+    if text == "r" or text.startswith("r:"):
+        text = "r:" + text
+    return '"%s"' % text if quoted else text
 
 
 cache_server = st.tuples(st.one_of(host, ipv4), st.one_of(st.just(""), port.map(":{}".format))).map("".join)

@@ -26,6 +26,7 @@ from rmilter.netlist import NetList
 from rmilter.runtime import Runtime
 from rmilter.spool import Spool, run_inline, spool_head
 from rmilter.verdict import AddHeader
+from tests.dates import message_date
 
 # -- keys and DNS for the tests ---------------------------------------------------------------
 _KEYS: Dict[int, rsa.RSAPrivateKey] = {}
@@ -80,7 +81,7 @@ HEADERS: List[Tuple[str, str]] = [
     ("Subject", "a  folded\n   subject"),
     ("X-Mailer", "not signed"),
     ("Message-ID", "<m1@example.net>"),
-    ("Date", "Thu, 26 Nov 2026 10:00:00 +0000"),
+    ("Date", message_date()),
     ("MIME-Version", "1.0"),
     ("Content-Type", "text/plain; charset=utf-8"),
 ]

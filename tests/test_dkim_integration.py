@@ -14,13 +14,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rmilter.testing.mta import MessageSpec
 from tests import harness
+from tests.dates import message_date
 from tests.harness.base import find_program, run
 from tests.redis_support import send_message
 from tests.test_dkim import dns_serving
 
 MESSAGE = (
     "From: %(sender)s\r\nTo: Bob <bob@example.org>\r\nSubject: quarterly   report\r\n"
-    "  (folded subject line)\r\nDate: Thu, 26 Nov 2026 12:00:00 +0000\r\nMessage-ID: <%(msgid)s>\r\n"
+    "  (folded subject line)\r\nDate: %(date)s\r\nMessage-ID: <%(msgid)s>\r\n"
     "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
     "Hi Bob,\r\n\r\nthe  numbers   are\tattached.  \r\n\r\n\r\n"
 )
@@ -69,7 +70,7 @@ class PostfixDkimTests(SynchronousTestCase):
 
     def send(self, sender: str, msgid: str, auth_user: Optional[str] = None,
              xclient_addr: Optional[str] = None) -> harness.DeliveredMessage:
-        data = (MESSAGE % {"sender": sender, "msgid": msgid}).encode("ascii")
+        data = (MESSAGE % {"sender": sender, "msgid": msgid, "date": message_date()}).encode("ascii")
         before = len(self.postfix.sink.messages())
         result = self.postfix.swaks(data, sender=sender, auth_user=auth_user, xclient_addr=xclient_addr)
         self.assertEqual(result.status, 0, result.transcript)

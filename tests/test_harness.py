@@ -7,6 +7,7 @@ import signal
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests import harness
+from tests.dates import message_date
 
 
 class RedisFixtureTests(SynchronousTestCase):
@@ -119,10 +120,10 @@ class ClamdFixtureTests(SynchronousTestCase):
 
 HAM = (
     b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\nSubject: Lunch\r\n"
-    b"Date: Thu, 26 Nov 2026 12:00:00 +0000\r\nMessage-ID: <ham-1@example.com>\r\n"
+    b"Date: %s\r\nMessage-ID: <ham-1@example.com>\r\n"
     b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
     b"Hi Bob, lunch tomorrow?\r\n"
-)
+) % (message_date().encode("ascii"),)
 
 SCAN_HEADERS = {
     "IP": "198.51.100.7",

@@ -17,16 +17,17 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rmilter.testing.mta import ClientSpec, MessageSpec, MilterClient
 from tests import harness
+from tests.dates import message_date
 
 TRACE = "X-Rmilter-Trace"
 TRACE_CONFIG = 'trace_header = "%s";\n' % TRACE
 
 HAM = (
     b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\nSubject: Lunch\r\n"
-    b"Date: Thu, 26 Nov 2026 12:00:00 +0000\r\nMessage-ID: <ham-1@example.com>\r\n"
+    b"Date: %s\r\nMessage-ID: <ham-1@example.com>\r\n"
     b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
     b"Hi Bob, lunch tomorrow?\r\n"
-)
+) % (message_date().encode("ascii"),)
 
 _TRACE_FIELD = re.compile(r"(\w+)=([^;]*)")
 

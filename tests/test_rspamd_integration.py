@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rmilter.testing.mta import ClientSpec, MessageResult, MessageSpec
 from tests.harness import (
+from tests.dates import message_date
     GTUBE,
     GTUBE_ADD_HEADER,
     GTUBE_REWRITE_SUBJECT,
@@ -35,7 +36,7 @@ HEADERS = (
     ("From", "Alice <alice@example.net>"),
     ("To", "Bob <bob@example.org>"),
     ("Subject", "Lunch"),
-    ("Date", "Thu, 26 Nov 2026 12:00:00 +0000"),
+    ("Date", message_date()),
     ("Message-ID", "<ham-1@example.net>"),
     ("MIME-Version", "1.0"),
     ("Content-Type", "text/plain; charset=us-ascii"),

@@ -194,7 +194,7 @@ class ServerList(ListKind):
         return [v.parse_server(_text(token), self.default_port, self.rspamd)]
 
     def format_item(self, entry: Any) -> str:
-        return v.format_server(entry)
+        return v.format_server(entry, self.rspamd)
 
 
 class CacheServerList(ListKind):

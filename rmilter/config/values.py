@@ -228,15 +228,15 @@ def parse_server(text: str, default_port: int, allow_rspamd_prefix: bool) -> Ser
     for spamd (it only ever meant "rspamd").
     """
     spec = text
-    # "r:11333" is host "r", port 11333, as the C lexer reads it (HOSTPORT, longest match)
-    host_named_r = re.fullmatch(r"r:[0-9]{1,5}", spec) is not None
-    if host_named_r:
-        pass
-    elif allow_rspamd_prefix and spec.startswith("r:"):
+    # C's add_spamd_server strips a leading "r:" from every spamd entry, whatever follows
+    # (SPEC §4.4): "r:1:0" is host "1" port 0, never host "r"; a spamd host really named
+    # "r" is written "r:r:PORT".  clamav entries keep it (host "r").
+    if allow_rspamd_prefix and spec.startswith("r:"):
         spec = spec[2:]
         if not spec:
             raise ValueProblem("%r: no server after the r: prefix" % text)
-    elif spec.startswith("r:"):
+    elif spec.startswith("r:") and not re.fullmatch(r"r:[0-9]{1,5}(:[0-9]+)?", spec):
+        # clamav: "r:PORT" is host "r" (C); anything else after "r:" is a spamd habit
         raise ValueProblem("%r: the r: prefix marks rspamd servers; clamav servers take host:port" % text)
     if not spec:
         raise ValueProblem("empty server name")
@@ -259,8 +259,14 @@ def _parse_priority(text: str, spec: str) -> int:
     return int(text)
 
 
-def format_server(server: ServerSpec) -> str:
-    """The server as configured (minus ``r:``), which parses back to the same ServerSpec."""
+def format_server(server: ServerSpec, rspamd: bool = False) -> str:
+    """The server as configured (minus ``r:``), which parses back to the same ServerSpec.
+
+    A spamd entry whose own text starts with ``r:`` (a host named ``r``) gets the prefix
+    back, since the parser strips one ``r:`` from every spamd entry.
+    """
+    if rspamd and server.name.startswith("r:"):
+        return quote("r:" + server.name)
     return quote(server.name)
 
 

@@ -1,8 +1,8 @@
 """An MTA for tests and benchmarks: the client side of the milter protocol, on Twisted.
 
 It speaks to any milter (ours under ``twistd rmilter``, or another one) the way
-Postfix does, following the sequence of ``/work/shared/tools/milterload`` ("What
-is sent"): OPTNEG, then per message ``D``+command pairs written together,
+Postfix does, following the sequence of milterload, the C milter load generator
+the project's speed is measured with ("What is sent" in its README): OPTNEG, then per message ``D``+command pairs written together,
 ``SMFIP_NO*`` steps skipped, ``SMFIP_NR_*`` steps sent without waiting, ABORT
 between messages of one connection.  Example::
 

@@ -87,7 +87,7 @@ local function send_content(conn, n)
   for _, h in ipairs({{"From", "Alice <" .. sender .. ">"}, {"To", "Bob <" .. recipients[1] .. ">"},
                       {"Subject", opt("subject", "miltertest")},
                       {"Message-ID", "<mt-" .. tostring(n) .. "@example.com>"},
-                      {"Date", "Thu, 26 Nov 2026 12:00:00 +0000"},
+                      {"Date", os.date("!%a, %d %b %Y %H:%M:%S +0000")},
                       {"Content-Type", "text/plain; charset=us-ascii"}}) do
     assert(mt.header(conn, h[1], h[2]) == nil, "header failed")
   end
