@@ -66,16 +66,16 @@ def server(rspamd: bool) -> st.SearchStrategy[str]:
     tcp = st.tuples(host, st.one_of(st.just(""), port.map(":{}".format))).map("".join)
     with_priority = st.tuples(host, port, st.integers(0, 100)).map(lambda t: '"%s:%d:%d"' % t)
     unix = st.from_regex(r"/run/[a-z]{1,8}\.sock", fullmatch=True)
-    prefixed = tcp.map(lambda s: "r:" + s) if rspamd else tcp
-    entries = st.one_of(tcp, with_priority, unix, prefixed)
-    if rspamd:
-        # every spamd entry loses one leading "r:" (SPEC §4.4, C's add_spamd_server): a host
-        # named "r" needs the prefix written out ("r:r:1:0"; "r:1:0" is host "1", port 0)
-        entries = entries.map(_spamd_entry)
-    return entries
+    if not rspamd:
+        return st.one_of(tcp, with_priority, unix)
+    # every spamd entry loses one leading "r:" (SPEC §4.4, C's add_spamd_server): a host named
+    # "r" needs the prefix written out ("r:r:1:0"; "r:1:0" is host "1", port 0)
+    prefixed = tcp.map(lambda s: "r:" + s)
+    return st.one_of(tcp.map(_spamd_entry), with_priority.map(_spamd_entry), unix, prefixed)
 
 
 def _spamd_entry(entry: str) -> str:
+    """An entry without the prefix: one whose host is "r" gets it, so it means what it says."""
     quoted = entry.startswith('"')
     text = entry.strip('"')
     if text == "r" or text.startswith("r:"):

@@ -15,8 +15,8 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rmilter.testing.mta import ClientSpec, MessageResult, MessageSpec
-from tests.harness import (
 from tests.dates import message_date
+from tests.harness import (
     GTUBE,
     GTUBE_ADD_HEADER,
     GTUBE_REWRITE_SUBJECT,
