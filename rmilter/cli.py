@@ -12,6 +12,7 @@ from typing import List, Optional, TextIO
 
 from rmilter import __version__
 from rmilter import config as rconfig
+from rmilter.service import load_configuration
 
 #: exit statuses
 OK = 0
@@ -22,7 +23,7 @@ USAGE = 2
 def check_config(path: str, out: TextIO, err: TextIO) -> int:
     """Print the effective configuration and exit 0, or print every error to ``err`` and exit 1."""
     try:
-        config = rconfig.load(path)
+        config, keyring = load_configuration(path)
     except rconfig.ConfigError as e:
         for line in e.errors:
             err.write(line + "\n")
@@ -32,6 +33,8 @@ def check_config(path: str, out: TextIO, err: TextIO) -> int:
     out.write(rconfig.format_effective(config))
     for warning in config.warnings:
         out.write("# warning: %s\n" % warning)
+    for problem in keyring.problems if keyring is not None else ():
+        out.write("# dkim: %s\n" % problem)
     for notice in rconfig.startup_notices(config):
         out.write("# note: %s\n" % notice)
     out.write("# %s: configuration is valid (%d warning%s)\n"

@@ -1,18 +1,18 @@
-"""What the pipeline knows about an SMTP session and the message in it (SPEC §2, §5.1).
+"""What the MTA said about an SMTP session and the message in it (SPEC §2, §5.1).
 
-The milter session fills these from decoded commands; the pipeline and the
-checks read them.  Nothing here knows the wire format.
+The milter session and the pipeline fill these from decoded commands; the checks
+read them.  They are data only: nothing here knows the wire format, a backend or
+the configuration, and no check writes into them.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from rmilter.netlist import normalise_sender
 
 if TYPE_CHECKING:
-    from rmilter.runtime import Runtime
     from rmilter.spool import Spool
 
 #: macro stages in protocol order; a command of an earlier stage drops the later ones (SPEC §3.5)
@@ -98,14 +98,9 @@ class Recipient:
 
 @dataclass
 class MessageContext:
-    """One transaction: envelope, headers, body spool and what the checks found.
-
-    A message keeps the runtime (configuration and backends) it started with, so a
-    reload never changes the rules in the middle of a message (SPEC §4.13).
-    """
+    """One transaction as the MTA described it: envelope, headers and the body spool."""
 
     connection: ConnectionContext
-    runtime: "Runtime"
     tag: str = field(default_factory=new_message_tag)
     queue_id: Optional[str] = None
     raw_sender: str = ""  # argv[0] of MAIL
@@ -117,14 +112,8 @@ class MessageContext:
     headers: List[Tuple[str, str]] = field(default_factory=list)
     has_return_path: bool = False
     subject: Optional[str] = None  # value of the last Subject header
-    strict: bool = True
-    reply_to_our_mail: Optional[str] = None  # the Message-ID that matched (SPEC §6.4)
-    #: In-Reply-To / References lookups started at HEADER, settled at EOM (rmilter.checks.replies)
-    reply_lookups: List[Any] = field(default_factory=list)
     spool: Optional["Spool"] = None
-    #: summary log fields filled in by the pipeline (SPEC §8.4)
-    log_fields: Dict[str, str] = field(default_factory=dict)
-    started: float = 0.0
+    started: float = 0.0  # wall-clock time of MAIL, for the summary's duration
 
     @property
     def authenticated(self) -> bool:
@@ -151,10 +140,6 @@ class MessageContext:
     def header_values(self, name: str) -> List[str]:
         lname = name.lower()
         return [v for n, v in self.headers if n.lower() == lname]
-
-    def header_count(self, name: str) -> int:
-        lname = name.lower()
-        return sum(1 for n, _ in self.headers if n.lower() == lname)
 
     def set_sender(self, argv0: str, mail_addr_macro: Optional[str]) -> None:
         """SPEC §5.4 step 1 with B19: fall back to argv[0] when ``{mail_addr}`` is absent."""

@@ -20,10 +20,6 @@ def set_debug(enabled: bool) -> None:
     _debug = enabled
 
 
-def debug_enabled() -> bool:
-    return _debug
-
-
 class Logger(_TwistedLogger):
     """A twisted.logger.Logger whose debug events cost nothing while debugging is off."""
 

@@ -1,42 +1,101 @@
-"""The order of checks for one message (SPEC §5, decision matrix §5.11).
+"""Which checks run at which stage of a message (SPEC §5, decision matrix §5.11), nothing more.
 
-The milter session calls one method per SMTP stage with the connection or
-message context and sends back whatever ``Verdict`` it gets.  This module
-decides *which* checks run and *when*; each check lives in its own module in
-``rmilter.checks`` and ``rmilter.verdict.decide`` orders their results.
+The milter session calls one method per SMTP stage and sends back whatever
+``Verdict`` it gets.  Every check is ``check(message, deps) -> Deferred[CheckResult]``
+(``rmilter.checks``); this module decides *which* run and *when*, hands each the
+message and the dependencies of the configuration generation the message started
+with, and keeps their results.  ``rmilter.verdict.decide`` orders the results,
+``rmilter.summary`` turns them into the summary line.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from rmilter.log import Logger
 from twisted.python.failure import Failure
 
-from rmilter.checks import copies, dkim, greylist, ratelimit, replies, spam, virus
+from rmilter.checks import copies, replies, spam
+from rmilter.checks import copies as copies_check
+from rmilter.checks import replies as replies_check
+from rmilter.checks import spam as spam_check
+from rmilter.checks import dkim as dkim_check
+from rmilter.checks import greylist as greylist_check
+from rmilter.checks import ratelimit as ratelimit_check
+from rmilter.checks import trace as trace_check
+from rmilter.checks import virus as virus_check
 from rmilter.context import ConnectionContext, MessageContext, Recipient
+from rmilter.deps import Deps
+from rmilter.log import Logger
 from rmilter.runtime import Runtime
-from rmilter.spool import spool_head
+from rmilter.spool import Spool, spool_head
+from rmilter.summary import log_summary
 from rmilter.verdict import (
     BARE_TEMPFAIL,
-    AddHeader,
     CONTINUE,
     Action,
+    Check,
     CheckResult,
     Verdict,
     decide,
     deciding_result,
+    skipped,
 )
 
 log = Logger(namespace="rmilter.pipeline")
+
+#: a check's entry point: ``(message, deps, **stage options) -> Deferred[CheckResult]``
+CheckFunction = Callable[..., "Deferred[CheckResult]"]
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The entry points the pipeline calls; a test hands in recorders instead of patching modules."""
+
+    ratelimit: CheckFunction = ratelimit_check.check
+    ratelimit_record: CheckFunction = ratelimit_check.record
+    greylist: CheckFunction = greylist_check.check
+    replies: CheckFunction = replies_check.check
+    replies_record: CheckFunction = replies_check.record
+    spam: CheckFunction = spam_check.check
+    virus: CheckFunction = virus_check.check
+    copies: CheckFunction = copies_check.check
+    dkim: CheckFunction = dkim_check.check
+    trace: CheckFunction = trace_check.check
+
+
+#: observes every check result with the seconds it took (metrics)
+ResultObserver = Callable[[CheckResult, float], None]
+
+
+@dataclass
+class Transaction:
+    """The pipeline's bookkeeping for one message: the message, its generation, its results."""
+
+    message: MessageContext
+    runtime: Runtime
+    deps: Deps
+    #: SPEC §5.6: strict checks apply (off for authenticated senders without strict_auth, replies)
+    strict: bool = True
+    #: the replies check, started once the headers are complete, waited for at EOM
+    replies: Optional["Deferred[CheckResult]"] = None
+    #: every result so far, in the order the checks ended (the summary line is built from them)
+    results: List[CheckResult] = field(default_factory=list)
+
+    @property
+    def tag(self) -> str:
+        return self.message.tag
 
 
 class Pipeline:
     """Stage handlers shared by every connection; ``current_runtime`` follows reloads."""
 
-    def __init__(self, current_runtime: Callable[[], Runtime]) -> None:
+    def __init__(self, current_runtime: Callable[[], Runtime], checks: Checks = Checks()) -> None:
         self.current_runtime = current_runtime
+        self.checks = checks
+        self.observers: List[ResultObserver] = []
 
     # -- which stages may answer something else than CONTINUE (for milter negotiation) -----
     def stages_needing_replies(self) -> Tuple[str, ...]:
@@ -52,6 +111,44 @@ class Pipeline:
         if config.greylisting_active and not config.spamd.spamd_greylist:
             stages.append("data")
         return tuple(stages)
+
+    # -- running one check -------------------------------------------------------------------
+    def _run(self, txn: Transaction, check: CheckFunction, **options: Any) -> "Deferred[CheckResult]":
+        """Run one check for the message; its result is kept (and observed) when it arrives."""
+        clock = txn.deps.clock
+        started = clock.seconds()
+        running = check(txn.message, txn.deps, **options)
+        cancelled: List[bool] = []
+
+        def cancel(_: "Deferred[CheckResult]") -> None:
+            # the message no longer needs this check (another one ended it): its result, if any
+            # arrives, is not the message's
+            cancelled.append(True)
+            running.cancel()
+
+        outcome: "Deferred[CheckResult]" = Deferred(cancel)
+
+        def ended(result: Any) -> None:
+            if outcome.called:
+                return
+            if isinstance(result, Failure):  # checks never fail: a bug, answered as one (bare TEMPFAIL)
+                outcome.errback(result)
+                return
+            if not cancelled:
+                self._keep(txn, result, clock.seconds() - started)
+            outcome.callback(result)
+
+        running.addBoth(ended)
+        return outcome
+
+    def _keep(self, txn: Transaction, result: CheckResult, seconds: float = 0.0) -> CheckResult:
+        txn.results.append(result)
+        for observer in self.observers:
+            try:
+                observer(result, seconds)
+            except Exception:
+                log.failure("{tag}; result observer failed", tag=txn.tag)
+        return result
 
     # -- connection stages -------------------------------------------------------------------
     def connect(self, conn: ConnectionContext) -> Verdict:
@@ -71,48 +168,49 @@ class Pipeline:
         return CONTINUE
 
     # -- message stages ----------------------------------------------------------------------
-    def mail(self, conn: ConnectionContext, argv: Sequence[str]) -> Tuple[MessageContext, Verdict]:
+    def mail(self, conn: ConnectionContext, argv: Sequence[str]) -> Tuple[Transaction, Verdict]:
         """Start a new message (SPEC §5.4); the caller has reset any previous one."""
         runtime = self.current_runtime()
         runtime.acquire()
         conn.messages += 1
-        msg = MessageContext(connection=conn, runtime=runtime, started=time.time())
+        msg = MessageContext(connection=conn, started=time.time())
         msg.esmtp_args = tuple(argv[1:])
         msg.set_sender(argv[0] if argv else "", conn.macros.get("{mail_addr}"))
         login = conn.macros.get("{auth_authen}")
-        config = runtime.config
+        deps = runtime.deps
         if login:
             msg.user = login
             msg.sasl_authenticated = True
             log.debug("{tag}; client is authenticated as: {user}", tag=msg.tag, user=login)
-        elif msg.client_address in config.main.our_networks:
+        elif msg.client_address in deps.config.main.our_networks:
             msg.user = msg.envelope_from
             log.debug("{tag}; client comes from our network: {sender}", tag=msg.tag, sender=msg.envelope_from)
-        return msg, CONTINUE
+        return Transaction(msg, runtime, deps), CONTINUE
 
-    def rcpt(self, msg: MessageContext, argv: Sequence[str]) -> "Deferred[Verdict]":
+    def rcpt(self, txn: Transaction, argv: Sequence[str]) -> "Deferred[Verdict]":
         """SPEC §5.5: record the recipient unless its rate limit is exceeded."""
         address = (argv[0] if argv else "") or "<>"
-        config = msg.runtime.config
+        config = txn.deps.config
         recipient = Recipient(address, whitelisted=config.main.whitelist.matches(address))
         if not config.limits_active:
-            msg.recipients.append(recipient)
+            txn.message.recipients.append(recipient)
             return succeed(CONTINUE)
 
-        def checked(verdict: Optional[Verdict]) -> Verdict:
-            if verdict is not None and verdict.ends_message:
-                return verdict
-            msg.recipients.append(recipient)
+        def checked(result: CheckResult) -> Verdict:
+            if result.demands_verdict:
+                assert result.verdict is not None
+                return result.verdict
+            txn.message.recipients.append(recipient)
             return CONTINUE
 
-        return ratelimit.check(msg, address).addCallback(checked)
+        return self._run(txn, self.checks.ratelimit, recipient=address).addCallback(checked)
 
-    def data(self, msg: MessageContext) -> "Deferred[Verdict]":
+    def data(self, txn: Transaction) -> "Deferred[Verdict]":
         """SPEC §5.6: queue id, strict flag, and greylisting at DATA when rspamd does not decide it."""
-        config = msg.runtime.config
+        msg, config = txn.message, txn.deps.config
         msg.queue_id = msg.connection.macros.get("i") or None
         if msg.authenticated and not config.main.strict_auth:
-            msg.strict = False
+            txn.strict = False
         if (
             not config.spamd.spamd_greylist
             and not msg.authenticated
@@ -120,45 +218,44 @@ class Pipeline:
             and config.greylisting_active
         ):
             def greylisted(result: CheckResult) -> Verdict:
-                msg.log_fields["greylist"] = result.log
                 return result.verdict if result.verdict is not None else CONTINUE
 
-            return greylist.check(msg, with_data_hash=False).addCallback(greylisted)
+            return self._run(txn, self.checks.greylist, data_hash=False).addCallback(greylisted)
         return succeed(CONTINUE)
 
-    def header(self, msg: MessageContext, name: str, value: str) -> Verdict:
-        """SPEC §5.7: remember the header; start reply lookups for In-Reply-To / References."""
+    def header(self, txn: Transaction, name: str, value: str) -> Verdict:
+        """SPEC §5.7: remember the header."""
+        msg = txn.message
         msg.headers.append((name, value))
         lname = name.lower()
         if lname == "return-path":
             msg.has_return_path = True
         elif lname == "subject":
             msg.subject = value
-        elif lname in ("in-reply-to", "references"):
-            ids = [value.strip()] if lname == "in-reply-to" else value.split()
-            replies.lookup(msg, [i for i in ids if i])
         return CONTINUE
 
-    def eoh(self, msg: MessageContext) -> Verdict:
-        """SPEC §5.8: the spool head is complete once the headers are."""
-        self._ensure_spool(msg)
+    def eoh(self, txn: Transaction) -> Verdict:
+        """SPEC §5.8: the spool head is complete once the headers are; replies lookups start."""
+        self._ensure_spool(txn)
+        self._start_replies(txn)
         return CONTINUE
 
-    def body(self, msg: MessageContext, chunk: bytes) -> "Deferred[Verdict]":
-        spool = self._ensure_spool(msg)
+    def body(self, txn: Transaction, chunk: bytes) -> "Deferred[Verdict]":
+        spool = self._ensure_spool(txn)
         pending = spool.append(chunk)
         if pending is None:
             return succeed(CONTINUE)
-        return pending.addCallbacks(lambda _: CONTINUE, lambda f: self._spool_failed(msg, f))
+        return pending.addCallbacks(lambda _: CONTINUE, lambda f: self._spool_failed(txn, f))
 
-    def _spool_failed(self, msg: MessageContext, failure: Failure) -> Verdict:
-        log.failure("{tag}; cannot write spool file", failure, tag=msg.tag)
+    def _spool_failed(self, txn: Transaction, failure: Failure) -> Verdict:
+        log.failure("{tag}; cannot write spool file", failure, tag=txn.tag)
         return BARE_TEMPFAIL
 
-    def _ensure_spool(self, msg: MessageContext):  # type: ignore[no-untyped-def]
+    def _ensure_spool(self, txn: Transaction) -> Spool:
+        msg = txn.message
         if msg.spool is None:
             conn = msg.connection
-            msg.spool = msg.runtime.new_spool()
+            msg.spool = txn.deps.new_spool()
             msg.spool.set_head(
                 spool_head(
                     helo=conn.helo,
@@ -173,105 +270,112 @@ class Pipeline:
             )
         return msg.spool
 
-    def eom(self, msg: MessageContext) -> "Deferred[Verdict]":
-        return self._eom(msg).addErrback(self._eom_failed, msg)
+    def _start_replies(self, txn: Transaction) -> "Deferred[CheckResult]":
+        """The replies lookups (SPEC §6.4) run while the body arrives; EOM waits for them."""
+        if txn.replies is None:
+            txn.replies = self._run(txn, self.checks.replies)
+        return txn.replies
 
-    def _eom_failed(self, failure: Failure, msg: MessageContext) -> Verdict:
-        log.failure("{tag}; internal error at end of message", failure, tag=msg.tag)
-        msg.log_fields.setdefault("spam", "skipped(internal failure)")
-        msg.log_fields.setdefault("virus", "skipped(internal failure)")
-        msg.log_fields.setdefault("dkim", "skipped(internal failure)")
+    def eom(self, txn: Transaction) -> "Deferred[Verdict]":
+        return self._eom(txn).addErrback(self._eom_failed, txn)
+
+    def _eom_failed(self, failure: Failure, txn: Transaction) -> Verdict:
+        log.failure("{tag}; internal error at end of message", failure, tag=txn.tag)
+        self._skip_missing(txn, "skipped(internal failure)")
         return BARE_TEMPFAIL
 
+    def _skip_missing(self, txn: Transaction, reason: str) -> None:
+        """Results for the summary's spam, virus and dkim fields that no check gave."""
+        have = {r.check for r in txn.results}
+        for check in (Check.SPAM, Check.VIRUS, Check.DKIM):
+            if check not in have:
+                self._keep(txn, skipped(check, reason))
+
     @inlineCallbacks
-    def _eom(self, msg: MessageContext):  # type: ignore[no-untyped-def]
+    def _eom(self, txn: Transaction):  # type: ignore[no-untyped-def]
         """SPEC §5.9, with rspamd and clamd scanning at the same time."""
-        config = msg.runtime.config
-        fields = msg.log_fields
+        msg, deps, checks = txn.message, txn.deps, self.checks
+        config = deps.config
         if msg.queue_id is None:
             msg.queue_id = msg.connection.macros.get("i") or None
-        spool = self._ensure_spool(msg)
+        spool = self._ensure_spool(txn)
         try:
             yield spool.finish()
         except Exception:
-            log.failure("{tag}; cannot write spool file", tag=msg.tag)
-            fields.update(spam="skipped(internal failure)", virus="skipped(internal failure)",
-                          dkim="skipped(internal failure)")
+            log.failure("{tag}; cannot write spool file", tag=txn.tag)
+            self._skip_missing(txn, "skipped(internal failure)")
             return BARE_TEMPFAIL
-        yield replies.settle(msg)
+        reply_to = replies.hit((yield self._start_replies(txn)))
+        if reply_to is not None:
+            txn.strict = False
 
         oversized = config.main.max_size > 0 and spool.size > config.main.max_size
         ip = msg.client_address
-        results: List[CheckResult] = []
+        results: List[CheckResult] = []  # what decides the verdict, in the order the checks ran
 
         # which scans run (SPEC §5.11)
-        spam_mode = self._spam_mode(msg, oversized)
+        spam_mode = self._spam_mode(txn, oversized, reply_to)
         virus_exempt = msg.recipient_whitelisted or ip in config.clamav.whitelist
         scan_virus = bool(config.clamav.servers) and not oversized and not virus_exempt
-        virus_scan: Optional[Deferred] = virus.scan(msg) if scan_virus else None
+        virus_scan: Optional[Deferred] = self._run(txn, checks.virus) if scan_virus else None
 
         # -- rspamd (steps 4-5) ----------------------------------------------------------------
         spam_failed = False
-        spam_outcome = None
         if spam_mode in ("full", "dkim"):
-            spam_outcome = yield spam.scan(msg, dkim_only=(spam_mode == "dkim"))
-            results.append(spam_outcome.result)
-            fields["spam"] = spam_outcome.result.log
-            spam_failed = spam_outcome.result.failed
-            if spam_outcome.rejected:
-                yield copies.publish(msg, "spam")
+            spam_result = yield self._run(txn, checks.spam, dkim_only=(spam_mode == "dkim"))
+            results.append(spam_result)
+            spam_failed = spam_result.failed
+            if spam.rejected(spam_result):
+                yield self._run(txn, checks.copies, kind=copies.SPAM)
             if (
                 spam_mode == "full"
-                and not spam_failed
-                and spam_outcome.wants_greylist
+                and spam.wants_greylist(spam_result)
                 and config.spamd.spamd_greylist
                 and not msg.authenticated
                 and ip is not None
                 and config.greylisting_active
             ):
-                grey = yield greylist.check(msg, with_data_hash=True)
-                fields["greylist"] = grey.log
+                grey = yield self._run(txn, checks.greylist, data_hash=True)
                 results.append(grey)
                 if grey.verdict is not None:
-                    fields["spam"] = "greylisted, action: %s" % (spam_outcome.action,)
+                    # the summary shows why Rspamd's verdict did not end the message
+                    self._keep(txn, dataclasses.replace(
+                        spam_result, summary="greylisted, action: %s" % (spam.action_of(spam_result),)))
         else:
-            fields["spam"] = spam_mode
+            self._keep(txn, skipped(Check.SPAM, spam_mode))
 
         ended_by = deciding_result(results)
         if ended_by is not None:
-            self._skip_after(msg, ended_by, virus_scan)
+            self._skip_after(txn, ended_by, virus_scan)
+            assert ended_by.verdict is not None
             return ended_by.verdict
 
         # -- pub/sub copy (step 6) --------------------------------------------------------------
         if not oversized and not spam_failed:
-            yield copies.publish(msg, "copy")
+            yield self._run(txn, checks.copies, kind=copies.COPY)
 
         # -- clamd (steps 7-8) ------------------------------------------------------------------
         if virus_scan is not None:
-            virus_result = yield virus_scan
-            results.append(virus_result)
-            fields["virus"] = virus_result.log
+            results.append((yield virus_scan))
         else:
-            fields["virus"] = self._virus_skip_reason(msg, oversized, virus_exempt)
+            self._keep(txn, skipped(Check.VIRUS, self._virus_skip_reason(config, msg, oversized, virus_exempt)))
 
         verdict = decide(results)
         if verdict.action is not Action.ACCEPT:
-            fields["dkim"] = "skipped, clamav virus" if verdict.action is Action.REJECT else "skipped, clamav tempfail"
+            self._keep(txn, skipped(Check.DKIM, "skipped, clamav virus" if verdict.action is Action.REJECT
+                                    else "skipped, clamav tempfail"))
             return verdict
 
         # -- accepted: rate update, DKIM, remember Message-ID (steps 9-10, SPEC §6.4) -----------
-        yield ratelimit.update(msg)
-        dkim_result = yield dkim.sign(msg)
-        fields["dkim"] = dkim_result.log
-        results.append(dkim_result)
-        replies.remember(msg)
-        if config.main.trace_header:
-            results.append(trace_result(msg, config.main.trace_header))
+        yield self._run(txn, checks.ratelimit_record)
+        results.append((yield self._run(txn, checks.dkim)))
+        yield self._run(txn, checks.replies_record)
+        results.append((yield self._run(txn, checks.trace)))
         return decide(results)
 
-    def _spam_mode(self, msg: MessageContext, oversized: bool) -> str:
+    def _spam_mode(self, txn: Transaction, oversized: bool, reply_to: Optional[str]) -> str:
         """"full", "dkim", or the summary-line reason why rspamd is skipped (SPEC §5.9 step 4-5)."""
-        config = msg.runtime.config
+        msg, config = txn.message, txn.deps.config
         if oversized:
             return "skipped(oversized)"
         if not config.spamd.servers:
@@ -279,11 +383,11 @@ class Pipeline:
         skip_reason = None
         if msg.recipient_whitelisted:
             skip_reason = "skipped, whitelisted"
-        elif msg.reply_to_our_mail is not None:
+        elif reply_to is not None:
             skip_reason = "skipped, reply to our message"
         elif msg.authenticated and not config.main.strict_auth:
             skip_reason = "ignored, authenticated user"
-        elif not msg.strict:
+        elif not txn.strict:
             skip_reason = "skipped, whitelisted"
         elif msg.client_address in config.spamd.whitelist:
             skip_reason = "skipped, whitelisted"
@@ -294,8 +398,7 @@ class Pipeline:
         return skip_reason
 
     @staticmethod
-    def _virus_skip_reason(msg: MessageContext, oversized: bool, exempt: bool) -> str:
-        config = msg.runtime.config
+    def _virus_skip_reason(config: Any, msg: MessageContext, oversized: bool, exempt: bool) -> str:
         if oversized:
             return "skipped(oversized)"
         if not config.clamav.servers:
@@ -304,82 +407,27 @@ class Pipeline:
             return "skipped, recipient whitelist"
         return "skipped, ip whitelist"
 
-    def _skip_after(self, msg: MessageContext, ended_by: CheckResult, virus_scan: Optional[Deferred]) -> None:
-        """Log values for the checks a spam-stage verdict made unnecessary (SPEC §8.4)."""
+    def _skip_after(self, txn: Transaction, ended_by: CheckResult, virus_scan: Optional[Deferred]) -> None:
+        """Results for the checks a spam-stage verdict made unnecessary (SPEC §8.4)."""
         if virus_scan is not None:
-            virus_scan.cancel()  # the result no longer matters: free the clamd connection now
-        if ended_by.check == "spam_failure":
+            virus_scan.addErrback(lambda _: None)  # the result no longer matters
+            virus_scan.cancel()  # free the clamd connection now
+        if ended_by.check is Check.SPAM and ended_by.failed:
             reason = "spamd tempfail"
-        elif ended_by.check == "greylist":
+        elif ended_by.check is Check.GREYLIST:
             reason = "spamd greylist"
         elif ended_by.verdict is not None and ended_by.verdict.action is Action.TEMPFAIL:
             reason = "spam soft reject"
         else:
             reason = "spam detected"
-        msg.log_fields["virus"] = msg.log_fields["dkim"] = "skipped, " + reason
+        for check in (Check.VIRUS, Check.DKIM):
+            self._keep(txn, skipped(check, "skipped, " + reason))
 
     # -- end of transaction ------------------------------------------------------------------
-    def finish(self, msg: MessageContext, verdict: Optional[Verdict]) -> None:
+    def finish(self, txn: Transaction, verdict: Optional[Verdict]) -> None:
         """The message is over (EOM answered, ABORT, QUIT or lost connection): log and clean up."""
-        if msg.spool is not None:
-            msg.spool.close()
+        if txn.message.spool is not None:
+            txn.message.spool.close()
         if verdict is not None:
-            log_summary(msg, verdict)
-        msg.runtime.release()
-
-
-def trace_result(msg: MessageContext, header: str) -> CheckResult:
-    """The optional administrator trace header (extension directive ``trace_header``)."""
-    from rmilter import __version__
-
-    value = "rmilter %s; tag=%s; queue_id=%s; client=%s; user=%s" % (
-        __version__,
-        msg.tag,
-        msg.queue_id_or_noqueue,
-        msg.client_address or "unknown",
-        msg.user or "unauthorized",
-    )
-    return CheckResult("trace", "", edits=(AddHeader(header, value),))
-
-
-def log_summary(msg: MessageContext, verdict: Verdict) -> None:
-    """One line per message, SPEC §8.4, also a structured event with every field.
-
-    The text is formatted here with ``%`` once: a ``{}`` format of twenty fields parsed again by
-    the log observer for every message costs more than a milter step.
-    """
-    fields = msg.log_fields
-    first = msg.recipients[0].address if msg.recipients else "<>"  # B35: no recipients is fine
-    published = fields.get("published")
-    event = dict(
-        tag=msg.tag,
-        queue_id=msg.queue_id_or_noqueue,
-        message_id=fields.get("message_id", "undef"),
-        ip=msg.client_address or "unknown",
-        sender=msg.envelope_from,
-        rcpt=first,
-        rcpt_count=len(msg.recipients),
-        user=msg.user or "unauthorized",
-        spam=fields.get("spam", "unknown"),
-        virus=fields.get("virus", "unknown"),
-        dkim=fields.get("dkim", "unsigned"),
-        published=published,
-        verdict=verdict.action.value,
-        reply=(None if verdict.reply is None else "%s %s %s" % (verdict.reply.code, verdict.reply.ecode, verdict.reply.text)),
-        greylist=fields.get("greylist"),
-        reply_to=msg.reply_to_our_mail,
-        duration=round(time.time() - msg.started, 6),
-    )
-    text = (
-        "%(tag)s; msg done: queue_id: %(queue_id)s; message id: %(message_id)s; ip: %(ip)s; "
-        "from: <%(sender)s>; rcpt: %(rcpt)s (%(rcpt_count)d total); user: %(user)s; "
-        "spam scan: %(spam)s; virus scan: %(virus)s; dkim: %(dkim)s" % event
-    )
-    if published:
-        text += "; " + published
-    if msg.reply_to_our_mail:
-        text += "; reply to our message " + msg.reply_to_our_mail
-    text += "; verdict: " + verdict.action.value
-    if event["reply"]:
-        text += " (%s)" % event["reply"]
-    log.info("{summary_text}", summary_text=text, summary=True, **event)
+            log_summary(txn.message, txn.results, verdict)
+        txn.runtime.release()

@@ -12,15 +12,17 @@ import fcntl
 import os
 import signal
 import stat
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application import service, strports
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from rmilter.log import Logger
 
+from rmilter import __version__
 from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET, Config
+from rmilter.dkim.keys import Keyring, KeyringError, load_keyring
 from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
@@ -94,6 +96,20 @@ class PidFile:
             self.fd = None
 
 
+def load_configuration(path: Optional[str]) -> Tuple[Config, Optional[Keyring]]:
+    """The configuration file (or the embedded default) and its DKIM keys: the one place both are read.
+
+    Blocking (files, DNS for host names in IP lists, key files): at start, or in a thread on
+    reload.  Raises ``ConfigError`` with ``FILE:LINE: reason`` lines, key files included.
+    """
+    config = rconfig.load(path) if path else rconfig.default()
+    try:
+        keyring = load_keyring(config.dkim)
+    except KeyringError as e:
+        raise rconfig.ConfigError(e.errors) from None
+    return config, keyring
+
+
 def _run_in_threadpool(reactor: Any) -> Callable[..., Deferred]:
     def run(f: Callable[..., Any], *args: Any) -> Deferred:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
@@ -108,6 +124,7 @@ class RmilterService(service.MultiService):
         self,
         config: Config,
         *,
+        keyring: Optional[Keyring] = None,
         config_path: Optional[str],
         listen: Sequence[str] = (),
         reactor: Any = None,
@@ -123,7 +140,7 @@ class RmilterService(service.MultiService):
         self.cli_listen = tuple(listen)
         self.install_signals = install_signals
         self.run_blocking = _run_in_threadpool(reactor)
-        self.runtime = Runtime.build(config, reactor, self.run_blocking)
+        self.runtime = Runtime.build(config, reactor, self.run_blocking, keyring)
         self.pipeline = Pipeline(lambda: self.runtime)
         self.factory = MilterFactory(self.pipeline, reactor, lambda: self.runtime)
         self.pidfile: Optional[PidFile] = None
@@ -131,7 +148,7 @@ class RmilterService(service.MultiService):
         self.listen_endpoints: List[str] = []
         self._reloading: Optional[Deferred] = None
         self._previous_handlers: dict = {}
-        self._announce(config)
+        self._announce(config, keyring)
 
     # -- listeners ---------------------------------------------------------------------------
     def endpoints_for(self, config: Config) -> List[str]:
@@ -171,7 +188,7 @@ class RmilterService(service.MultiService):
             self._install_signal_handlers()
         log.info(
             "rmilter {version} listening on {endpoints}",
-            version=_version(),
+            version=__version__,
             endpoints=", ".join(self.listen_endpoints),
         )
 
@@ -237,7 +254,7 @@ class RmilterService(service.MultiService):
             log.info("reload requested: running with the embedded default configuration, nothing to re-read")
             return defer.succeed(False)
         log.info("reloading configuration from {path}", path=self.config_path)
-        d = self.run_blocking(_load_for_reload, self.config_path)
+        d = self.run_blocking(load_configuration, self.config_path)
         d.addCallback(self._apply_reload)
         d.addErrback(self._reload_failed)
 
@@ -253,10 +270,10 @@ class RmilterService(service.MultiService):
     def _apply_reload(self, loaded):  # type: ignore[no-untyped-def]
         config, keyring = loaded
         old = self.runtime
-        new = Runtime.build(config, self.reactor, self.run_blocking, dkim_keyring=keyring)
+        new = Runtime.build(config, self.reactor, self.run_blocking, keyring)
         self.runtime = new
         old.retire()
-        self._announce(config)
+        self._announce(config, keyring)
         endpoints = self.endpoints_for(config)
         if endpoints != self.listen_endpoints:
             log.info("listeners changed: re-binding {endpoints}", endpoints=", ".join(endpoints))
@@ -273,10 +290,16 @@ class RmilterService(service.MultiService):
             log.failure("reload failed, keeping the running configuration", failure)
         return False
 
-    def _announce(self, config: Config) -> None:
-        """Log the configuration's warnings and start-up remarks (SPEC §8.1)."""
+    def _announce(self, config: Config, keyring: Optional[Keyring]) -> None:
+        """Log the configuration's warnings, key problems and start-up remarks (SPEC §8.1)."""
         for warning in config.warnings:
             log.warn("config: {warning}", warning=warning)
+        if keyring is not None:
+            for problem in keyring.problems:
+                log.error("{problem}", problem=problem)
+            # (sign_alg = sha1 is reported once, with the other start-up notices)
+            log.info("dkim: {count} signing keys loaded for {entries} domain entries",
+                     count=keyring.key_count, entries=len(config.dkim.domains))
         for notice in rconfig.startup_notices(config):
             log.info("config: {notice}", notice=notice)
         if config.cache_backend == "memcached":
@@ -284,17 +307,3 @@ class RmilterService(service.MultiService):
                 "greylisting, rate limits, replies check and pub/sub copies are disabled: "
                 "the memcached backend is not supported (use a redis section or use_redis = yes)"
             )
-
-
-def _load_for_reload(path: str):  # type: ignore[no-untyped-def]
-    """Runs in a thread: parsing resolves host names and DKIM keys are read from disk."""
-    from rmilter.checks import dkim
-
-    config = rconfig.load(path)
-    return config, dkim.from_config(config)
-
-
-def _version() -> str:
-    from rmilter import __version__
-
-    return __version__

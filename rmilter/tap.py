@@ -14,6 +14,8 @@ from twisted.python import usage
 from rmilter import __version__
 from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET
+from rmilter.log import set_debug
+from rmilter.service import RmilterService, load_configuration
 
 
 #: exit status for a configuration that cannot be used (SPEC §8.1)
@@ -58,25 +60,30 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        path = self["config"]
-        try:
-            self["config_object"] = rconfig.load(path) if path else rconfig.default()
-        except rconfig.ConfigError as e:
-            # the same lines as `rmilter check-config`, and C rmilter's exit status (SPEC §8.1)
-            for line in e.errors:
-                print(line, file=sys.stderr)
-            print("rmilter: configuration %s is invalid; not starting" % (path,), file=sys.stderr)
-            sys.exit(EX_CONFIG)
+        """Flags only: the configuration is read when the service is assembled (``makeService``)."""
+        if self["config"] is not None and not self["config"].strip():
+            raise usage.UsageError("--config needs a file name")
 
 
 def makeService(options: Any, reactor: Any = None) -> service.IService:
-    from rmilter.log import set_debug
-    from rmilter.service import RmilterService
+    """Read the configuration and its DKIM keys, then assemble the service.
 
+    A configuration that cannot be used ends the process with C rmilter's status 9 and
+    the same ``FILE:LINE: reason`` lines as ``rmilter check-config``, without a traceback.
+    """
+    path = options["config"]
+    try:
+        config, keyring = load_configuration(path)
+    except rconfig.ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        print("rmilter: configuration %s is invalid; not starting" % (path,), file=sys.stderr)
+        raise SystemExit(EX_CONFIG)
     set_debug(bool(options["debug"]))
     return RmilterService(  # type: ignore[return-value]
-        options["config_object"],
-        config_path=options["config"],
+        config,
+        keyring=keyring,
+        config_path=path,
         listen=options["listen"],
         reactor=reactor,
     )

@@ -1,16 +1,17 @@
-"""Verdicts, header edits and the one place that orders check results (SPEC §5.9, §5.13).
+"""Verdicts, edits, check results and the one place that orders them (SPEC §5.9, §5.13).
 
 Checks never talk to the MTA: each returns a ``CheckResult`` (what it found, what
 it would like to change, whether it demands a final answer).  ``decide`` turns
 the results of one message into the single ``Verdict`` the milter sends, with
-the precedence of SPEC §5.9 visible in one list.
+the precedence of SPEC §5.9 visible in ``precedence``.
 """
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Iterable, Mapping, Optional, Tuple, Union
 
 
 class Action(enum.Enum):
@@ -31,51 +32,57 @@ class SmtpReply:
 
 
 # -- message modifications (EOM only) ------------------------------------------------------
-@dataclass(frozen=True)
+# The domain's edits, keyword-only so that no caller can mix up the order of name and index;
+# rmilter.milter.session turns them into milter packets.
+@dataclass(frozen=True, kw_only=True)
 class AddHeader:
+    """Append a header after the last one."""
+
     name: str
     value: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InsertHeader:
-    index: int  # 0 = top
+    """Insert a header before the ``index``-th one (0 = at the top)."""
+
+    index: int
     name: str
     value: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChangeHeader:
-    """Change the ``index``-th (1-based) occurrence of ``name``; empty value deletes it."""
+    """Change the ``index``-th (1-based) occurrence of ``name``; an empty value deletes it."""
 
     name: str
     index: int
     value: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AddRecipient:
     address: str
     esmtp_args: Optional[str] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeleteRecipient:
     address: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChangeFrom:
     address: str
     esmtp_args: Optional[str] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReplaceBody:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Quarantine:
     reason: str
 
@@ -117,54 +124,85 @@ SERVICE_FAILURE = "Temporary service failure."
 RATE_LIMIT_EXCEEDED = "Rate limit exceeded"
 
 
+# -- what a check found -------------------------------------------------------------------------
+class Check(enum.Enum):
+    """Every check of the pipeline, by the name logs and metrics use."""
+
+    RATELIMIT = "ratelimit"
+    GREYLIST = "greylist"
+    REPLIES = "replies"
+    SPAM = "spam"
+    VIRUS = "virus"
+    COPIES = "copies"
+    DKIM = "dkim"
+    TRACE = "trace"
+
+
 @dataclass(frozen=True)
 class CheckResult:
-    """What one check found about one message.
+    """What one check found about one message: the one shape every check returns.
 
-    ``log`` is the check's value in the summary line (SPEC §8.4 S/V/D values).
-    ``verdict`` is set when the check demands a final answer (reject, tempfail);
-    ``edits`` are applied only when the message ends accepted.
+    ``summary`` is the check's value in the summary line (SPEC §8.4 S/V/D values).
+    ``verdict`` is set when the check demands a final answer (reject, tempfail, discard);
+    ``edits`` are applied only when the message ends accepted.  ``failed``: the check could
+    not be carried out (a backend failure), whatever the configuration made of it;
+    ``skipped``: the check did not run (``summary`` says why).  ``details`` are the
+    structured fields of the summary event (server, score, virus name, ...).
     """
 
-    check: str
-    log: str
+    check: Check
+    summary: str
     verdict: Optional[Verdict] = None
     edits: Tuple[Edit, ...] = ()
-    #: extra structured fields for the summary event (server, score, virus name, ...)
-    details: Tuple[Tuple[str, object], ...] = ()
-    #: True when the check could not be carried out (backend failure)
+    details: Mapping[str, object] = field(default_factory=dict)
     failed: bool = False
+    skipped: bool = False
+
+    @property
+    def demands_verdict(self) -> bool:
+        return self.verdict is not None and self.verdict.ends_message
 
 
-#: SPEC §5.9: the order in which a demanded final answer wins.
-#: spam_failure: rspamd unusable with tempfail_on_error (step 4a)
-#: greylist: EOM greylisting after rspamd's verdict (4b)
-#: spam: rspamd's reject / soft reject (4c)
-#: virus: a virus found, or clamd unusable with tempfail_on_error (8)
-PRECEDENCE = ("spam_failure", "greylist", "spam", "virus")
+def skipped(check: Check, reason: str) -> CheckResult:
+    """The result of a check the pipeline (or the check itself) decided not to run."""
+    return CheckResult(check, reason, skipped=True)
+
+
+#: SPEC §5.9: the order in which a demanded final answer wins.  An Rspamd scan that failed with
+#: tempfail_on_error (step 4a) comes first, then EOM greylisting (4b), Rspamd's action (4c), and
+#: clamd (8: a virus, or clamd unusable with tempfail_on_error).  Other checks never demand one
+#: at EOM; among equals the first result wins.
+_RANK: Mapping[Check, int] = MappingProxyType({Check.GREYLIST: 1, Check.SPAM: 2, Check.VIRUS: 3})
+_UNRANKED = len(_RANK) + 1
+
+
+def precedence(result: CheckResult) -> int:
+    """Lower wins (SPEC §5.9)."""
+    if result.check is Check.SPAM and result.failed:
+        return 0
+    return _RANK.get(result.check, _UNRANKED)
 
 
 def deciding_result(results: Iterable[CheckResult]) -> Optional[CheckResult]:
-    """The result whose demanded verdict wins, in ``PRECEDENCE`` order, or None."""
-    rank = {name: i for i, name in enumerate(PRECEDENCE)}
-    demanding = [r for r in results if r.verdict is not None and r.verdict.ends_message]
+    """The result whose demanded verdict wins, in ``precedence`` order, or None."""
+    demanding = [r for r in results if r.demands_verdict]
     if not demanding:
         return None
-    return min(demanding, key=lambda r: rank.get(r.check, len(PRECEDENCE)))  # first of equals wins
+    return min(demanding, key=precedence)  # min keeps the first of equals
 
 
 def decide(results: Iterable[CheckResult]) -> Verdict:
     """Turn the results of the EOM checks into the final verdict.
 
-    The first result, in ``PRECEDENCE`` order, that demands a verdict decides it;
-    modifications queued by the checks are dropped with it (SPEC §5.9 allows it,
-    the MTA would discard them).  Otherwise the message is accepted with the
-    edits of every check, in the order the checks ran.
+    The result that wins by ``precedence`` decides it; edits queued by the checks are
+    dropped with it (SPEC §5.9 allows it, the MTA would discard them).  Otherwise the
+    message is accepted with the edits of every check, in the order the checks ran.
     """
     ordered = list(results)
     winner = deciding_result(ordered)
     if winner is not None:
-        return winner.verdict  # type: ignore[return-value]
+        assert winner.verdict is not None
+        return winner.verdict
     edits: Tuple[Edit, ...] = ()
     for result in ordered:
         edits += result.edits
@@ -230,10 +268,3 @@ def header_value_safe(value: str) -> str:
             continue
         out.append(line if line[0] in " \t" else " " + line)
     return "\n".join(out)
-
-
-def merge_edits(*groups: Sequence[Edit]) -> Tuple[Edit, ...]:
-    result: Tuple[Edit, ...] = ()
-    for g in groups:
-        result += tuple(g)
-    return result

@@ -13,25 +13,25 @@ from rmilter.milter import constants as c
 from rmilter.milter.codec import (
     Abort,
     Accept,
-    AddHeader,
-    AddRecipient,
-    AddRecipientPar,
+    AddHeaderReply,
+    AddRecipientReply,
+    AddRecipientParReply,
     Body,
-    ChangeFrom,
-    ChangeHeader,
+    ChangeFromReply,
+    ChangeHeaderReply,
     CommandReader,
     Connect,
     ConnectionFail,
     Continue,
     Data,
-    DeleteRecipient,
+    DeleteRecipientReply,
     Discard,
     EndOfHeaders,
     EndOfMessage,
     FrameError,
     Header,
     Helo,
-    InsertHeader,
+    InsertHeaderReply,
     Macro,
     Mail,
     MalformedPayloadError,
@@ -40,12 +40,12 @@ from rmilter.milter.codec import (
     NegotiationError,
     Progress,
     ProtocolError,
-    Quarantine,
+    QuarantineReply,
     Quit,
     QuitNoClose,
     Rcpt,
     Reject,
-    ReplaceBody,
+    ReplaceBodyReply,
     ReplyCode,
     ReplyReader,
     SetSymList,
@@ -113,16 +113,16 @@ REPLIES = [
     (Shutdown(), frame(b"4")),
     (ConnectionFail(), frame(b"f")),
     (ReplyCode("451 4.7.1 Rate limit exceeded"), frame(b"y", b"451 4.7.1 Rate limit exceeded\0")),
-    (Quarantine("suspicious"), frame(b"q", b"suspicious\0")),
-    (AddHeader("X-Spam", "yes"), frame(b"h", b"X-Spam\0yes\0")),
-    (InsertHeader(0, "DKIM-Signature", "v=1;\n\ta=rsa"), frame(b"i", b"\0\0\0\0DKIM-Signature\0v=1;\n\ta=rsa\0")),
-    (ChangeHeader(1, "Subject", ""), frame(b"m", b"\0\0\0\x01Subject\0\0")),
-    (AddRecipient("<trace@example.org>"), frame(b"+", b"<trace@example.org>\0")),
-    (AddRecipientPar("<x@example.org>", "NOTIFY=NEVER"), frame(b"2", b"<x@example.org>\0NOTIFY=NEVER\0")),
-    (DeleteRecipient("<B@Example.org>"), frame(b"-", b"<B@Example.org>\0")),
-    (ChangeFrom("<new@example.org>"), frame(b"e", b"<new@example.org>\0")),
-    (ChangeFrom("<new@example.org>", "SIZE=10"), frame(b"e", b"<new@example.org>\0SIZE=10\0")),
-    (ReplaceBody(b"new body\r\n"), frame(b"b", b"new body\r\n")),
+    (QuarantineReply("suspicious"), frame(b"q", b"suspicious\0")),
+    (AddHeaderReply("X-Spam", "yes"), frame(b"h", b"X-Spam\0yes\0")),
+    (InsertHeaderReply(0, "DKIM-Signature", "v=1;\n\ta=rsa"), frame(b"i", b"\0\0\0\0DKIM-Signature\0v=1;\n\ta=rsa\0")),
+    (ChangeHeaderReply(1, "Subject", ""), frame(b"m", b"\0\0\0\x01Subject\0\0")),
+    (AddRecipientReply("<trace@example.org>"), frame(b"+", b"<trace@example.org>\0")),
+    (AddRecipientParReply("<x@example.org>", "NOTIFY=NEVER"), frame(b"2", b"<x@example.org>\0NOTIFY=NEVER\0")),
+    (DeleteRecipientReply("<B@Example.org>"), frame(b"-", b"<B@Example.org>\0")),
+    (ChangeFromReply("<new@example.org>"), frame(b"e", b"<new@example.org>\0")),
+    (ChangeFromReply("<new@example.org>", "SIZE=10"), frame(b"e", b"<new@example.org>\0SIZE=10\0")),
+    (ReplaceBodyReply(b"new body\r\n"), frame(b"b", b"new body\r\n")),
     (NegotiateReply(6, 0x1D, 0x100), frame(b"O", b"\0\0\0\x06\0\0\0\x1d\0\0\x01\0")),
     (NegotiateReply(6, 0x11D, 0, (SetSymList(0, "j {daemon_name}"), SetSymList(5, "i"))),
      frame(b"O", b"\0\0\0\x06\0\0\x01\x1d\0\0\0\0" + b"\0\0\0\0j {daemon_name}\0" + b"\0\0\0\x05i\0")),
@@ -194,7 +194,7 @@ class CommandCodingTests(SynchronousTestCase):
             lambda: Mail(("<a\0@b>",)),
             lambda: Macro("C", (("j", "a\0"),)),
             lambda: Connect("h", "4", 25, "1.2.3.4\0"),
-            lambda: AddHeader("X", "a\0"),
+            lambda: AddHeaderReply("X", "a\0"),
             lambda: ReplyCode("451 \0"),
         ):
             self.assertRaises(ValueError, make)
@@ -206,8 +206,8 @@ class CommandCodingTests(SynchronousTestCase):
         self.assertRaises(ValueError, Connect, "h", "4", 25, None)
         self.assertRaises(ValueError, Connect, "h", "U", 25, None)
         self.assertRaises(ValueError, Macro, "CC")
-        self.assertRaises(ValueError, InsertHeader, -1, "a", "b")
-        self.assertRaises(ValueError, ReplaceBody, b"x" * 65536)
+        self.assertRaises(ValueError, InsertHeaderReply, -1, "a", "b")
+        self.assertRaises(ValueError, ReplaceBodyReply, b"x" * 65536)
         self.assertRaises(ValueError, Mail, ["<a@b>"])
 
 
@@ -369,15 +369,15 @@ replies = st.one_of(
     st.sampled_from([Continue(), Accept(), Reject(), Tempfail(), Discard(), Skip(), Progress(), Shutdown(),
                      ConnectionFail()]),
     st.builds(ReplyCode, text),
-    st.builds(Quarantine, text),
-    st.builds(AddHeader, text, text),
-    st.builds(InsertHeader, u32, text, text),
-    st.builds(ChangeHeader, u32, text, text),
-    st.builds(AddRecipient, text),
-    st.builds(AddRecipientPar, text, text),
-    st.builds(DeleteRecipient, text),
-    st.builds(ChangeFrom, text, st.none() | text),
-    st.builds(ReplaceBody, st.binary(max_size=200)),
+    st.builds(QuarantineReply, text),
+    st.builds(AddHeaderReply, text, text),
+    st.builds(InsertHeaderReply, u32, text, text),
+    st.builds(ChangeHeaderReply, u32, text, text),
+    st.builds(AddRecipientReply, text),
+    st.builds(AddRecipientParReply, text, text),
+    st.builds(DeleteRecipientReply, text),
+    st.builds(ChangeFromReply, text, st.none() | text),
+    st.builds(ReplaceBodyReply, st.binary(max_size=200)),
     st.builds(NegotiateReply, u32, u32, u32,
               st.lists(st.builds(SetSymList, u32, text), max_size=3).map(tuple)),
 )
@@ -571,14 +571,14 @@ class VerdictPacketTests(SynchronousTestCase):
         out = self.packets(verdict)
         self.assertEqual(out.unsent, ())
         self.assertEqual(decode_replies(out.data), [
-            AddHeader("X-Spam", "yes"),
-            InsertHeader(0, "DKIM-Signature", "v=1"),
-            ChangeHeader(1, "Subject", "***SPAM*** hi"),
-            AddRecipient("<trace@example.org>"),
-            AddRecipientPar("<x@example.org>", "NOTIFY=NEVER"),
-            DeleteRecipient("<b@example.org>"),
-            ChangeFrom("<new@example.org>"),
-            Quarantine("held"),
+            AddHeaderReply("X-Spam", "yes"),
+            InsertHeaderReply(0, "DKIM-Signature", "v=1"),
+            ChangeHeaderReply(1, "Subject", "***SPAM*** hi"),
+            AddRecipientReply("<trace@example.org>"),
+            AddRecipientParReply("<x@example.org>", "NOTIFY=NEVER"),
+            DeleteRecipientReply("<b@example.org>"),
+            ChangeFromReply("<new@example.org>"),
+            QuarantineReply("held"),
             Accept(),
         ])
 
@@ -596,7 +596,7 @@ class VerdictPacketTests(SynchronousTestCase):
             v.AddHeader("X-A", "1"), v.ChangeFrom("<n@x>"), v.AddRecipient("<r@x>", "A=B"), v.ReplaceBody(b"b"),
         ))
         out = self.packets(verdict, actions=c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS | c.SMFIF_ADDRCPT)
-        self.assertEqual(decode_replies(out.data), [AddHeader("X-A", "1"), Accept()])
+        self.assertEqual(decode_replies(out.data), [AddHeaderReply("X-A", "1"), Accept()])
         self.assertEqual([type(e) for e, _ in out.unsent], [v.ChangeFrom, v.AddRecipient, v.ReplaceBody])
         self.assertIn("not negotiated", out.unsent[0][1])
 
@@ -615,5 +615,5 @@ class VerdictPacketTests(SynchronousTestCase):
     def test_unencodable_edit_is_dropped(self) -> None:
         """A header value with NUL cannot travel; it is reported, the verdict still goes out."""
         out = self.packets(v.Verdict(v.Action.ACCEPT, edits=(v.AddHeader("X", "a\0b"), v.AddHeader("Y", "ok"))))
-        self.assertEqual(decode_replies(out.data), [AddHeader("Y", "ok"), Accept()])
+        self.assertEqual(decode_replies(out.data), [AddHeaderReply("Y", "ok"), Accept()])
         self.assertEqual(len(out.unsent), 1)

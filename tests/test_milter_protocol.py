@@ -205,7 +205,7 @@ class MessageTests(SynchronousTestCase):
         h.send(*ENVELOPE, *CONTENT)
         self.assertEqual(len(h.transport.writes), 1)
         self.assertEqual(replies(h.transport.value()),
-                         [codec.AddHeader("X-A", "1"), codec.AddHeader("X-B", "2"), codec.Accept()])
+                         [codec.AddHeaderReply("X-A", "1"), codec.AddHeaderReply("X-B", "2"), codec.Accept()])
 
     def test_modifications_only_when_negotiated(self) -> None:
         """An MTA offering 0x15 gets no CHGFROM/DELRCPT packets, only what it can do."""
@@ -218,7 +218,7 @@ class MessageTests(SynchronousTestCase):
         h.take()
         h.send(*ENVELOPE, *CONTENT)
         self.assertEqual(replies(h.transport.writes[-1]), [
-            codec.AddHeader("X-A", "1"), codec.ChangeHeader(1, "Subject", "new"), codec.Accept()])
+            codec.AddHeaderReply("X-A", "1"), codec.ChangeHeaderReply(1, "Subject", "new"), codec.Accept()])
 
     def test_several_messages_per_connection(self) -> None:
         """Two messages with ABORT between: two ACCEPTs, two finishes, QUIT closes."""

@@ -361,7 +361,7 @@ class VerdictTests(SynchronousTestCase):
         data = feed(session, ENVELOPE + CONTENT)[-1]
         reader = codec.ReplyReader()
         reader.receive_data(data)
-        self.assertEqual(list(reader), [codec.AddHeader("X-A", "1"), codec.Accept()])
+        self.assertEqual(list(reader), [codec.AddHeaderReply("X-A", "1"), codec.Accept()])
 
     def test_pipeline_exception_is_bare_tempfail(self) -> None:
         """A synchronous pipeline error is logged and answered with a bare TEMPFAIL."""

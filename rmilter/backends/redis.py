@@ -21,15 +21,15 @@ the server again.  So at most one message at a time pays the timeout.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+import heapq
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.python.failure import Failure
 
 from rmilter.backends.upstream import UpstreamList
-from rmilter.config.schema import Config, RedisServer
+from rmilter.config.schema import Config, RedisConfig, RedisServer
 from rmilter.log import Logger
 
 log = Logger(namespace="rmilter.redis")
@@ -113,43 +113,26 @@ class CommandChannel(Protocol):
     def close(self) -> "Deferred[None]": ...
 
 
-@dataclass(frozen=True)
-class RedisSettings:
-    """The ``redis { }`` directives every role shares."""
+#: connections per server and role.  Commands are pipelined; with one connection the commands of
+#: one reactor turn share a write (measured: ~200 µs less CPU per message than two connections at
+#: 8 concurrent messages, bench/redis_bench.py)
+POOL_SIZE = 1
 
-    connect_timeout: float = 1.0
-    error_time: float = 10.0
-    dead_time: float = 300.0
-    maxerrors: int = 10
-    password: Optional[str] = None
-    dbid: Optional[int] = None
-    #: connections per server and role.  Commands are pipelined; with one connection the
-    #: commands of one reactor turn share a write (measured: ~200 µs less CPU per message
-    #: than two connections at 8 concurrent messages, bench/redis_bench.py)
-    poolsize: int = 1
 
-    @property
-    def retry_interval(self) -> float:
-        """How long a server that timed out is not waited for again."""
-        return max(1.0, self.connect_timeout)
+def retry_interval(config: RedisConfig) -> float:
+    """How long a server that timed out is not waited for again."""
+    return max(1.0, config.connect_timeout)
 
-    @classmethod
-    def from_config(cls, config: Config) -> "RedisSettings":
-        r = config.redis
-        dbid: Optional[int] = None
-        if r.dbname not in (None, ""):
-            try:
-                dbid = int(r.dbname)  # type: ignore[arg-type]
-            except ValueError:
-                log.error("redis dbname {dbname!r} is not a number; using the default database", dbname=r.dbname)
-        return cls(
-            connect_timeout=r.connect_timeout,
-            error_time=r.error_time,
-            dead_time=r.dead_time,
-            maxerrors=r.maxerrors,
-            password=r.password or None,
-            dbid=dbid,
-        )
+
+def database_number(config: RedisConfig) -> Optional[int]:
+    """``dbname`` as the number SELECT takes; None for the default database (and for junk, logged)."""
+    if config.dbname in (None, ""):
+        return None
+    try:
+        return int(config.dbname)  # type: ignore[arg-type]
+    except ValueError:
+        log.error("redis dbname {dbname!r} is not a number; using the default database", dbname=config.dbname)
+        return None
 
 
 class TxRedisChannel:
@@ -161,9 +144,12 @@ class TxRedisChannel:
     AUTH and SELECT are sent by txredisapi on every new connection.
     """
 
-    def __init__(self, server: RedisServer, settings: RedisSettings, reactor: Any) -> None:
+    def __init__(self, server: RedisServer, config: RedisConfig, reactor: Any, dbid: Optional[int] = None,
+                 poolsize: int = POOL_SIZE) -> None:
         self.server = server
-        self.settings = settings
+        self.config = config
+        self.dbid = dbid
+        self.poolsize = poolsize
         self.reactor = reactor
         self._factory: Any = None
         self._handler: Any = None
@@ -183,12 +169,12 @@ class TxRedisChannel:
 
         factory = txredisapi.RedisFactory(
             "%s:%d" % (self.server.host, self.server.port),
-            self.settings.dbid,
-            self.settings.poolsize,
+            self.dbid,
+            self.poolsize,
             isLazy=True,
             handler=txredisapi.ConnectionHandler,
             charset=None,
-            password=self.settings.password,
+            password=self.config.password or None,
             replyTimeout=None,  # rmilter bounds every command itself, on its own clock
             convertNumbers=False,
         )
@@ -198,9 +184,9 @@ class TxRedisChannel:
         factory.deferred.addCallbacks(lambda _: None, self._pool_failed)
         # come back quickly once the server returns; the default backs off to 10 s
         factory.initialDelay = 0.2
-        factory.maxDelay = max(2.0, self.settings.connect_timeout)
+        factory.maxDelay = max(2.0, self.config.connect_timeout)
         endpoint = HostnameEndpoint(self.reactor, self.server.host, self.server.port,
-                                    timeout=self.settings.connect_timeout)
+                                    timeout=self.config.connect_timeout)
         factory.startConnecting(endpoint)
         self._factory = factory
         self._handler = factory.handler
@@ -283,44 +269,60 @@ class _Link:
 
 
 class Deadlines:
-    """Cancels the commands still unanswered ``timeout`` seconds after they were sent.
+    """Cancels the commands still unanswered at their deadline: the one deadline mechanism for Redis.
 
-    Every command of a role has the same timeout, so deadlines come in the order
-    the commands were sent: one timer for the oldest, instead of a DelayedCall per
-    command (``Deferred.addTimeout``), which costs more than the command itself.
+    A command's deadline is ``connect_timeout`` after it was sent, or the deadline of the
+    check it belongs to: a check made of several commands (greylisting, rate limits on
+    several shards) gives them all the same absolute deadline, so the whole check waits at
+    most one ``connect_timeout``.  One timer for the earliest deadline (a heap), instead of a
+    DelayedCall per command (``Deferred.addTimeout``), which costs more than the command itself.
     """
 
     def __init__(self, timeout: float, clock: Any) -> None:
         self.timeout = timeout
         self.clock = clock
-        # [deadline, the Deferred or None once it has its result]
-        self._pending: Deque[List[Any]] = deque()
+        # (deadline, sequence, [the Deferred, or None once it has its result])
+        self._pending: List[Tuple[float, int, List[Any]]] = []
+        self._sequence = 0
         self._timer: Any = None
+        self._timer_at = 0.0
 
-    def add(self, d: Deferred) -> None:
-        entry: List[Any] = [self.clock.seconds() + self.timeout, d]
+    def deadline(self) -> float:
+        """The deadline of a command or check that starts now."""
+        return self.clock.seconds() + self.timeout
+
+    def add(self, d: Deferred, deadline: Optional[float] = None) -> None:
+        box: List[Any] = [d]
 
         def answered(result: Any) -> Any:
-            entry[1] = None
+            box[0] = None
             return result
 
         d.addBoth(answered)
-        if entry[1] is None:
+        if box[0] is None:
             return
-        self._pending.append(entry)
-        if self._timer is None:
-            self._timer = self.clock.callLater(self.timeout, self._expire)
+        at = self.deadline() if deadline is None else deadline
+        self._sequence += 1
+        heapq.heappush(self._pending, (at, self._sequence, box))
+        if self._timer is None or at < self._timer_at:
+            self._arm(at)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._expire)
 
     def _expire(self) -> None:
         self._timer = None
         now = self.clock.seconds()
         pending = self._pending
-        while pending and (pending[0][1] is None or pending[0][0] <= now):
-            _, d = pending.popleft()
-            if d is not None:
-                d.cancel()  # errbacks with CancelledError (forwarded to a Deferred it waits on)
+        while pending and (pending[0][2][0] is None or pending[0][0] <= now):
+            _, _, box = heapq.heappop(pending)
+            if box[0] is not None:
+                box[0].cancel()  # errbacks with CancelledError (forwarded to a Deferred it waits on)
         if pending:
-            self._timer = self.clock.callLater(max(0.0, pending[0][0] - now), self._expire)
+            self._arm(pending[0][0])
 
     def stop(self) -> None:
         """No more timers (the role is stopping); unanswered commands fail now."""
@@ -328,9 +330,9 @@ class Deadlines:
             self._timer.cancel()
         self._timer = None
         while self._pending:
-            _, d = self._pending.popleft()
-            if d is not None:
-                d.cancel()
+            _, _, box = heapq.heappop(self._pending)
+            if box[0] is not None:
+                box[0].cancel()
 
 
 #: the value ``_command`` gives when the server could not be used
@@ -350,22 +352,23 @@ class RedisRole:
         self,
         name: str,
         servers: Sequence[RedisServer],
-        settings: RedisSettings,
+        config: RedisConfig,
         reactor: Any,
         channel_maker: Optional[ChannelMaker] = None,
+        dbid: Optional[int] = None,
     ) -> None:
         if not servers:
             raise ValueError("a Redis role needs at least one server")
         self.name = name
-        self.settings = settings
+        self.config = config
         self.clock = reactor
-        self.timeout = settings.connect_timeout
-        make = channel_maker or (lambda server: TxRedisChannel(server, settings, reactor))
+        self.timeout = config.connect_timeout
+        make = channel_maker or (lambda server: TxRedisChannel(server, config, reactor, dbid))
         self.upstreams: UpstreamList[RedisServer] = UpstreamList(
             list(servers),
-            error_time=settings.error_time,
-            dead_time=settings.dead_time,
-            maxerrors=settings.maxerrors,
+            error_time=config.error_time,
+            dead_time=config.dead_time,
+            maxerrors=config.maxerrors,
             clock=reactor,
         )
         # channels are cheap objects; each opens its connections on its first command
@@ -387,7 +390,11 @@ class RedisRole:
         return "<RedisRole %s %s>" % (self.name, ",".join(u.server.name for u in self.upstreams.upstreams))
 
     # -- the commands ------------------------------------------------------------------------
-    def get(self, key: bytes) -> "Deferred[Optional[bytes]]":
+    def deadline(self) -> float:
+        """The deadline (on this role's clock) of a check of several commands that starts now."""
+        return self._deadlines.deadline()
+
+    def get(self, key: bytes, deadline: Optional[float] = None) -> "Deferred[Optional[bytes]]":
         """GET; a miss, an error reply or a failure is None (an empty value is a miss, SPEC §6.1)."""
 
         def got(reply: Any) -> Optional[bytes]:
@@ -395,15 +402,15 @@ class RedisRole:
                 return reply
             return None
 
-        return self._command(self.shard_of(key), (b"GET", key)).addCallback(got)
+        return self._command(self.shard_of(key), (b"GET", key), deadline=deadline).addCallback(got)
 
-    def setex(self, key: bytes, ttl: int, value: bytes) -> "Deferred[bool]":
+    def setex(self, key: bytes, ttl: int, value: bytes, deadline: Optional[float] = None) -> "Deferred[bool]":
         """SETEX (SET when ttl == 0); False on failure or an error reply."""
         if ttl:
             args: Tuple[bytes, ...] = (b"SETEX", key, str(int(ttl)).encode("ascii"), value)
         else:
             args = (b"SET", key, value)
-        return self._command(self.shard_of(key), args).addCallback(_is_ok)
+        return self._command(self.shard_of(key), args, deadline=deadline).addCallback(_is_ok)
 
     def delete(self, key: bytes) -> "Deferred[bool]":
         """DEL (the C version sent ``DELETE``, which Redis does not know, B11)."""
@@ -418,7 +425,7 @@ class RedisRole:
         ).addCallback(lambda reply: reply if isinstance(reply, int) else None)
 
     def eval_script(
-        self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg]
+        self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg], deadline: Optional[float] = None
     ) -> "Deferred[Optional[Any]]":
         """EVALSHA (EVAL on NOSCRIPT) on the server of ``keys[0]``; the reply, None on failure.
 
@@ -430,7 +437,8 @@ class RedisRole:
         def evaluated(reply: Any) -> Any:
             if isinstance(reply, RedisErrorReply) and str(reply).startswith("NOSCRIPT"):
                 # first use of the script on this server (or after SCRIPT FLUSH / restart)
-                return self._command(server, (b"EVAL", script.source.encode("utf-8")) + tail).addCallback(done)
+                eval_args = (b"EVAL", script.source.encode("utf-8")) + tail
+                return self._command(server, eval_args, deadline=deadline).addCallback(done)
             return done(reply)
 
         def done(reply: Any) -> Any:
@@ -444,9 +452,8 @@ class RedisRole:
                 return None
             return reply
 
-        return self._command(server, (b"EVALSHA", script.sha1.encode("ascii")) + tail, keep_errors=True).addCallback(
-            evaluated
-        )
+        evalsha_args = (b"EVALSHA", script.sha1.encode("ascii")) + tail
+        return self._command(server, evalsha_args, keep_errors=True, deadline=deadline).addCallback(evaluated)
 
     def shard_of(self, key: bytes) -> Any:
         """The server ``key`` hashes to right now (for grouping keys per script call)."""
@@ -460,13 +467,18 @@ class RedisRole:
         return DeferredList(closes, consumeErrors=True).addCallback(lambda _: None)
 
     # -- one command on one server ----------------------------------------------------------------
-    def _command(self, server: RedisServer, args: Sequence[bytes], keep_errors: bool = False) -> "Deferred[Any]":
-        """Send one command, bounded by ``connect_timeout``; never fails.
+    def _command(
+        self, server: RedisServer, args: Sequence[bytes], keep_errors: bool = False, deadline: Optional[float] = None
+    ) -> "Deferred[Any]":
+        """Send one command, bounded by ``deadline`` (default: ``connect_timeout`` from now); never fails.
 
         Fires with the reply, with ``UNAVAILABLE`` when the server could not be
         used, and (``keep_errors``) with a ``RedisErrorReply`` for an error reply,
-        which otherwise is logged and becomes ``UNAVAILABLE``.
+        which otherwise is logged and becomes ``UNAVAILABLE``.  A command whose
+        check has run out of time is not sent at all (nobody would wait for it).
         """
+        if deadline is not None and deadline <= self.clock.seconds():
+            return succeed(UNAVAILABLE)
         link = self._links[id(server)]
         if link.trouble and not self._worth_waiting(link):
             # failed at once (the outage was logged when it began)
@@ -477,7 +489,7 @@ class RedisRole:
             d = link.channel.execute(args)
         except Exception:
             d = fail()
-        self._deadlines.add(d)
+        self._deadlines.add(d, deadline)
         return d.addCallbacks(
             self._succeeded, self._failed, callbackArgs=(link,), errbackArgs=(link, args[0], keep_errors)
         )
@@ -508,7 +520,7 @@ class RedisRole:
             )
             return UNAVAILABLE
         self.upstreams.failed(link.server)
-        link.wait_until = self.clock.seconds() + self.settings.retry_interval
+        link.wait_until = self.clock.seconds() + retry_interval(self.config)
         if not link.trouble:
             link.trouble = True
             log.warn(
@@ -535,35 +547,6 @@ def _describe(failure: Failure, timeout: float) -> str:
     if failure.check(DeferredTimeout, CancelledError):
         return "no reply within %gs" % (timeout,)
     return "%s: %s" % (getattr(failure.type, "__name__", "error"), failure.getErrorMessage())
-
-
-T = TypeVar("T")
-
-
-def within(running: "Deferred[T]", seconds: float, clock: Any, on_timeout: Callable[[], T]) -> "Deferred[T]":
-    """``running``'s result, or ``on_timeout()`` once ``seconds`` have passed on ``clock``.
-
-    Each Redis command is bounded already; this bounds a check made of several,
-    so that a message never waits longer than one ``connect_timeout`` for Redis
-    even when several servers hang.  A late result is dropped (what it wrote
-    stays written); a failure of ``running`` is passed on unless it comes late.
-    """
-    bounded: "Deferred[T]" = Deferred()
-
-    def expired() -> None:
-        bounded.callback(on_timeout())
-
-    timer = clock.callLater(seconds, expired)
-
-    def finished(value: Any) -> None:
-        if timer.active():
-            timer.cancel()
-            bounded.callback(value)
-        elif isinstance(value, Failure):
-            log.failure("Redis check failed after its deadline", value)
-
-    running.addBoth(finished)
-    return bounded
 
 
 # -- all roles ---------------------------------------------------------------------------------
@@ -616,10 +599,10 @@ def from_config(config: Config, reactor: Any, channel_maker: Optional[ChannelMak
     }
     if not any(lists.values()):
         return None
-    settings = RedisSettings.from_config(config)
+    dbid = database_number(r)
 
     def role(name: str, servers: Sequence[RedisServer]) -> Optional[RedisRole]:
-        return RedisRole(name, servers, settings, reactor, channel_maker) if servers else None
+        return RedisRole(name, servers, r, reactor, channel_maker, dbid) if servers else None
 
     grey = role("grey", r.servers_grey)
     white = role("white", r.servers_white) if r.servers_white else grey

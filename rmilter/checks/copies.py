@@ -9,86 +9,92 @@ delays it by at most ``redis.connect_timeout``.
 """
 from __future__ import annotations
 
-import random
 from typing import Any, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
-from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.context import MessageContext
+from rmilter.deps import Deps
+from rmilter.log import Logger
+from rmilter.verdict import Check, CheckResult, skipped
 
 log = Logger(namespace="rmilter.copies")
 
-#: the sampling source for copy_probability; tests replace it with a seeded ``random.Random``
-sampler: random.Random = random.Random()
+SPAM = "spam"
+COPY = "copy"
+KINDS = (SPAM, COPY)
 
-KINDS = ("spam", "copy")
 
-
-def _target(msg: MessageContext, kind: str) -> Optional[Tuple[Any, str]]:
+def _target(deps: Deps, kind: str) -> Optional[Tuple[Any, str]]:
     """The Redis role and channel for ``kind``, or None when that kind of copy is off."""
-    runtime = msg.runtime
-    config = runtime.config
+    config = deps.config
     if kind not in KINDS:
         raise ValueError("unknown copy kind %r" % (kind,))
-    if not config.redis_enabled or runtime.redis is None:
+    if not config.redis_enabled or deps.redis is None:
         return None
-    if kind == "spam":
-        channel, role = config.redis.spam_channel, runtime.redis.spam
+    if kind == SPAM:
+        channel, role = config.redis.spam_channel, deps.redis.spam
     else:
-        channel, role = config.redis.copy_channel, runtime.redis.copy
+        channel, role = config.redis.copy_channel, deps.redis.copy
     if not channel or role is None:
         return None
     return role, channel
 
 
-def wanted(msg: MessageContext, kind: str) -> bool:
+def wanted(deps: Deps, kind: str) -> bool:
     """Spam copies always; message copies with probability ``copy_probability`` (B12: plain p)."""
-    if kind == "spam":
+    if kind == SPAM:
         return True
-    probability = msg.runtime.config.redis.copy_probability
+    probability = deps.config.redis.copy_probability
     if probability >= 1.0:
         return True
-    return sampler.random() < probability
+    return deps.rng.random() < probability
 
 
-def _note(msg: MessageContext, text: str) -> None:
-    """Add ``published to ...`` to the summary line; a spam copy and a message copy both show."""
-    previous = msg.log_fields.get("published")
-    msg.log_fields["published"] = text if not previous else previous + "; " + text
+def check(message: MessageContext, deps: Deps, *, kind: str) -> "Deferred[CheckResult]":
+    """PUBLISH the spool on the channel of ``kind``; never fails, bounded by connect_timeout.
 
-
-def publish(msg: MessageContext, kind: str) -> "Deferred[None]":
-    """PUBLISH the spool on the channel of ``kind``; never fails, bounded by connect_timeout."""
+    The result's summary is what the summary line shows (``published to <channel> (<n> clients)``),
+    or why nothing was published.
+    """
     try:
-        target = _target(msg, kind)
-        if target is None or msg.spool is None or not wanted(msg, kind):
-            return succeed(None)
+        target = _target(deps, kind)
+        if target is None:
+            return succeed(skipped(Check.COPIES, "no %s channel" % (kind,)))
+        if message.spool is None:
+            return succeed(skipped(Check.COPIES, "no spool"))
+        if not wanted(deps, kind):
+            return succeed(skipped(Check.COPIES, "not sampled"))
     except Exception:
-        log.failure("{tag}; cannot publish a {kind} copy", tag=msg.tag, kind=kind)
-        return succeed(None)
+        log.failure("{tag}; cannot publish a {kind} copy", tag=message.tag, kind=kind)
+        return succeed(CheckResult(Check.COPIES, "not published, internal error", failed=True))
     role, channel = target
-    spool = msg.spool
-    runtime = msg.runtime
+    spool = message.spool
 
     def send(payload: bytes) -> "Deferred[Optional[int]]":
         return role.publish(channel, payload)
 
-    def published(subscribers: Optional[int]) -> None:
+    def published(subscribers: Optional[int]) -> CheckResult:
         if subscribers is None:
-            log.warn("{tag}; cannot publish message to channel {channel}", tag=msg.tag, channel=channel)
-            return
-        log.debug("{tag}; published message to {channel} ({n} clients)", tag=msg.tag, channel=channel,
+            log.warn("{tag}; cannot publish message to channel {channel}", tag=message.tag, channel=channel)
+            return CheckResult(Check.COPIES, "not published to %s" % (channel,), failed=True)
+        log.debug("{tag}; published message to {channel} ({n} clients)", tag=message.tag, channel=channel,
                   n=subscribers)
-        _note(msg, "published to %s (%d clients)" % (channel, subscribers))
+        return CheckResult(Check.COPIES, "published to %s (%d clients)" % (channel, subscribers),
+                           details={"channel": channel, "subscribers": subscribers})
 
-    def failed(failure: Failure) -> None:
-        log.warn("{tag}; cannot publish message to channel {channel}: {error}", tag=msg.tag, channel=channel,
+    def failed(failure: Failure) -> CheckResult:
+        log.warn("{tag}; cannot publish message to channel {channel}: {error}", tag=message.tag, channel=channel,
                  error=failure.getErrorMessage() or failure.type.__name__)
+        return CheckResult(Check.COPIES, "not published to %s" % (channel,), failed=True)
 
     # the payload is the whole spool: the head, then the body (from memory or the spool file)
     payload: "Deferred[bytes]" = spool.read(0, spool.size)
     payload.addCallback(send)
-    payload.addTimeout(runtime.config.redis.connect_timeout, runtime.clock)
     return payload.addCallbacks(published, failed)
+
+
+def published(result: CheckResult) -> bool:
+    """A copy went out: the summary line names it."""
+    return result.check is Check.COPIES and "subscribers" in result.details

@@ -9,8 +9,9 @@ sorted raw recipients).
 
 Round trips per digest: GET white, then one script that reads the grey record
 and writes it when missing (C sends GET and SETEX), then SETEX white once the
-grey record is old enough.  A check waits at most ``redis.connect_timeout``
-for Redis in total; an unreachable Redis lets the message pass (SPEC §6.10).
+grey record is old enough.  Every command of a check has the check's deadline,
+so a check waits at most ``redis.connect_timeout`` for Redis in total; an
+unreachable Redis lets the message pass (SPEC §6.10).
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from typing import Any, Iterable, Optional, Sequence
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from rmilter.backends.redis import LuaScript, ScriptStore, within
+from rmilter.backends.redis import LuaScript, ScriptStore
 from rmilter.context import MessageContext
+from rmilter.deps import Deps
 from rmilter.log import Logger
-from rmilter.verdict import AddHeader, CheckResult, tempfail
+from rmilter.verdict import AddHeader, Check, CheckResult, skipped, tempfail
 
 log = Logger(namespace="rmilter.greylist")
 
@@ -130,17 +132,17 @@ class HashOutcome:
     greylisted: bool
     grey_record_existed: bool  # step 3 of SPEC §6.2: decides the overall result for the data hash
     note: str
+    failed: bool = False  # Redis could not be used: the message passes (SPEC §6.10)
 
 
 class _Settings:
     """What one check needs from the runtime, looked up once."""
 
-    def __init__(self, msg: MessageContext) -> None:
-        runtime = msg.runtime
-        config = runtime.config
-        self.clock = runtime.reactor
-        self.grey = runtime.redis.grey if runtime.redis is not None else None
-        self.white = (runtime.redis.white if runtime.redis is not None else None) or self.grey
+    def __init__(self, deps: Deps) -> None:
+        config = deps.config
+        self.clock = deps.clock
+        self.grey = deps.redis.grey if deps.redis is not None else None
+        self.white = (deps.redis.white if deps.redis is not None else None) or self.grey
         self.grey_prefix = config.redis.grey_prefix
         self.white_prefix = config.redis.white_prefix
         g = config.greylisting
@@ -148,7 +150,13 @@ class _Settings:
         self.expire = g.expire
         self.expire_white = g.expire_white
         self.expire_arg = b"%d" % int(g.expire)
-        self.deadline = config.redis.connect_timeout
+        self.timeout_seconds = config.redis.connect_timeout
+        #: every command of the check shares this deadline: the whole check waits at most
+        #: connect_timeout for Redis (SPEC §6.10)
+        self.deadline = self.clock.seconds() + self.timeout_seconds
+
+    def timed_out(self) -> bool:
+        return self.clock.seconds() >= self.deadline
 
 
 def check_hash(settings: _Settings, digest_bytes: bytes, kind: str) -> "Deferred[HashOutcome]":
@@ -167,14 +175,20 @@ def check_hash(settings: _Settings, digest_bytes: bytes, kind: str) -> "Deferred
             return HashOutcome(False, False, "Whitelisted till %s, type: %s" % (till, kind))
         now = settings.clock.seconds()
         grey_key = record_key(settings.grey_prefix, digest_bytes)
-        d = grey.eval_script(GREY_STEP, [grey_key], [settings.expire_arg, encode_time(now)])
+        d = grey.eval_script(GREY_STEP, [grey_key], [settings.expire_arg, encode_time(now)],
+                             deadline=settings.deadline)
         return d.addCallback(grey_checked, now, grey_key)
 
     def grey_checked(reply: Any, now: float, grey_key: bytes) -> Any:
+        if reply is None and settings.timed_out():
+            log.warn("greylisting: no answer from Redis within {timeout}s, message passes",
+                     timeout=settings.timeout_seconds)
+            return HashOutcome(False, False, "Redis timeout, not greylisted (fail open)", failed=True)
         if reply is None:
             # Redis unreachable (or the script failed): nothing stored, fail open
             log.warn("greylisting ({kind}): Redis unavailable, message passes", kind=kind)
-            return HashOutcome(False, False, "Redis unavailable, not greylisted (fail open), type: %s" % (kind,))
+            return HashOutcome(False, False, "Redis unavailable, not greylisted (fail open), type: %s" % (kind,),
+                               failed=True)
         stored = decode_time(reply) if isinstance(reply, bytes) else None
         if stored is None:  # 2. no grey record: the step stored one
             return HashOutcome(
@@ -201,16 +215,15 @@ def check_hash(settings: _Settings, digest_bytes: bytes, kind: str) -> "Deferred
             "Greylisted for %d seconds, whitelisted till %s, type: %s"
             % (elapsed, local_time(stored + settings.expire_white), kind),
         )
-        return white.setex(white_key, int(settings.expire_white), encode_time(now)).addCallback(
-            white_stored, outcome
-        )
+        stored = white.setex(white_key, int(settings.expire_white), encode_time(now), deadline=settings.deadline)
+        return stored.addCallback(white_stored, outcome)
 
     def white_stored(stored_ok: bool, outcome: HashOutcome) -> HashOutcome:
         if not stored_ok:
             log.warn("greylisting ({kind}): cannot store white record {key}", kind=kind, key=white_key)
         return outcome
 
-    return white.get(white_key).addCallback(white_checked)
+    return white.get(white_key, deadline=settings.deadline).addCallback(white_checked)
 
 
 def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool) -> "Deferred[HashOutcome]":
@@ -230,39 +243,33 @@ def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool) -> "Def
     return envelope_check()
 
 
-def check(msg: MessageContext, with_data_hash: bool) -> "Deferred[CheckResult]":
-    """Greylist the message (DATA: envelope hash only; EOM: data hash too).
+def check(message: MessageContext, deps: Deps, *, data_hash: bool = False) -> "Deferred[CheckResult]":
+    """Greylist the message (DATA: envelope hash only; EOM, ``data_hash``: the data hash too).
 
     The pipeline decides the stage and the authentication rule; this checks that
     greylisting is active, that the client address is known and not in
     ``greylisting.whitelist``.  At EOM the last note is added as the
     ``X-Rmilter-Greylist`` header whatever the result.
     """
-    runtime = msg.runtime
-    config = runtime.config
-    ip = msg.client_address
-    if not config.greylisting_active or runtime.redis is None or runtime.redis.grey is None:
-        return succeed(CheckResult("greylist", "not checked, greylisting inactive"))
+    config = deps.config
+    ip = message.client_address
+    if not config.greylisting_active or deps.redis is None or deps.redis.grey is None:
+        return succeed(skipped(Check.GREYLIST, "not checked, greylisting inactive"))
     if ip is None:
-        return succeed(CheckResult("greylist", "not checked, unknown client address"))
+        return succeed(skipped(Check.GREYLIST, "not checked, unknown client address"))
 
     def result(outcome: HashOutcome) -> CheckResult:
-        edits = (AddHeader(HEADER_NAME, outcome.note),) if with_data_hash else ()
+        edits = (AddHeader(name=HEADER_NAME, value=outcome.note),) if data_hash else ()
         verdict = tempfail(config.greylisting.greylisted_message) if outcome.greylisted else None
-        return CheckResult("greylist", outcome.note, verdict=verdict, edits=edits)
+        return CheckResult(Check.GREYLIST, outcome.note, verdict=verdict, edits=edits, failed=outcome.failed)
 
     if ip in config.greylisting.whitelist:
         return succeed(result(HashOutcome(False, False, "Sender IP %s is whitelisted by configuration" % (ip,))))
 
-    settings = _Settings(msg)
-
-    def late() -> HashOutcome:
-        log.warn("greylisting: no answer from Redis within {timeout}s, message passes", timeout=settings.deadline)
-        return HashOutcome(False, False, "Redis timeout, not greylisted (fail open)")
+    settings = _Settings(deps)
 
     def broken(failure: Failure) -> HashOutcome:
         log.failure("greylisting failed, message passes", failure)
-        return HashOutcome(False, False, "internal error, not greylisted (fail open)")
+        return HashOutcome(False, False, "internal error, not greylisted (fail open)", failed=True)
 
-    running = _run(msg, settings, with_data_hash)
-    return within(running, settings.deadline, settings.clock, late).addErrback(broken).addCallback(result)
+    return _run(message, settings, data_hash).addErrback(broken).addCallback(result)

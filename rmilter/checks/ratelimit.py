@@ -18,11 +18,12 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 
-from rmilter.backends.redis import LuaScript, ScriptStore, encode_arg, within
+from rmilter.backends.redis import LuaScript, ScriptStore, encode_arg
 from rmilter.config.schema import Bucket, Config
 from rmilter.context import MessageContext
+from rmilter.deps import Deps
 from rmilter.log import Logger
-from rmilter.verdict import RATE_LIMIT_EXCEEDED, Verdict, tempfail
+from rmilter.verdict import RATE_LIMIT_EXCEEDED, Check, CheckResult, skipped, tempfail
 
 log = Logger(namespace="rmilter.ratelimit")
 
@@ -202,48 +203,55 @@ def _runs(role: Any, keys: List[BucketKey]) -> List[List[BucketKey]]:
 
 
 # -- the entry points -----------------------------------------------------------------------------
-def check(msg: MessageContext, recipient: str) -> "Deferred[Optional[Verdict]]":
-    """RCPT: None when the recipient may be accepted, else TEMPFAIL ``Rate limit exceeded``.
+#: summary values of the results (the summary line has no rate-limit field; logs and metrics use them)
+PASSED = "within limits"
+EXCEEDED = "rate limit exceeded"
+COUNTED = "counted"
+
+
+def check(message: MessageContext, deps: Deps, *, recipient: str) -> "Deferred[CheckResult]":
+    """RCPT: may ``recipient`` be accepted?  A refusal is TEMPFAIL ``Rate limit exceeded``.
 
     Redis being unreachable lets the recipient pass (SPEC §6.10); the check waits
     at most ``redis.connect_timeout``.
     """
-    runtime = msg.runtime
-    config = runtime.config
-    role = runtime.redis.limits if runtime.redis is not None else None
-    if not config.limits_active or role is None or exempt(config, msg.client_address, recipient):
-        return succeed(None)
-    keys = bucket_keys(config, msg, recipient)
+    config = deps.config
+    role = deps.redis.limits if deps.redis is not None else None
+    if not config.limits_active or role is None:
+        return succeed(skipped(Check.RATELIMIT, "limits inactive"))
+    if exempt(config, message.client_address, recipient):
+        return succeed(skipped(Check.RATELIMIT, "whitelisted"))
+    keys = bucket_keys(config, message, recipient)
     if not keys:
-        return succeed(None)
+        return succeed(skipped(Check.RATELIMIT, "no bucket enabled"))
     runs = _runs(role, keys)
-    running = _check_run(role, msg, recipient, runs, 0, runtime.reactor.seconds())
-    if len(runs) > 1:  # one call is bounded by connect_timeout already; several are bounded together
+    now = deps.clock.seconds()
+    # the calls of several shards share one deadline: together they wait at most connect_timeout
+    deadline = now + config.redis.connect_timeout
+    return _check_run(role, message, recipient, runs, 0, now, deadline).addErrback(_broken, message, _UNANSWERED)
 
-        def late() -> Optional[Verdict]:
-            log.warn("{tag}; rate limit check for {rcpt}: no answer from Redis in time, accepted",
-                     tag=msg.tag, rcpt=recipient)
-            return None
 
-        running = within(running, config.redis.connect_timeout, runtime.reactor, late)
-    return running.addErrback(_broken, msg, None)
+_PASSED = CheckResult(Check.RATELIMIT, PASSED)
+_UNANSWERED = CheckResult(Check.RATELIMIT, "Redis unavailable, accepted (fail open)", failed=True)
 
 
 def _check_run(
-    role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float
-) -> "Deferred[Optional[Verdict]]":
+    role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float,
+    deadline: float,
+) -> "Deferred[CheckResult]":
     """One script call for the ``index``-th run of buckets; the next run only if none was exceeded.
 
     Plain functions, not closures calling each other, so that no reference cycle is
     left for the garbage collector at every RCPT.
     """
     run = runs[index]
-    d = role.eval_script(BUCKETS, [k.key for k in run], _script_args(now, 0, run))
-    return d.addCallback(_run_checked, role, msg, recipient, runs, index, now)
+    d = role.eval_script(BUCKETS, [k.key for k in run], _script_args(now, 0, run), deadline=deadline)
+    return d.addCallback(_run_checked, role, msg, recipient, runs, index, now, deadline)
 
 
 def _run_checked(
-    reply: Any, role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float
+    reply: Any, role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float,
+    deadline: float,
 ) -> Any:
     if isinstance(reply, int) and 1 <= reply <= len(runs[index]):
         exceeded = runs[index][reply - 1]
@@ -251,30 +259,32 @@ def _run_checked(
             "{tag}; rate limit exceeded for {rcpt}: bucket {bucket} ({key})",
             tag=msg.tag, rcpt=recipient, bucket=exceeded.name, key=exceeded.key.decode("utf-8", "replace"),
         )
-        return tempfail(RATE_LIMIT_EXCEEDED)
+        return CheckResult(Check.RATELIMIT, EXCEEDED, verdict=tempfail(RATE_LIMIT_EXCEEDED),
+                           details={"ratelimit_bucket": exceeded.name})
     if index + 1 < len(runs):
-        return _check_run(role, msg, recipient, runs, index + 1, now)
-    return None
+        # a shard that did not answer passes (fail open); the next one is still asked
+        return _check_run(role, msg, recipient, runs, index + 1, now, deadline)
+    return _UNANSWERED if reply is None else _PASSED
 
 
-def update(msg: MessageContext) -> "Deferred[None]":
+def record(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
     """EOM of an accepted message: add it to every bucket of every recipient.
 
     One script call per Redis server for all recipients; never fails, waits at
     most ``redis.connect_timeout``.
     """
-    runtime = msg.runtime
-    config = runtime.config
-    role = runtime.redis.limits if runtime.redis is not None else None
+    config = deps.config
+    role = deps.redis.limits if deps.redis is not None else None
     if not config.limits_active or role is None:
-        return succeed(None)
+        return succeed(skipped(Check.RATELIMIT, "limits inactive"))
     keys: List[BucketKey] = []
-    for rcpt in msg.recipient_addresses:
-        if not exempt(config, msg.client_address, rcpt):
-            keys.extend(bucket_keys(config, msg, rcpt))
+    for rcpt in message.recipient_addresses:
+        if not exempt(config, message.client_address, rcpt):
+            keys.extend(bucket_keys(config, message, rcpt))
     if not keys:
-        return succeed(None)
-    now = runtime.reactor.seconds()
+        return succeed(skipped(Check.RATELIMIT, "no bucket to count"))
+    now = deps.clock.seconds()
+    deadline = now + config.redis.connect_timeout
     groups: Dict[int, List[BucketKey]] = {}
     if not getattr(role, "sharded", True):
         groups[0] = keys
@@ -282,22 +292,21 @@ def update(msg: MessageContext) -> "Deferred[None]":
         for k in keys:
             groups.setdefault(id(role.shard_of(k.key)), []).append(k)
     calls = [
-        role.eval_script(BUCKETS, [k.key for k in group], _script_args(now, 1, group)) for group in groups.values()
+        role.eval_script(BUCKETS, [k.key for k in group], _script_args(now, 1, group), deadline=deadline)
+        for group in groups.values()
     ]
 
-    def done(replies: Any) -> None:
+    def done(replies: Any) -> CheckResult:
         if any(reply is None for reply in replies):
-            log.debug("{tag}; rate limit update incomplete: Redis unavailable", tag=msg.tag)
-        return None
+            log.debug("{tag}; rate limit update incomplete: Redis unavailable", tag=message.tag)
+            return _NOT_COUNTED
+        return _COUNTED
 
-    def late() -> None:
-        log.warn("{tag}; rate limit update: no answer from Redis in time", tag=msg.tag)
-        return None
+    return gatherResults(calls).addCallback(done).addErrback(_broken, message, _NOT_COUNTED)
 
-    if len(calls) == 1:  # bounded by connect_timeout already
-        return calls[0].addCallback(lambda reply: done([reply])).addErrback(_broken, msg, None)
-    running = gatherResults(calls).addCallback(done)
-    return within(running, config.redis.connect_timeout, runtime.reactor, late).addErrback(_broken, msg, None)
+
+_COUNTED = CheckResult(Check.RATELIMIT, COUNTED)
+_NOT_COUNTED = CheckResult(Check.RATELIMIT, "not counted, Redis unavailable", failed=True)
 
 
 def _broken(failure: Failure, msg: MessageContext, value: Any) -> Any:

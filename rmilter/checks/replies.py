@@ -4,8 +4,9 @@ Outbound: every accepted message of an authenticated sender (SASL, or an
 ``our_networks`` client without ``strict_auth``) has its Message-ID stored on
 ``servers_id`` under ``id_prefix`` + lowercase hex BLAKE2b-512 of the id, with
 TTL ``id_expire``.  Inbound: In-Reply-To and every References token (B14) are
-looked up the same way while the headers arrive; EOM waits for the answers
-(each bounded by ``connect_timeout``) and a hit turns strict checks off.
+looked up the same way once the headers are complete, while the body arrives;
+EOM waits for the answers (each bounded by ``connect_timeout``) and a hit turns
+strict checks off.
 
 Redis trouble is a miss on lookup and a log line on store: it never delays or
 fails a message beyond ``connect_timeout`` (SPEC §6.10).
@@ -13,14 +14,15 @@ fails a message beyond ``connect_timeout`` (SPEC §6.10).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.context import MessageContext
+from rmilter.deps import Deps
+from rmilter.log import Logger
+from rmilter.verdict import Check, CheckResult, skipped
 
 log = Logger(namespace="rmilter.replies")
 
@@ -31,6 +33,10 @@ STORED_VALUE = b"1"
 #: lookups per message at most: a References header can list hundreds of ids, and each
 #: is a Redis GET; past the limit the thread root and the nearest ancestors are kept
 MAX_LOOKUPS = 100
+#: summary values
+NOT_A_REPLY = "not a reply to our mail"
+STORED = "message id stored"
+
 
 def message_id_key(prefix: str, message_id: str) -> bytes:
     """``prefix`` + lowercase hex BLAKE2b-512 of the exact id bytes, at most 249 bytes (SPEC §6.4, §9)."""
@@ -38,47 +44,76 @@ def message_id_key(prefix: str, message_id: str) -> bytes:
     return (prefix.encode("utf-8", "surrogateescape") + digest.encode("ascii"))[:MAX_KEY_LENGTH]
 
 
-@dataclass(frozen=True)
-class Lookup:
-    """One In-Reply-To / References id being looked up; fires with the id on a hit, None otherwise."""
+def reply_ids(headers: List[Tuple[str, str]]) -> List[str]:
+    """In-Reply-To (the whole value) and every References token, in header order, each once (B14)."""
+    ids: List[str] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "in-reply-to":
+            ids.append(value.strip())
+        elif lname == "references":
+            ids.extend(value.split())
+    return list(dict.fromkeys(i for i in ids if i))
 
-    message_id: str
-    answer: "Deferred[Optional[str]]"
+
+def _within_budget(tag: str, ids: List[str]) -> List[str]:
+    if len(ids) <= MAX_LOOKUPS:
+        return ids
+    log.info("{tag}; {n} reply ids, only {budget} looked up", tag=tag, n=len(ids), budget=MAX_LOOKUPS)
+    return ids[:1] + ids[len(ids) - MAX_LOOKUPS + 1 :]
 
 
-def _pending(msg: MessageContext) -> List[Lookup]:
-    """The message's lookups: they live on the message, so they go with it (ABORT, a new MAIL)."""
-    return msg.reply_lookups
+def hit(result: CheckResult) -> Optional[str]:
+    """The Message-ID of ours that the message replies to, if the check found one."""
+    found = result.details.get("reply_to") if result.check is Check.REPLIES else None
+    return found if isinstance(found, str) else None
 
 
-def _id_role(msg: MessageContext) -> Optional[Any]:
+def _id_role(deps: Deps) -> Optional[Any]:
     """The ``servers_id`` Redis role, or None when the replies check is off."""
-    runtime = msg.runtime
-    if not runtime.config.redis_enabled or runtime.redis is None:
+    if not deps.config.redis_enabled or deps.redis is None:
         return None
-    return runtime.redis.id
+    return deps.redis.id
 
 
-def lookup(msg: MessageContext, message_ids: List[str]) -> None:
-    """Start GETs for In-Reply-To (whole value) and each References token; ``settle`` waits."""
-    role = _id_role(msg)
+def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
+    """Look up In-Reply-To and References ids (each GET bounded by connect_timeout); never fails.
+
+    The pipeline starts it once the headers are complete, so the lookups run while the
+    body arrives, and waits for it at EOM.
+    """
+    role = _id_role(deps)
     if role is None:
-        return
-    config = msg.runtime.config.redis
-    lookups = _pending(msg)
-    seen = {entry.message_id for entry in lookups}
-    wanted = list(dict.fromkeys(i for i in message_ids if i and i not in seen))
-    budget = max(0, MAX_LOOKUPS - len(lookups))
-    if len(wanted) > budget:
-        log.info("{tag}; {n} reply ids, only {budget} looked up", tag=msg.tag, n=len(wanted), budget=budget)
-        wanted = (wanted[:1] + wanted[len(wanted) - budget + 1 :]) if budget > 1 else wanted[:budget]
-    for message_id in wanted:
-        key = message_id_key(config.id_prefix, message_id)
-        log.debug("{tag}; looking up reply id {message_id} as {key}", tag=msg.tag, message_id=message_id,
+        return succeed(skipped(Check.REPLIES, "replies check inactive"))
+    ids = _within_budget(message.tag, reply_ids(message.headers))
+    if not ids:
+        return succeed(skipped(Check.REPLIES, "no In-Reply-To or References"))
+    prefix = deps.config.redis.id_prefix
+    lookups = []
+    for message_id in ids:
+        key = message_id_key(prefix, message_id)
+        log.debug("{tag}; looking up reply id {message_id} as {key}", tag=message.tag, message_id=message_id,
                   key=key)
         answer: "Deferred[Optional[bytes]]" = role.get(key)
-        answer.addTimeout(config.connect_timeout, msg.runtime.clock)
-        lookups.append(Lookup(message_id, answer.addCallbacks(_hit(message_id), _miss(msg, message_id))))
+        lookups.append(answer.addCallbacks(_hit(message_id), _miss(message, message_id)))
+
+    def decided(answers: List[Optional[str]]) -> CheckResult:
+        found = next((a for a in answers if a is not None), None)
+        if found is None:
+            return CheckResult(Check.REPLIES, NOT_A_REPLY)
+        log.info(
+            "{tag}; from {hostname}[{ip}] from=<{sender}> to=<{rcpt}> is reply to our message {message_id}; "
+            "skip dcc and spamd checks",
+            tag=message.tag,
+            hostname=message.connection.client_hostname,
+            ip=message.client_address or "unknown",
+            sender=message.envelope_from,
+            rcpt=message.recipients[0].address if message.recipients else "",
+            message_id=found,
+        )
+        return CheckResult(Check.REPLIES, "reply to our message %s" % (found,), details={"reply_to": found})
+
+    return gatherResults(lookups).addCallback(decided)
 
 
 def _hit(message_id: str) -> Callable[[Optional[bytes]], Optional[str]]:
@@ -90,7 +125,7 @@ def _hit(message_id: str) -> Callable[[Optional[bytes]], Optional[str]]:
 
 def _miss(msg: MessageContext, message_id: str) -> Callable[[Failure], None]:
     def failed(failure: Failure) -> None:
-        # the role never fails; a timeout here is our own deadline
+        # the role never fails (a Redis problem is a miss); this is a bug, logged once
         log.info("{tag}; reply id {message_id} not looked up: {error}", tag=msg.tag, message_id=message_id,
                  error=failure.getErrorMessage() or failure.type.__name__)
         return None
@@ -98,70 +133,49 @@ def _miss(msg: MessageContext, message_id: str) -> Callable[[Failure], None]:
     return failed
 
 
-def settle(msg: MessageContext) -> "Deferred[None]":
-    """Wait for the lookups (each bounded by connect_timeout); on a hit mark the message a reply."""
-    lookups = _pending(msg)
-    if not lookups:
-        return succeed(None)
-
-    def decided(answers: List[Optional[str]]) -> None:
-        hit = next((a for a in answers if a is not None), None)
-        if hit is None:
-            return
-        msg.reply_to_our_mail = hit
-        msg.strict = False
-        log.info(
-            "{tag}; from {hostname}[{ip}] from=<{sender}> to=<{rcpt}> is reply to our message {message_id}; "
-            "skip dcc and spamd checks",
-            tag=msg.tag,
-            hostname=msg.connection.client_hostname,
-            ip=msg.client_address or "unknown",
-            sender=msg.envelope_from,
-            rcpt=msg.recipients[0].address if msg.recipients else "",
-            message_id=hit,
-        )
-
-    return gatherResults([entry.answer for entry in lookups]).addCallback(decided)
-
-
-def should_remember(msg: MessageContext) -> bool:
+def should_remember(message: MessageContext, deps: Deps) -> bool:
     """SPEC §6.4 decision: SASL-authenticated senders, and our_networks clients unless strict_auth."""
-    if msg.sasl_authenticated:
+    if message.sasl_authenticated:
         return True
-    main = msg.runtime.config.main
-    return not main.strict_auth and msg.client_address in main.our_networks
+    main = deps.config.main
+    return not main.strict_auth and message.client_address in main.our_networks
 
 
-def remember(msg: MessageContext) -> None:
-    """Store the Message-ID of an accepted message of one of our senders; fire and forget."""
-    role = _id_role(msg)
-    if role is None or not should_remember(msg):
-        return
-    values = msg.header_values("Message-ID")
+def record(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
+    """Store the Message-ID of an accepted message of one of our senders.
+
+    The result does not wait for Redis: storing is fire and forget (SPEC §6.10).
+    """
+    role = _id_role(deps)
+    if role is None:
+        return succeed(skipped(Check.REPLIES, "replies check inactive"))
+    if not should_remember(message, deps):
+        return succeed(skipped(Check.REPLIES, "not one of our senders"))
+    values = message.header_values("Message-ID")
     if not values or not values[0].strip():
-        log.debug("{tag}; no Message-ID to remember for replies", tag=msg.tag)
-        return
+        log.debug("{tag}; no Message-ID to remember for replies", tag=message.tag)
+        return succeed(skipped(Check.REPLIES, "no Message-ID"))
     message_id = values[0].strip()
-    config = msg.runtime.config.redis
+    config = deps.config.redis
     key = message_id_key(config.id_prefix, message_id)
     ttl = max(0, int(round(config.id_expire)))
 
     def stored(ok: bool) -> None:
         if ok:
-            log.debug("{tag}; remembered message id {message_id} for replies", tag=msg.tag,
+            log.debug("{tag}; remembered message id {message_id} for replies", tag=message.tag,
                       message_id=message_id)
         else:
-            log.warn("{tag}; cannot store message id {message_id} for replies on redis", tag=msg.tag,
+            log.warn("{tag}; cannot store message id {message_id} for replies on redis", tag=message.tag,
                      message_id=message_id)
 
     def failed(failure: Failure) -> None:
-        log.warn("{tag}; cannot store message id {message_id} for replies: {error}", tag=msg.tag,
+        log.warn("{tag}; cannot store message id {message_id} for replies: {error}", tag=message.tag,
                  message_id=message_id, error=failure.getErrorMessage() or failure.type.__name__)
 
     try:
         store: "Deferred[bool]" = role.setex(key, ttl, STORED_VALUE)
     except Exception:
-        log.failure("{tag}; cannot store message id for replies", tag=msg.tag)
-        return
-    store.addTimeout(config.connect_timeout, msg.runtime.clock)
+        log.failure("{tag}; cannot store message id for replies", tag=message.tag)
+        return succeed(CheckResult(Check.REPLIES, "message id not stored", failed=True))
     store.addCallbacks(stored, failed)
+    return succeed(CheckResult(Check.REPLIES, STORED, details={"stored_message_id": message_id}))

@@ -1,13 +1,14 @@
 """Spam scanning with Rspamd (SPEC §5.9 steps 4-5, §6.8).
 
-``scan`` sends the message with its SMTP context to Rspamd and turns the reply
-into a ``SpamOutcome``: the verdict Rspamd's action calls for (§6.8.3), and the
+``check`` sends the message with its SMTP context to Rspamd and turns the reply
+into a ``CheckResult``: the verdict Rspamd's action calls for (§6.8.3), and the
 header and envelope changes in the order of §6.8.5 - extended headers,
 ``dkim-signature``, the changes Rspamd asks for in its ``milter``/``rmilter``
 block, the trace recipient, then the action's own Mark/Subject.  A scan that
 fails after every retry is a ``failed`` result whose verdict is the
 ``tempfail_on_error`` TEMPFAIL, or nothing.  The pipeline decides whether a
-full scan, a DKIM-only scan or none happens, and runs EOM greylisting.
+full scan, a DKIM-only scan or none happens, and runs EOM greylisting when
+``wants_greylist`` says Rspamd asked for it.
 
 With ``also_check`` servers a full scan also goes, in parallel, to one of them
 (one attempt, same deadline): its answer never counts, but when its action
@@ -20,10 +21,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from rmilter.log import Logger
 from twisted.python.failure import Failure
 
 from rmilter.backends.rspamd import (
@@ -39,6 +39,8 @@ from rmilter.backends.rspamd import (
 )
 from rmilter.config.schema import SpamdConfig
 from rmilter.context import MessageContext
+from rmilter.deps import Deps
+from rmilter.log import Logger
 from rmilter.verdict import (
     SERVICE_FAILURE,
     Action,
@@ -46,6 +48,7 @@ from rmilter.verdict import (
     AddRecipient,
     ChangeFrom,
     ChangeHeader,
+    Check,
     CheckResult,
     DeleteRecipient,
     Edit,
@@ -55,6 +58,7 @@ from rmilter.verdict import (
     header_value_safe,
     reject,
     sanitise_reply_text,
+    skipped,
     tempfail,
 )
 
@@ -69,29 +73,31 @@ WANTS_GREYLIST = ("greylist", "add header", "rewrite subject")
 MAX_HEADER_INDEX = 2**31 - 1
 
 
-@dataclass(frozen=True)
-class SpamOutcome:
-    """An rspamd scan as the pipeline needs it.
+def action_of(result: CheckResult) -> Optional[str]:
+    """Rspamd's action for a scan that happened, else None."""
+    action = result.details.get("spam_action")
+    return action if isinstance(action, str) else None
 
-    ``result.check`` is "spam" (or "spam_failure" when the scan failed and
-    ``tempfail_on_error`` turns that into a TEMPFAIL); ``action`` is rspamd's action
-    name; ``wants_greylist`` is True for greylist / add header / rewrite subject;
-    ``rejected`` is True when rspamd said reject (before ``spamd_never_reject``).
-    ``scan`` is the successful scan (None when it failed or did not happen).
-    """
 
-    result: CheckResult
-    action: str = "no action"
-    wants_greylist: bool = False
-    rejected: bool = False
-    scan: Optional[ScanResult] = None
+def wants_greylist(result: CheckResult) -> bool:
+    """Rspamd said greylist, add header or rewrite subject (and not ``milter.no_action``): SPEC §5.9 4b."""
+    return (
+        result.check is Check.SPAM
+        and not result.failed
+        and action_of(result) in WANTS_GREYLIST
+        and not result.details.get("spam_no_action")
+    )
+
+
+def rejected(result: CheckResult) -> bool:
+    """Rspamd said reject (whatever ``spamd_never_reject`` made of it): the message is a spam copy."""
+    return result.check is Check.SPAM and action_of(result) == "reject"
 
 
 # -- request ------------------------------------------------------------------------------------
-def scan_request(msg: MessageContext, dkim_only: bool) -> ScanRequest:
+def scan_request(msg: MessageContext, spamd: SpamdConfig, dkim_only: bool) -> ScanRequest:
     """The SMTP context of the message as Rspamd's request headers (SPEC §6.8.1)."""
     conn = msg.connection
-    spamd = msg.runtime.config.spamd
     return ScanRequest(
         queue_id=msg.queue_id_or_noqueue,
         recipients=tuple(msg.recipient_addresses),
@@ -134,10 +140,10 @@ def wants_extended_headers(msg: MessageContext, spamd: SpamdConfig) -> bool:
 
 def extended_headers(msg: MessageContext, scan: ScanResult) -> List[Edit]:
     return [
-        AddHeader("X-Spamd-Result", header_value_safe(spamd_result(scan.reply))),
-        AddHeader("X-Rspamd-Server", header_value_safe(scan.server.name)),
-        AddHeader("X-Rspamd-Scan-Time", "%.2f" % (scan.elapsed,)),
-        AddHeader("X-Rspamd-Queue-ID", header_value_safe(msg.queue_id_or_noqueue)),
+        AddHeader(name="X-Spamd-Result", value=header_value_safe(spamd_result(scan.reply))),
+        AddHeader(name="X-Rspamd-Server", value=header_value_safe(scan.server.name)),
+        AddHeader(name="X-Rspamd-Scan-Time", value="%.2f" % (scan.elapsed,)),
+        AddHeader(name="X-Rspamd-Queue-ID", value=header_value_safe(msg.queue_id_or_noqueue)),
     ]
 
 
@@ -173,7 +179,7 @@ def requested_changes(msg: MessageContext, reply: ScanReply) -> List[Edit]:
     """Steps (1)-(3) of SPEC §6.8.5 plus the envelope changes of the ``milter`` block."""
     edits: List[Edit] = []
     for signature in reply.dkim_signatures:
-        edits.append(AddHeader("DKIM-Signature", _clean_value(signature.replace("\r", ""))))
+        edits.append(AddHeader(name="DKIM-Signature", value=_clean_value(signature.replace("\r", ""))))
     legacy = reply.header_block == "rmilter"
     counts: Optional[Dict[str, int]] = None
     for name, index in reply.remove_headers:
@@ -188,14 +194,14 @@ def requested_changes(msg: MessageContext, reply: ScanReply) -> List[Edit]:
         count = counts.get(name.lower(), 0)
         if index >= 1:
             if index <= count:
-                edits.append(ChangeHeader(name, index, ""))
+                edits.append(ChangeHeader(name=name, index=index, value=""))
         elif legacy:
             continue  # C: only positive indexes in the rmilter block
         elif index == 0:
             # all occurrences, the last first so that the earlier indexes stay valid
-            edits.extend(ChangeHeader(name, i, "") for i in range(count, 0, -1))
+            edits.extend(ChangeHeader(name=name, index=i, value="") for i in range(count, 0, -1))
         elif -index <= count:
-            edits.append(ChangeHeader(name, count + index + 1, ""))
+            edits.append(ChangeHeader(name=name, index=count + index + 1, value=""))
     for addition in reply.add_headers:
         if not _valid_header_name(addition.name):
             log.warn("{tag}; rspamd asked to add an invalid header name {name!r}", tag=msg.tag, name=addition.name)
@@ -203,25 +209,26 @@ def requested_changes(msg: MessageContext, reply: ScanReply) -> List[Edit]:
         value = _clean_value(addition.value)
         order = addition.order
         if order is None or order == -1:
-            edits.append(AddHeader(addition.name, value))
+            edits.append(AddHeader(name=addition.name, value=value))
         elif order >= 0:
             # a u32 on the wire; past the last header it means "at the end" anyway
-            edits.append(InsertHeader(min(order, MAX_HEADER_INDEX), addition.name, value))
+            edits.append(InsertHeader(index=min(order, MAX_HEADER_INDEX), name=addition.name, value=value))
         else:
             # counted from the end of the headers the milter saw, as Rspamd's own milter does
             total = len(msg.headers)
-            edits.append(InsertHeader(total + order + 1 if -order <= total else 0, addition.name, value))
+            edits.append(InsertHeader(index=total + order + 1 if -order <= total else 0, name=addition.name,
+                                      value=value))
     if reply.change_from is not None and _valid_address(reply.change_from):
-        edits.append(ChangeFrom(reply.change_from))
-    edits.extend(AddRecipient(a) for a in reply.add_rcpt if _valid_address(a))
-    edits.extend(DeleteRecipient(a) for a in reply.del_rcpt if _valid_address(a))
+        edits.append(ChangeFrom(address=reply.change_from))
+    edits.extend(AddRecipient(address=a) for a in reply.add_rcpt if _valid_address(a))
+    edits.extend(DeleteRecipient(address=a) for a in reply.del_rcpt if _valid_address(a))
     return edits
 
 
 def trace_recipient(reply: ScanReply, spamd: SpamdConfig) -> List[Edit]:
     """SPEC §6.8.7: a silent copy to ``trace_addr`` when ``trace_symbol`` fired."""
     if spamd.trace_symbol and spamd.trace_addr and reply.has_symbol(spamd.trace_symbol):
-        return [AddRecipient(spamd.trace_addr)]
+        return [AddRecipient(address=spamd.trace_addr)]
     return []
 
 
@@ -237,11 +244,11 @@ def mark(msg: MessageContext, reply: ScanReply, spamd: SpamdConfig) -> List[Edit
     """
     if reply.action == "add header" and reply.spam_headers:
         return [
-            ChangeHeader(name if name is not None else spamd.spam_header, 1, _clean_value(value))
+            ChangeHeader(name=name if name is not None else spamd.spam_header, index=1, value=_clean_value(value))
             for name, value in reply.spam_headers
             if name is None or _valid_header_name(name)
         ]
-    return [ChangeHeader(spamd.spam_header, 1, _clean_value(spamd.spam_header_value))]
+    return [ChangeHeader(name=spamd.spam_header, index=1, value=_clean_value(spamd.spam_header_value))]
 
 
 def new_subject(msg: MessageContext, reply: ScanReply) -> str:
@@ -261,9 +268,8 @@ def _reply_text(preferred: Optional[str], fallback: str) -> str:
     return fallback
 
 
-def full_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
+def full_outcome(msg: MessageContext, spamd: SpamdConfig, scan: ScanResult) -> CheckResult:
     """SPEC §5.9 step 4 (c) and §6.8.3: what Rspamd's action means for this message."""
-    spamd = msg.runtime.config.spamd
     reply = scan.reply
     action = reply.action
     edits: List[Edit] = []
@@ -272,7 +278,6 @@ def full_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
     edits += requested_changes(msg, reply)
     edits += trace_recipient(reply, spamd)
     verdict: Optional[Verdict] = None
-    rejected = action == "reject"
     if reply.no_action:
         summary = "no spam"
         log.info("{tag}; rspamd asked not to apply action {action}", tag=msg.tag, action=action)
@@ -286,7 +291,7 @@ def full_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
             verdict = Verdict(Action.DISCARD)
         elif reply.reject_mode == "quarantine":
             summary = "quarantined, action: reject"
-            edits.append(Quarantine(_reply_text(reply.smtp_message, spamd.reject_message)))
+            edits.append(Quarantine(reason=_reply_text(reply.smtp_message, spamd.reject_message)))
         else:
             summary = "rejected, action: reject"
             verdict = reject(_reply_text(reply.smtp_message, spamd.reject_message))
@@ -303,57 +308,48 @@ def full_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
         if _may_mark(msg, spamd):
             if spamd.spamd_spam_add_header:
                 edits += mark(msg, reply, spamd)
-            edits.append(ChangeHeader("Subject", 1, _clean_value(new_subject(msg, reply))))
+            edits.append(ChangeHeader(name="Subject", index=1, value=_clean_value(new_subject(msg, reply))))
     else:
         summary = "no spam"  # greylist (after passing greylisting) and no action change nothing
-    result = CheckResult(
-        "spam", summary, verdict=verdict, edits=tuple(edits), details=_details(scan)
-    )
-    return SpamOutcome(
-        result,
-        action=action,
-        wants_greylist=action in WANTS_GREYLIST and not reply.no_action,
-        rejected=rejected,
-        scan=scan,
-    )
+    return CheckResult(Check.SPAM, summary, verdict=verdict, edits=tuple(edits), details=_details(scan))
 
 
-def dkim_only_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
+def dkim_only_outcome(msg: MessageContext, spamd: SpamdConfig, scan: ScanResult) -> CheckResult:
     """SPEC §6.8.6: headers and requested changes only; the action is ignored."""
-    spamd = msg.runtime.config.spamd
     reply = scan.reply
     edits: List[Edit] = []
     if wants_extended_headers(msg, spamd):
         edits += extended_headers(msg, scan)
     edits += requested_changes(msg, reply)
     edits += trace_recipient(reply, spamd)
-    result = CheckResult("spam", "dkim sign only, whitelisted", edits=tuple(edits), details=_details(scan))
-    return SpamOutcome(result, action=reply.action, scan=scan)
+    details = _details(scan)
+    details["spam_dkim_only"] = True
+    return CheckResult(Check.SPAM, "dkim sign only, whitelisted", edits=tuple(edits), details=details)
 
 
-def failure_outcome(msg: MessageContext, reason: str) -> SpamOutcome:
+def failure_outcome(spamd: SpamdConfig, reason: str) -> CheckResult:
     """SPEC §5.9 step 4 (a): TEMPFAIL with ``tempfail_on_error``, else go on unscanned."""
-    spamd = msg.runtime.config.spamd
     if spamd.tempfail_on_error:
-        result = CheckResult(
-            "spam_failure", "delayed, temporary fail", verdict=tempfail(SERVICE_FAILURE),
-            details=(("spam_error", reason),), failed=True,
-        )
-    else:
-        result = CheckResult("spam", "ignored, temporary fail", details=(("spam_error", reason),), failed=True)
-    return SpamOutcome(result)
+        return CheckResult(Check.SPAM, "delayed, temporary fail", verdict=tempfail(SERVICE_FAILURE),
+                           details={"spam_error": reason}, failed=True)
+    return CheckResult(Check.SPAM, "ignored, temporary fail", details={"spam_error": reason}, failed=True)
 
 
-def _details(scan: ScanResult) -> Tuple[Tuple[str, object], ...]:
+def _details(scan: ScanResult) -> Dict[str, object]:
     reply = scan.reply
-    return (
-        ("spam_server", scan.server.name),
-        ("spam_action", reply.action),
-        ("spam_score", reply.score),
-        ("spam_required", reply.required_score),
-        ("spam_time", round(scan.elapsed, 6)),
-        ("spam_attempts", scan.attempts),
-    )
+    details: Dict[str, object] = {
+        "spam_server": scan.server.name,
+        "spam_action": reply.action,
+        "spam_score": reply.score,
+        "spam_required": reply.required_score,
+        "spam_time": round(scan.elapsed, 6),
+        "spam_attempts": scan.attempts,
+    }
+    if reply.no_action:
+        details["spam_no_action"] = True
+    if reply.message_id:
+        details["message_id"] = reply.message_id
+    return details
 
 
 # -- logging (SPEC §6.8.8) -----------------------------------------------------------------------
@@ -386,7 +382,7 @@ def _log_scan(msg: MessageContext, scan: ScanResult) -> None:
 
 
 # -- also_check: a second opinion that never decides ----------------------------------------------
-def _compare(msg: MessageContext, body: MessageBody, main: Optional[ScanResult],
+def _compare(msg: MessageContext, deps: Deps, body: MessageBody, main: Optional[ScanResult],
              other: Optional[ScanResult]) -> "Deferred[None]":
     """Log the comparison and keep messages whose actions differ in ``diff_dir``."""
     if main is None or other is None:
@@ -395,7 +391,7 @@ def _compare(msg: MessageContext, body: MessageBody, main: Optional[ScanResult],
     log.info("{tag}; also_check: {server} says {action} [{score:.2f}], {main_server} said {main_action} [{main_score:.2f}]",
              tag=msg.tag, server=other.server.name, action=b.action, score=b.score,
              main_server=main.server.name, main_action=a.action, main_score=a.score)
-    diff_dir = msg.runtime.config.spamd.diff_dir
+    diff_dir = deps.config.spamd.diff_dir
     if a.action == b.action or not diff_dir:
         return succeed(None)
     summary = (
@@ -406,7 +402,7 @@ def _compare(msg: MessageContext, body: MessageBody, main: Optional[ScanResult],
     base = os.path.join(diff_dir, msg.tag)
 
     def write(data: bytes) -> "Deferred[None]":
-        return msg.runtime.run_blocking(_write_diff, base, data, summary)
+        return deps.run_blocking(_write_diff, base, data, summary)
 
     def failed(failure: Failure) -> None:
         log.failure("{tag}; also_check: cannot write the message to {dir}", failure, tag=msg.tag, dir=diff_dir)
@@ -427,45 +423,43 @@ def _write_diff(base: str, message: bytes, summary: bytes) -> None:
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def scan(msg: MessageContext, dkim_only: bool) -> "Deferred[SpamOutcome]":
-    """Scan the message with Rspamd (full or DKIM-only); the Deferred never fails."""
-    client: Optional[RspamdClient] = msg.runtime.rspamd
-    if client is None or msg.spool is None:
-        return succeed(SpamOutcome(CheckResult("spam", "skipped, no spamd servers defined")))
-    spamd = msg.runtime.config.spamd
-    request = scan_request(msg, dkim_only)
+def check(message: MessageContext, deps: Deps, *, dkim_only: bool = False) -> "Deferred[CheckResult]":
+    """Scan the message with Rspamd (full, or DKIM-only for mail it would not scan); never fails."""
+    client: Optional[RspamdClient] = deps.rspamd
+    if client is None or message.spool is None:
+        return succeed(skipped(Check.SPAM, "skipped, no spamd servers defined"))
+    spamd = deps.config.spamd
+    request = scan_request(message, spamd, dkim_only)
     reasons: List[str] = []
 
-    def send(body: MessageBody) -> "Deferred[SpamOutcome]":
+    def send(body: MessageBody) -> "Deferred[CheckResult]":
         main = client.scan(request, body).addCallbacks(lambda s: s, scan_failed)
         other = None if dkim_only else client.scan_also(request, body)
         if other is None:
             return main.addCallback(outcome)
-        other.addErrback(lambda f: _also_failed(f, msg))
+        other.addErrback(lambda f: _also_failed(f, message))
         both: "Deferred[Any]" = gatherResults([main, other], consumeErrors=True)
-        both.addCallback(lambda pair: _compare(msg, body, pair[0], pair[1]).addCallback(lambda _: pair[0]))
+        both.addCallback(lambda pair: _compare(message, deps, body, pair[0], pair[1]).addCallback(lambda _: pair[0]))
         return both.addCallback(outcome)
 
     def scan_failed(failure: Failure) -> Optional[ScanResult]:
         failure.trap(ScanFailed)
         reason = failure.getErrorMessage()
-        log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=msg.tag, reason=reason)
+        log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=message.tag, reason=reason)
         reasons.append(reason)
         return None
 
-    def outcome(result: Optional[ScanResult]) -> SpamOutcome:
+    def outcome(result: Optional[ScanResult]) -> CheckResult:
         if result is None:
-            return failure_outcome(msg, reasons[0] if reasons else "scan failed")
-        _log_scan(msg, result)
-        if result.reply.message_id:
-            msg.log_fields["message_id"] = result.reply.message_id
-        return dkim_only_outcome(msg, result) if dkim_only else full_outcome(msg, result)
+            return failure_outcome(spamd, reasons[0] if reasons else "scan failed")
+        _log_scan(message, result)
+        return dkim_only_outcome(message, spamd, result) if dkim_only else full_outcome(message, spamd, result)
 
-    def internal(failure: Failure) -> SpamOutcome:
-        log.failure("{tag}; spamdscan: internal error", failure, tag=msg.tag)
-        return failure_outcome(msg, "internal error: %s" % (failure.getErrorMessage(),))
+    def internal(failure: Failure) -> CheckResult:
+        log.failure("{tag}; spamdscan: internal error", failure, tag=message.tag)
+        return failure_outcome(spamd, "internal error: %s" % (failure.getErrorMessage(),))
 
-    d = prepare_body(msg.spool, spamd.compression, msg.runtime.run_blocking)
+    d = prepare_body(message.spool, spamd.compression, deps.run_blocking)
     return d.addCallback(send).addErrback(internal)
 
 

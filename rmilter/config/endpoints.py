@@ -13,7 +13,7 @@
 ``fd:N``                       ``adopted-fd:N``
 =============================  ==============================================
 
-``fd:N`` maps to the ``adopted-fd`` endpoint type (registered by
+``fd:N`` maps to the ``adopted-fd`` endpoint type (``rmilter.listeners``, registered by
 ``twisted/plugins/rmilter_endpoints.py``), not to Twisted's
 ``systemd:domain=...:index=...``: the systemd form needs the address family
 written in the description, which ``fd:N`` does not carry and which differs
@@ -35,11 +35,7 @@ import re
 import socket
 from typing import Any, List
 
-from zope.interface import implementer  # type: ignore[import-untyped]
-
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamServerEndpointStringParser
-from twisted.plugin import IPlugin
 
 from rmilter.config.values import ValueProblem
 
@@ -118,12 +114,37 @@ def _check_twisted(spec: str) -> str:
 
 
 def _parse_description(spec: str) -> "tuple[List[str], dict]":
-    try:
-        parsed: Any = endpoints._parse(spec)  # type: ignore[attr-defined]
-        args, kwargs = parsed
-    except Exception as e:  # Twisted raises a variety of errors for malformed strings
-        raise ValueProblem("%r is not a valid endpoint description: %s" % (spec, e)) from None
-    return list(args[1:]), dict(kwargs)
+    """The positional and keyword arguments of a Twisted endpoint description.
+
+    Twisted's own grammar: fields split on ``:``, ``name=value`` fields are keywords, a
+    backslash escapes the next character.  The type prefix is dropped.
+    """
+    fields: List[str] = []
+    current: List[str] = []
+    escaped = False
+    for char in spec:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        raise ValueProblem("%r is not a valid endpoint description: it ends with a backslash" % spec)
+    fields.append("".join(current))
+    args: List[str] = []
+    kwargs: dict = {}
+    for item in fields[1:]:
+        name, equals, value = item.partition("=")
+        if equals:
+            kwargs[name] = value
+        else:
+            args.append(item)
+    return args, kwargs
 
 
 def _known_server_types() -> "set[str]":
@@ -162,41 +183,5 @@ def endpoint_description(spec: str) -> str:
     return _check_twisted(spec)
 
 
-# --- the adopted-fd endpoint type ------------------------------------------------------------------
-
+#: the endpoint type ``fd:N`` maps to; the parser for it is ``rmilter.listeners.AdoptedFdParser``
 ADOPTED_FD_PREFIX = "adopted-fd"
-
-
-@implementer(IPlugin, IStreamServerEndpointStringParser)
-class AdoptedFdParser:
-    """``adopted-fd:N``: listen on inherited listening socket N, whatever its family.
-
-    The family is read from the descriptor when the description is parsed
-    (service start), so the same description serves unix and TCP sockets.
-    """
-
-    prefix = ADOPTED_FD_PREFIX
-
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
-        if len(args) != 1 or kwargs or not re.match(r"[0-9]+\Z", args[0]):
-            raise ValueError("adopted-fd takes one descriptor number, e.g. adopted-fd:3")
-        fileno = int(args[0])
-        family = socket_family(fileno)
-        return endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
-
-
-def socket_family(fileno: int) -> int:
-    """The address family of an open stream socket descriptor (without closing it)."""
-    try:
-        sock = socket.socket(fileno=fileno)
-    except OSError as e:
-        raise ValueError("descriptor %d is not an open socket: %s" % (fileno, e.strerror)) from None
-    try:
-        if sock.type != socket.SOCK_STREAM:
-            raise ValueError("descriptor %d is not a stream socket" % fileno)
-        return int(sock.family)
-    finally:
-        sock.detach()
-
-
-adoptedFdParser = AdoptedFdParser()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 from types import MappingProxyType
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -33,7 +32,6 @@ from rmilter.config.schema import (
 )
 
 #: a DKIM key file larger than this is not a PEM key
-MAX_KEY_SIZE = 1024 * 1024
 
 SECTION_CLASSES = {
     "main": GlobalConfig,
@@ -415,41 +413,14 @@ class Parser:
             self.error(opened, "incomplete dkim definition: domain { } needs key, domain and selector "
                        "(missing %s)" % ", ".join(missing))
             return
-        key = fields["key"].text
-        key_data = self._read_key(key, fields["key"])
-        if key_data is False:
-            return
         domain = DkimDomain(
             domain=fields["domain"].text.lower(),
             selector=fields["selector"].text,
-            key=key,
-            key_data=key_data or None,
+            key=fields["key"].text,
             origin=Origin(opened.file, opened.line),
         )
         self.dkim_domains.append(domain)
         self.origins["dkim.domain"] = Origin(opened.file, opened.line)
-
-    def _read_key(self, path: str, at: Token) -> Any:
-        """PEM bytes for a regular file; None for a key directory or a missing path (SPEC §4.11)."""
-        try:
-            mode = os.stat(path).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as e:
-            self.error(at, "dkim key %r: %s" % (path, e.strerror or e))
-            return False
-        if not stat.S_ISREG(mode):
-            return None
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_KEY_SIZE + 1)
-        except OSError as e:
-            self.error(at, "dkim key %r cannot be read: %s" % (path, e.strerror or e))
-            return False
-        if len(data) > MAX_KEY_SIZE or b"-----BEGIN" not in data or b"PRIVATE KEY-----" not in data:
-            self.error(at, "dkim key %r is not a PEM private key" % path)
-            return False
-        return data
 
     # -- result --------------------------------------------------------------------------------
     def build(self, files: List[str]) -> Config:

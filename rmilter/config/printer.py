@@ -125,11 +125,10 @@ def format_effective(config: Config) -> str:
             if not config.dkim.domains:
                 out.append("dkim.domain = (none)")
             for domain in config.dkim.domains:
-                kind = "key file" if domain.key_data is not None else "key directory"
                 out.append(
-                    "dkim.domain = { key = %s; domain = %s; selector = %s; }  # %s%s"
-                    % (quote(domain.key), quote(domain.domain), quote(domain.selector), kind,
-                       _origin_comment(domain.origin).replace("  #", ",", 1))
+                    "dkim.domain = { key = %s; domain = %s; selector = %s; }%s"
+                    % (quote(domain.key), quote(domain.domain), quote(domain.selector),
+                       _origin_comment(domain.origin))
                 )
     out.append("# cache backend: %s" % config.cache_backend)
     if config.files:

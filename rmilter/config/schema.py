@@ -66,15 +66,11 @@ class DkimDomain:
 
     domain: str  # lowercased; ``*`` matches every sender domain
     selector: str
-    key: str  # path as configured
-    #: PEM bytes when ``key`` named a regular file at load time, else None (wildcard/keydir entry)
-    key_data: Optional[bytes] = None
+    #: path as configured: a key file (signs exactly ``domain``) or a directory of
+    #: ``<domain>.<selector>.key`` files; which one is decided when the keys are loaded
+    key: str
     #: where the ``domain { }`` block starts (for check-config); not part of equality
     origin: Optional["Origin"] = field(default=None, compare=False)
-
-    @property
-    def is_wildcard(self) -> bool:
-        return self.key_data is None
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ Nothing here touches a socket, a clock or a logger (h11 / wsproto style):
   ``NegotiateReply``) is a small frozen class carrying its wire ``code``;
   ``encode(event)`` gives the frame.  Both directions exist so the test MTA in
   ``rmilter.testing.mta`` and the property tests share this code.
-- ``negotiate`` is SPEC §3.4 as a pure function; ``verdict_packets`` turns a
-  ``rmilter.verdict.Verdict`` into the bytes that answer one command.
+- ``negotiate`` is SPEC §3.4 as a pure function.
+
+The codec imports nothing outside ``rmilter.milter``: turning the domain's verdicts and edits
+into these packets is ``rmilter.milter.session``'s job.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
-from rmilter import verdict as verdicts
 from rmilter.milter import constants as c
 
 # -- errors -------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ class ConnectionFail:
 
 
 @dataclass(frozen=True, slots=True)
-class Quarantine:
+class QuarantineReply:
     code: ClassVar[bytes] = c.SMFIR_QUARANTINE
     reason: str
 
@@ -395,7 +396,7 @@ class Quarantine:
 
 
 @dataclass(frozen=True, slots=True)
-class AddHeader:
+class AddHeaderReply:
     """ADDHEADER: append a header at the end of the header block."""
 
     code: ClassVar[bytes] = c.SMFIR_ADDHEADER
@@ -415,7 +416,7 @@ def _check_index(owner: object, index: int) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class InsertHeader:
+class InsertHeaderReply:
     """INSHEADER: insert a header at position ``index`` (0 = top)."""
 
     code: ClassVar[bytes] = c.SMFIR_INSHEADER
@@ -432,7 +433,7 @@ class InsertHeader:
 
 
 @dataclass(frozen=True, slots=True)
-class ChangeHeader:
+class ChangeHeaderReply:
     """CHGHEADER: change the ``index``-th (1-based) ``name`` header; an empty value deletes it."""
 
     code: ClassVar[bytes] = c.SMFIR_CHGHEADER
@@ -449,7 +450,7 @@ class ChangeHeader:
 
 
 @dataclass(frozen=True, slots=True)
-class AddRecipient:
+class AddRecipientReply:
     code: ClassVar[bytes] = c.SMFIR_ADDRCPT
     recipient: str
 
@@ -461,7 +462,7 @@ class AddRecipient:
 
 
 @dataclass(frozen=True, slots=True)
-class AddRecipientPar:
+class AddRecipientParReply:
     """ADDRCPT_PAR: add a recipient with ESMTP arguments."""
 
     code: ClassVar[bytes] = c.SMFIR_ADDRCPT_PAR
@@ -476,7 +477,7 @@ class AddRecipientPar:
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteRecipient:
+class DeleteRecipientReply:
     """DELRCPT: remove a recipient, spelled as the MTA sent it."""
 
     code: ClassVar[bytes] = c.SMFIR_DELRCPT
@@ -490,7 +491,7 @@ class DeleteRecipient:
 
 
 @dataclass(frozen=True, slots=True)
-class ChangeFrom:
+class ChangeFromReply:
     """CHGFROM: replace the envelope sender, optionally with ESMTP arguments."""
 
     code: ClassVar[bytes] = c.SMFIR_CHGFROM
@@ -507,7 +508,7 @@ class ChangeFrom:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplaceBody:
+class ReplaceBodyReply:
     """REPLBODY: one piece (at most 65535 bytes) of the new body."""
 
     code: ClassVar[bytes] = c.SMFIR_REPLBODY
@@ -515,7 +516,7 @@ class ReplaceBody:
 
     def __post_init__(self) -> None:
         if len(self.chunk) > c.MILTER_CHUNK_SIZE:
-            raise ValueError("ReplaceBody: piece of %d bytes, at most %d" % (len(self.chunk), c.MILTER_CHUNK_SIZE))
+            raise ValueError("ReplaceBodyReply: piece of %d bytes, at most %d" % (len(self.chunk), c.MILTER_CHUNK_SIZE))
 
     def payload(self) -> bytes:
         return self.chunk
@@ -553,16 +554,16 @@ class NegotiateReply:
 
 
 Reply = Union[
-    Continue, Accept, Reject, Tempfail, Discard, ReplyCode, Skip, Progress, Shutdown, ConnectionFail, Quarantine,
-    AddHeader, InsertHeader, ChangeHeader, AddRecipient, AddRecipientPar, DeleteRecipient, ChangeFrom,
-    ReplaceBody, NegotiateReply,
+    Continue, Accept, Reject, Tempfail, Discard, ReplyCode, Skip, Progress, Shutdown, ConnectionFail, QuarantineReply,
+    AddHeaderReply, InsertHeaderReply, ChangeHeaderReply, AddRecipientReply, AddRecipientParReply, DeleteRecipientReply, ChangeFromReply,
+    ReplaceBodyReply, NegotiateReply,
 ]
 #: replies that end the MTA's wait for one command (everything else may come before them)
 FINAL_REPLIES = (Continue, Accept, Reject, Tempfail, Discard, ReplyCode, Skip, Shutdown, ConnectionFail,
                  NegotiateReply)
 #: replies that change the message (EOM only)
-MODIFICATION_REPLIES = (Quarantine, AddHeader, InsertHeader, ChangeHeader, AddRecipient, AddRecipientPar,
-                        DeleteRecipient, ChangeFrom, ReplaceBody)
+MODIFICATION_REPLIES = (QuarantineReply, AddHeaderReply, InsertHeaderReply, ChangeHeaderReply, AddRecipientReply, AddRecipientParReply,
+                        DeleteRecipientReply, ChangeFromReply, ReplaceBodyReply)
 
 
 def encode(event: Union[Command, Reply]) -> bytes:
@@ -727,11 +728,11 @@ def _decode_negotiate_reply(payload: bytes) -> NegotiateReply:
     return NegotiateReply(version, actions, protocol, tuple(lists))
 
 
-def _decode_chgfrom(payload: bytes) -> ChangeFrom:
+def _decode_chgfrom(payload: bytes) -> ChangeFromReply:
     parts = _strings(payload, "CHGFROM")
     if len(parts) > 2:
         raise MalformedPayloadError("CHGFROM: %d strings, expected 1 or 2" % (len(parts),))
-    return ChangeFrom(parts[0], parts[1] if len(parts) == 2 else None)
+    return ChangeFromReply(parts[0], parts[1] if len(parts) == 2 else None)
 
 
 def _decode_header_reply(kind: type, what: str) -> Decoder:
@@ -756,33 +757,17 @@ REPLY_DECODERS: Dict[int, Decoder] = {
     c.SMFIR_SHUTDOWN[0]: lambda p: _SHUTDOWN,
     c.SMFIR_CONN_FAIL[0]: lambda p: _CONN_FAIL,
     c.SMFIR_REPLYCODE[0]: lambda p: ReplyCode(_exactly(p, 1, "REPLYCODE")[0]),
-    c.SMFIR_QUARANTINE[0]: lambda p: Quarantine(_exactly(p, 1, "QUARANTINE")[0]),
-    c.SMFIR_ADDHEADER[0]: lambda p: AddHeader(*_exactly(p, 2, "ADDHEADER")),
-    c.SMFIR_INSHEADER[0]: _decode_header_reply(InsertHeader, "INSHEADER"),
-    c.SMFIR_CHGHEADER[0]: _decode_header_reply(ChangeHeader, "CHGHEADER"),
-    c.SMFIR_ADDRCPT[0]: lambda p: AddRecipient(_exactly(p, 1, "ADDRCPT")[0]),
-    c.SMFIR_ADDRCPT_PAR[0]: lambda p: AddRecipientPar(*_exactly(p, 2, "ADDRCPT_PAR")),
-    c.SMFIR_DELRCPT[0]: lambda p: DeleteRecipient(_exactly(p, 1, "DELRCPT")[0]),
+    c.SMFIR_QUARANTINE[0]: lambda p: QuarantineReply(_exactly(p, 1, "QUARANTINE")[0]),
+    c.SMFIR_ADDHEADER[0]: lambda p: AddHeaderReply(*_exactly(p, 2, "ADDHEADER")),
+    c.SMFIR_INSHEADER[0]: _decode_header_reply(InsertHeaderReply, "INSHEADER"),
+    c.SMFIR_CHGHEADER[0]: _decode_header_reply(ChangeHeaderReply, "CHGHEADER"),
+    c.SMFIR_ADDRCPT[0]: lambda p: AddRecipientReply(_exactly(p, 1, "ADDRCPT")[0]),
+    c.SMFIR_ADDRCPT_PAR[0]: lambda p: AddRecipientParReply(*_exactly(p, 2, "ADDRCPT_PAR")),
+    c.SMFIR_DELRCPT[0]: lambda p: DeleteRecipientReply(_exactly(p, 1, "DELRCPT")[0]),
     c.SMFIR_CHGFROM[0]: _decode_chgfrom,
-    c.SMFIR_REPLBODY[0]: ReplaceBody,
+    c.SMFIR_REPLBODY[0]: ReplaceBodyReply,
     c.SMFIR_OPTNEG[0]: _decode_negotiate_reply,
 }
-
-
-def decode_command(code: int, payload: bytes) -> Command:
-    """One command from its code byte and payload; raises a ProtocolError subclass."""
-    decoder = COMMAND_DECODERS.get(code)
-    if decoder is None:
-        raise UnknownCodeError("unknown command code %r" % (bytes((code,)),))
-    return decoder(payload)  # type: ignore[return-value]
-
-
-def decode_reply(code: int, payload: bytes) -> Reply:
-    """One reply from its code byte and payload; raises a ProtocolError subclass."""
-    decoder = REPLY_DECODERS.get(code)
-    if decoder is None:
-        raise UnknownCodeError("unknown reply code %r" % (bytes((code,)),))
-    return decoder(payload)  # type: ignore[return-value]
 
 
 # -- the receive buffer ---------------------------------------------------------------------
@@ -1010,99 +995,3 @@ def negotiate(
         reply=NegotiateReply(version, actions, protocol, macro_lists),
         silent_stages=silent,
     )
-
-
-# -- verdicts to replies ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VerdictPackets:
-    """The bytes answering one command, and the edits that could not be sent (with why)."""
-
-    data: bytes
-    unsent: Tuple[Tuple[verdicts.Edit, str], ...] = ()
-
-
-_EDIT_ACTIONS: Dict[type, int] = {
-    verdicts.AddHeader: c.SMFIF_ADDHDRS,
-    verdicts.InsertHeader: c.SMFIF_ADDHDRS,
-    verdicts.ChangeHeader: c.SMFIF_CHGHDRS,
-    verdicts.DeleteRecipient: c.SMFIF_DELRCPT,
-    verdicts.ChangeFrom: c.SMFIF_CHGFROM,
-    verdicts.ReplaceBody: c.SMFIF_CHGBODY,
-    verdicts.Quarantine: c.SMFIF_QUARANTINE,
-}
-
-
-def _edit_action(edit: verdicts.Edit) -> int:
-    if isinstance(edit, verdicts.AddRecipient):
-        return c.SMFIF_ADDRCPT if edit.esmtp_args is None else c.SMFIF_ADDRCPT_PAR
-    return _EDIT_ACTIONS[type(edit)]
-
-
-def edit_replies(edit: verdicts.Edit) -> Tuple[Reply, ...]:
-    """The modification replies carrying one edit (a body replacement may need several)."""
-    if isinstance(edit, verdicts.AddHeader):
-        return (AddHeader(edit.name, edit.value),)
-    if isinstance(edit, verdicts.InsertHeader):
-        return (InsertHeader(edit.index, edit.name, edit.value),)
-    if isinstance(edit, verdicts.ChangeHeader):
-        return (ChangeHeader(edit.index, edit.name, edit.value),)
-    if isinstance(edit, verdicts.AddRecipient):
-        if edit.esmtp_args is None:
-            return (AddRecipient(edit.address),)
-        return (AddRecipientPar(edit.address, edit.esmtp_args),)
-    if isinstance(edit, verdicts.DeleteRecipient):
-        return (DeleteRecipient(edit.address),)
-    if isinstance(edit, verdicts.ChangeFrom):
-        return (ChangeFrom(edit.address, edit.esmtp_args),)
-    if isinstance(edit, verdicts.ReplaceBody):
-        size = c.MILTER_CHUNK_SIZE
-        data = edit.data
-        return tuple(ReplaceBody(data[i : i + size]) for i in range(0, len(data), size)) or (ReplaceBody(b""),)
-    if isinstance(edit, verdicts.Quarantine):
-        return (Quarantine(edit.reason),)
-    raise TypeError("not an edit: %r" % (edit,))
-
-
-def final_packet(action: verdicts.Action, reply: Optional[verdicts.SmtpReply]) -> bytes:
-    """The one verdict packet: ``c a d``, or ``y`` with a usable reply line, else bare ``r``/``t``."""
-    if action is verdicts.Action.CONTINUE:
-        return CONTINUE_PACKET
-    if action is verdicts.Action.ACCEPT:
-        return ACCEPT_PACKET
-    if action is verdicts.Action.DISCARD:
-        return DISCARD_PACKET
-    line = verdicts.reply_line(action, reply)
-    if line is not None:
-        return encode(ReplyCode(line))
-    return REJECT_PACKET if action is verdicts.Action.REJECT else TEMPFAIL_PACKET
-
-
-def verdict_packets(verdict: verdicts.Verdict, *, at_eom: bool, actions: int) -> VerdictPackets:
-    """Everything that answers one command with ``verdict``, as one bytes object.
-
-    Edits are sent only at end of message, only when the message is delivered
-    (ACCEPT/CONTINUE: the MTA would discard them otherwise, SPEC §5.9) and only for
-    negotiated actions; the others come back in ``unsent`` for the caller to log.
-    """
-    edits = verdict.edits
-    if not edits:
-        return VerdictPackets(final_packet(verdict.action, verdict.reply))
-    packets: List[bytes] = []
-    unsent: List[Tuple[verdicts.Edit, str]] = []
-    delivered = verdict.action in (verdicts.Action.ACCEPT, verdicts.Action.CONTINUE)
-    for edit in edits:
-        if not at_eom:
-            unsent.append((edit, "modifications are only allowed at end of message"))
-        elif not delivered:
-            unsent.append((edit, "message not delivered (%s)" % (verdict.action.value,)))
-        elif not actions & _edit_action(edit):
-            unsent.append((edit, "action 0x%x not negotiated with the MTA" % (_edit_action(edit),)))
-        else:
-            try:
-                packets.extend(encode(r) for r in edit_replies(edit))
-            except ValueError as e:
-                unsent.append((edit, str(e)))
-    packets.append(final_packet(verdict.action, verdict.reply))
-    return VerdictPackets(b"".join(packets), tuple(unsent))

@@ -1,6 +1,6 @@
 """One milter connection as a state machine: decoded commands in, reply bytes out (SPEC §3, §5).
 
-``MilterSession`` owns the ``ConnectionContext`` and the current ``MessageContext``
+``MilterSession`` owns the ``ConnectionContext`` and the message in flight (whatever ``pipeline.mail`` returned)
 and calls the pipeline once per stage.  It knows nothing of sockets: ``handle``
 returns the bytes answering a command (``None`` when nothing is due) or a
 Deferred of them when the pipeline is still working, and sets
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import enum
 import socket
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet.defer import Deferred
 from rmilter.log import Logger
 from twisted.python.failure import Failure
 
-from rmilter.context import ConnectionContext, MessageContext
+from rmilter.context import ConnectionContext
 from rmilter.milter import codec
 from rmilter.milter import constants as c
 from rmilter.milter.codec import (
@@ -42,6 +43,7 @@ from rmilter.milter.codec import (
     Rcpt,
     Unknown,
 )
+from rmilter import verdict as verdicts
 from rmilter.verdict import BARE_TEMPFAIL, CONTINUE, Action, Verdict
 
 log = Logger(namespace="rmilter.milter")
@@ -175,7 +177,9 @@ class MilterSession:
         self.state = State.NEGOTIATING
         self._allowed = _STEPS[State.NEGOTIATING]
         self.connection = ConnectionContext()
-        self.message: Optional[MessageContext] = None
+        #: what ``pipeline.mail`` returned for the message in flight (it has a ``tag``), handed
+        #: back to every later stage; the session never looks inside
+        self.message: Optional[Any] = None
         #: agreed at OPTNEG
         self.version = 0
         self.actions = 0
@@ -285,7 +289,7 @@ class MilterSession:
         return self._packets(verdict, at_eom=(stage == c.STAGE_EOM))
 
     def _packets(self, verdict: Verdict, *, at_eom: bool) -> bytes:
-        out = codec.verdict_packets(verdict, at_eom=at_eom, actions=self.actions)
+        out = verdict_packets(verdict, at_eom=at_eom, actions=self.actions)
         for edit, reason in out.unsent:
             log.warn("{tag}; modification {edit!r} not sent: {reason}", tag=self._tag(), edit=edit, reason=reason)
         return out.data
@@ -500,3 +504,99 @@ _HANDLERS: Dict[type, Callable[[MilterSession, Any], Outcome]] = {
     Quit: MilterSession._quit,
     QuitNoClose: MilterSession._quit_nc,
 }
+
+
+# -- the domain's verdicts and edits as milter packets -------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerdictPackets:
+    """The bytes answering one command, and the edits that could not be sent (with why)."""
+
+    data: bytes
+    unsent: Tuple[Tuple[verdicts.Edit, str], ...] = ()
+
+
+_EDIT_ACTIONS: Dict[type, int] = {
+    verdicts.AddHeader: c.SMFIF_ADDHDRS,
+    verdicts.InsertHeader: c.SMFIF_ADDHDRS,
+    verdicts.ChangeHeader: c.SMFIF_CHGHDRS,
+    verdicts.DeleteRecipient: c.SMFIF_DELRCPT,
+    verdicts.ChangeFrom: c.SMFIF_CHGFROM,
+    verdicts.ReplaceBody: c.SMFIF_CHGBODY,
+    verdicts.Quarantine: c.SMFIF_QUARANTINE,
+}
+
+
+def _edit_action(edit: verdicts.Edit) -> int:
+    if isinstance(edit, verdicts.AddRecipient):
+        return c.SMFIF_ADDRCPT if edit.esmtp_args is None else c.SMFIF_ADDRCPT_PAR
+    return _EDIT_ACTIONS[type(edit)]
+
+
+def edit_replies(edit: verdicts.Edit) -> Tuple[codec.Reply, ...]:
+    """The modification replies carrying one edit (a body replacement may need several)."""
+    if isinstance(edit, verdicts.AddHeader):
+        return (codec.AddHeaderReply(edit.name, edit.value),)
+    if isinstance(edit, verdicts.InsertHeader):
+        return (codec.InsertHeaderReply(edit.index, edit.name, edit.value),)
+    if isinstance(edit, verdicts.ChangeHeader):
+        return (codec.ChangeHeaderReply(edit.index, edit.name, edit.value),)
+    if isinstance(edit, verdicts.AddRecipient):
+        if edit.esmtp_args is None:
+            return (codec.AddRecipientReply(edit.address),)
+        return (codec.AddRecipientParReply(edit.address, edit.esmtp_args),)
+    if isinstance(edit, verdicts.DeleteRecipient):
+        return (codec.DeleteRecipientReply(edit.address),)
+    if isinstance(edit, verdicts.ChangeFrom):
+        return (codec.ChangeFromReply(edit.address, edit.esmtp_args),)
+    if isinstance(edit, verdicts.ReplaceBody):
+        size = c.MILTER_CHUNK_SIZE
+        data = edit.data
+        return tuple(codec.ReplaceBodyReply(data[i : i + size]) for i in range(0, len(data), size)) or (codec.ReplaceBodyReply(b""),)
+    if isinstance(edit, verdicts.Quarantine):
+        return (codec.QuarantineReply(edit.reason),)
+    raise TypeError("not an edit: %r" % (edit,))
+
+
+def final_packet(action: verdicts.Action, reply: Optional[verdicts.SmtpReply]) -> bytes:
+    """The one verdict packet: ``c a d``, or ``y`` with a usable reply line, else bare ``r``/``t``."""
+    if action is verdicts.Action.CONTINUE:
+        return codec.CONTINUE_PACKET
+    if action is verdicts.Action.ACCEPT:
+        return codec.ACCEPT_PACKET
+    if action is verdicts.Action.DISCARD:
+        return codec.DISCARD_PACKET
+    line = verdicts.reply_line(action, reply)
+    if line is not None:
+        return codec.encode(codec.ReplyCode(line))
+    return codec.REJECT_PACKET if action is verdicts.Action.REJECT else codec.TEMPFAIL_PACKET
+
+
+def verdict_packets(verdict: verdicts.Verdict, *, at_eom: bool, actions: int) -> VerdictPackets:
+    """Everything that answers one command with ``verdict``, as one bytes object.
+
+    Edits are sent only at end of message, only when the message is delivered
+    (ACCEPT/CONTINUE: the MTA would discard them otherwise, SPEC §5.9) and only for
+    negotiated actions; the others come back in ``unsent`` for the caller to log.
+    """
+    edits = verdict.edits
+    if not edits:
+        return VerdictPackets(final_packet(verdict.action, verdict.reply))
+    packets: List[bytes] = []
+    unsent: List[Tuple[verdicts.Edit, str]] = []
+    delivered = verdict.action in (verdicts.Action.ACCEPT, verdicts.Action.CONTINUE)
+    for edit in edits:
+        if not at_eom:
+            unsent.append((edit, "modifications are only allowed at end of message"))
+        elif not delivered:
+            unsent.append((edit, "message not delivered (%s)" % (verdict.action.value,)))
+        elif not actions & _edit_action(edit):
+            unsent.append((edit, "action 0x%x not negotiated with the MTA" % (_edit_action(edit),)))
+        else:
+            try:
+                packets.extend(codec.encode(r) for r in edit_replies(edit))
+            except ValueError as e:
+                unsent.append((edit, str(e)))
+    packets.append(final_packet(verdict.action, verdict.reply))
+    return VerdictPackets(b"".join(packets), tuple(unsent))

@@ -5,7 +5,8 @@ call returns a Deferred that never fails.  Values expire against a clock
 (``twisted.internet.task.Clock``), every command issued is recorded in
 ``server.commands``, ``server.reachable = False`` makes it behave like a dead
 server (misses, ``False``, ``None``), and ``server.hang = True`` makes calls
-wait ``timeout`` seconds on the clock and then fail like a real timed-out call.
+wait ``timeout`` seconds on the clock (or until their ``deadline``, when sooner) and
+then fail like a real timed-out call.  A call whose deadline has passed is not sent.
 ``server.subscribers`` maps a channel to its subscriber count for PUBLISH.
 
 Lua scripts run through their Python ``reference`` rendering.
@@ -102,24 +103,28 @@ class FakeRedisRole:
         self.timeout = timeout
         self.stopped = False
 
-    def _answer(self, command: FakeCommand, run: Any, failed_value: Any) -> Deferred:
+    def _answer(self, command: FakeCommand, run: Any, failed_value: Any, deadline: Optional[float] = None) -> Deferred:
+        now = self.server.clock.seconds()
+        if deadline is not None and deadline <= now:
+            return succeed(failed_value)  # the check has run out of time: nothing is sent
         self.server.commands.append(command)
         if self.server.hang:
             d: Deferred = Deferred()
-            self.server.clock.callLater(self.timeout, d.callback, failed_value)
+            wait = self.timeout if deadline is None else min(self.timeout, deadline - now)
+            self.server.clock.callLater(wait, d.callback, failed_value)
             return d
         if not self.server.reachable:
             return succeed(failed_value)
         return succeed(run())
 
-    def get(self, key: bytes) -> "Deferred[Optional[bytes]]":
+    def get(self, key: bytes, deadline: Optional[float] = None) -> "Deferred[Optional[bytes]]":
         def run() -> Optional[bytes]:
             value = self.server.get(key)
             return value or None  # an empty value is a miss (SPEC §6.1)
 
-        return self._answer(FakeCommand("GET", (key,)), run, None)
+        return self._answer(FakeCommand("GET", (key,)), run, None, deadline)
 
-    def setex(self, key: bytes, ttl: int, value: bytes) -> "Deferred[bool]":
+    def setex(self, key: bytes, ttl: int, value: bytes, deadline: Optional[float] = None) -> "Deferred[bool]":
         def run() -> bool:
             self.server.setex(key, ttl, value)
             return True
@@ -128,7 +133,7 @@ class FakeRedisRole:
             command = FakeCommand("SETEX", (key, str(ttl).encode(), value))
         else:
             command = FakeCommand("SET", (key, value))
-        return self._answer(command, run, False)
+        return self._answer(command, run, False, deadline)
 
     def delete(self, key: bytes) -> "Deferred[bool]":
         def run() -> bool:
@@ -146,7 +151,7 @@ class FakeRedisRole:
         return self._answer(FakeCommand("PUBLISH", (channel.encode(), payload)), run, None)
 
     def eval_script(
-        self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg]
+        self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg], deadline: Optional[float] = None
     ) -> "Deferred[Optional[Any]]":
         encoded = [encode_arg(a) for a in args]
 
@@ -159,7 +164,7 @@ class FakeRedisRole:
         command = FakeCommand(
             "EVALSHA", (script.sha1.encode(), str(len(keys)).encode()) + tuple(keys) + tuple(encoded)
         )
-        return self._answer(command, run, None)
+        return self._answer(command, run, None, deadline)
 
     def shard_of(self, key: bytes) -> Any:
         return self.server

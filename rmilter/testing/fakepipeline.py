@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 
 from rmilter.config.schema import Config
 from rmilter.context import ConnectionContext, MessageContext
+from rmilter.deps import Deps
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
 from rmilter.verdict import ACCEPT, CONTINUE, Verdict
@@ -22,7 +24,7 @@ from rmilter.verdict import ACCEPT, CONTINUE, Verdict
 class FakePipeline:
     def __init__(self, needing: Sequence[str] = ("eom",), config: Optional[Config] = None) -> None:
         self.needing = tuple(needing)
-        self.runtime = Runtime(config=config or Config(), reactor=None, run_blocking=run_inline)
+        self.runtime = Runtime(Deps(config=config or Config(), clock=Clock(), run_blocking=run_inline))
         self.answers: Dict[str, Any] = {}
         #: (stage, details...) for every call, in order
         self.calls: List[Tuple[Any, ...]] = []
@@ -59,7 +61,7 @@ class FakePipeline:
 
     def mail(self, conn: ConnectionContext, argv: Sequence[str]) -> Tuple[MessageContext, Verdict]:
         self.calls.append(("mail", tuple(argv)))
-        msg = MessageContext(connection=conn, runtime=self.runtime)
+        msg = MessageContext(connection=conn)
         msg.set_sender(argv[0] if argv else "", conn.macros.get("{mail_addr}"))
         self.messages.append(msg)
         return msg, self._answer("mail", CONTINUE)

@@ -33,31 +33,31 @@ from rmilter.milter import codec
 from rmilter.milter import constants as c
 from rmilter.milter.codec import (
     Abort,
-    AddHeader,
-    AddRecipient,
-    AddRecipientPar,
+    AddHeaderReply,
+    AddRecipientReply,
+    AddRecipientParReply,
     Body,
-    ChangeFrom,
-    ChangeHeader,
+    ChangeFromReply,
+    ChangeHeaderReply,
     Command,
     Connect,
     Data,
-    DeleteRecipient,
+    DeleteRecipientReply,
     EndOfHeaders,
     EndOfMessage,
     Header,
     Helo,
-    InsertHeader,
+    InsertHeaderReply,
     Macro,
     Mail,
     Negotiate,
     NegotiateReply,
     Progress,
-    Quarantine,
+    QuarantineReply,
     Quit,
     QuitNoClose,
     Rcpt,
-    ReplaceBody,
+    ReplaceBodyReply,
     Reply,
     ReplyCode,
     ReplyReader,
@@ -178,37 +178,37 @@ class MessageResult:
 
     @property
     def added_headers(self) -> List[Tuple[str, str]]:
-        return [(m.name, m.value) for m in self.modifications if isinstance(m, AddHeader)]
+        return [(m.name, m.value) for m in self.modifications if isinstance(m, AddHeaderReply)]
 
     @property
     def inserted_headers(self) -> List[Tuple[int, str, str]]:
-        return [(m.index, m.name, m.value) for m in self.modifications if isinstance(m, InsertHeader)]
+        return [(m.index, m.name, m.value) for m in self.modifications if isinstance(m, InsertHeaderReply)]
 
     @property
     def changed_headers(self) -> List[Tuple[int, str, str]]:
-        return [(m.index, m.name, m.value) for m in self.modifications if isinstance(m, ChangeHeader)]
+        return [(m.index, m.name, m.value) for m in self.modifications if isinstance(m, ChangeHeaderReply)]
 
     @property
     def added_recipients(self) -> List[str]:
-        return [m.recipient for m in self.modifications if isinstance(m, (AddRecipient, AddRecipientPar))]
+        return [m.recipient for m in self.modifications if isinstance(m, (AddRecipientReply, AddRecipientParReply))]
 
     @property
     def deleted_recipients(self) -> List[str]:
-        return [m.recipient for m in self.modifications if isinstance(m, DeleteRecipient)]
+        return [m.recipient for m in self.modifications if isinstance(m, DeleteRecipientReply)]
 
     @property
     def new_sender(self) -> Optional[str]:
-        changes = [m.sender for m in self.modifications if isinstance(m, ChangeFrom)]
+        changes = [m.sender for m in self.modifications if isinstance(m, ChangeFromReply)]
         return changes[-1] if changes else None
 
     @property
     def replaced_body(self) -> Optional[bytes]:
-        pieces = [m.chunk for m in self.modifications if isinstance(m, ReplaceBody)]
+        pieces = [m.chunk for m in self.modifications if isinstance(m, ReplaceBodyReply)]
         return b"".join(pieces) if pieces else None
 
     @property
     def quarantine_reason(self) -> Optional[str]:
-        reasons = [m.reason for m in self.modifications if isinstance(m, Quarantine)]
+        reasons = [m.reason for m in self.modifications if isinstance(m, QuarantineReply)]
         return reasons[-1] if reasons else None
 
 

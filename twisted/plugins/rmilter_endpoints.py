@@ -2,6 +2,6 @@
 
 See ``rmilter.config.endpoints`` for why ``fd:N`` is not mapped onto ``systemd:``.
 """
-from rmilter.config.endpoints import adoptedFdParser
+from rmilter.listeners import adoptedFdParser
 
 __all__ = ["adoptedFdParser"]
