@@ -8,7 +8,7 @@
   1. the RSA private-key operation alone: dkimpy's pure-Python RSASSA-PKCS1-v1_5 (what
      ``dkim.sign`` uses: dkimpy 1.1.8 never calls ``cryptography`` for RSA) against
      ``cryptography``/OpenSSL, 1024 and 2048 bits;
-  2. one whole signature of a 4 KB message: ``rmilter.checks.dkim.compute_signature``
+  2. one whole signature of a 4 KB message: ``rmilter.checks.signer.compute_signature``
      against ``dkim.sign`` (which also parses the PEM key every call);
   3. reactor stall: a real Twisted reactor runs a 1 ms timer and measures how late it fires
      while 8 signatures are always in flight: nothing, rmilter's way (thread pool + OpenSSL),
@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils  # noqa: E402
 from dkim.crypto import RSASSA_PKCS1_v1_5_sign, parse_pem_private_key  # type: ignore[import-untyped]  # noqa: E402
 
-from rmilter.checks import dkim  # noqa: E402
+from rmilter.dkim import keys, signer  # noqa: E402
 
 HEADERS = [
     ("From", "Alice <alice@example.com>"),
@@ -86,10 +86,10 @@ def per_op(f: Callable[[], Any], min_time: float = 1.0) -> float:
     return best
 
 
-def request_for(key: rsa.RSAPrivateKey) -> dkim.SignatureRequest:
-    signing_key = dkim.SigningKey("example.com", "dkim", "bench", key)
-    options = dkim.SigningOptions("relaxed", "relaxed", "sha256", False)
-    return dkim.SignatureRequest(signing_key, options, dkim.signed_headers(HEADERS), int(time.time()))
+def request_for(key: rsa.RSAPrivateKey) -> signer.SignatureRequest:
+    signing_key = keys.SigningKey("example.com", "dkim", "bench", key)
+    options = signer.SigningOptions("relaxed", "relaxed", "sha256", False)
+    return signer.SignatureRequest(signing_key, options, signer.signed_headers(HEADERS), int(time.time()))
 
 
 def message_bytes() -> bytes:
@@ -109,7 +109,7 @@ def micro_costs(keys: Dict[int, rsa.RSAPrivateKey]) -> None:
         pure = per_op(lambda: RSASSA_PKCS1_v1_5_sign(digest, parsed))
         openssl = per_op(lambda: key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())))
         request = request_for(key)
-        ours = per_op(lambda: dkim.compute_signature(request, BODY))
+        ours = per_op(lambda: signer.compute_signature(request, BODY))
         theirs = per_op(lambda: pure_python_signature(data, message))
         print("| %d | %.0f | %.0f | %.0f | %.0f |" % (bits, pure * 1e6, openssl * 1e6, ours * 1e6, theirs * 1e6))
     print()
@@ -148,16 +148,16 @@ def micro_stall(keys: Dict[int, rsa.RSAPrivateKey], duration: float, concurrency
 
         def job() -> Any:
             if mode == "threads+openssl":
-                return threads.deferToThread(dkim.compute_signature, request, BODY)
+                return threads.deferToThread(signer.compute_signature, request, BODY)
             if mode == "threads(2)+openssl":
-                return slots.run(threads.deferToThread, dkim.compute_signature, request, BODY)
+                return slots.run(threads.deferToThread, signer.compute_signature, request, BODY)
             if mode == "threads(2)+openssl 1 MB":
-                return slots.run(threads.deferToThread, dkim.compute_signature, request, BIG_BODY)
+                return slots.run(threads.deferToThread, signer.compute_signature, request, BIG_BODY)
             if mode == "threads+pure-python":
                 return threads.deferToThread(pure_python_signature, key_pem, message)
             if mode == "reactor+openssl":
                 d: Deferred = Deferred()
-                reactor.callLater(0, lambda: d.callback(dkim.compute_signature(request, BODY)))
+                reactor.callLater(0, lambda: d.callback(signer.compute_signature(request, BODY)))
                 return d
             raise ValueError(mode)
 

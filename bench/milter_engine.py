@@ -18,6 +18,7 @@ from rmilter.config.schema import Config
 from rmilter.milter import codec
 from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
+from rmilter.deps import Deps
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
 from rmilter.testing.fakepipeline import FakePipeline
@@ -57,7 +58,7 @@ def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20000
     nr = "--no-nr" not in sys.argv
     clock = Clock()
-    runtime = Runtime(config=Config(), reactor=clock, run_blocking=run_inline)
+    runtime = Runtime(Deps(config=Config(), clock=clock, run_blocking=run_inline))
     pipeline = FakePipeline() if "--fake" in sys.argv else Pipeline(lambda: runtime)
     factory = MilterFactory(pipeline, clock, no_reply_steps=nr)
     reads = message_stream(nr)

@@ -115,14 +115,36 @@ class Pipeline:
     # -- running one check -------------------------------------------------------------------
     def _run(self, txn: Transaction, check: CheckFunction, **options: Any) -> "Deferred[CheckResult]":
         """Run one check for the message; its result is kept (and observed) when it arrives."""
+        if self.observers:
+            return check(txn.message, txn.deps, **options).addCallback(self._ended, txn, txn.deps.clock.seconds())
+        running = check(txn.message, txn.deps, **options)
+        if running.called and isinstance(running.result, CheckResult):
+            # answered at once (most checks, most of the time): no callback to run
+            txn.results.append(running.result)
+            return running
+        return running.addCallback(self._keep_result, txn)
+
+    @staticmethod
+    def _keep_result(result: CheckResult, txn: Transaction) -> CheckResult:
+        txn.results.append(result)
+        return result
+
+    def _ended(self, result: CheckResult, txn: Transaction, started: float) -> CheckResult:
+        self._keep(txn, result, txn.deps.clock.seconds() - started)
+        return result
+
+    def _run_cancellable(self, txn: Transaction, check: CheckFunction) -> "Deferred[CheckResult]":
+        """``_run`` for a check the message may stop needing (clamd while Rspamd decides).
+
+        Cancelling the returned Deferred cancels the check; what it then answers is not the
+        message's result and is not kept.
+        """
         clock = txn.deps.clock
         started = clock.seconds()
-        running = check(txn.message, txn.deps, **options)
+        running = check(txn.message, txn.deps)
         cancelled: List[bool] = []
 
         def cancel(_: "Deferred[CheckResult]") -> None:
-            # the message no longer needs this check (another one ended it): its result, if any
-            # arrives, is not the message's
             cancelled.append(True)
             running.cancel()
 
@@ -143,6 +165,8 @@ class Pipeline:
 
     def _keep(self, txn: Transaction, result: CheckResult, seconds: float = 0.0) -> CheckResult:
         txn.results.append(result)
+        if not self.observers:
+            return result
         for observer in self.observers:
             try:
                 observer(result, seconds)
@@ -317,7 +341,7 @@ class Pipeline:
         spam_mode = self._spam_mode(txn, oversized, reply_to)
         virus_exempt = msg.recipient_whitelisted or ip in config.clamav.whitelist
         scan_virus = bool(config.clamav.servers) and not oversized and not virus_exempt
-        virus_scan: Optional[Deferred] = self._run(txn, checks.virus) if scan_virus else None
+        virus_scan: Optional[Deferred] = self._run_cancellable(txn, checks.virus) if scan_virus else None
 
         # -- rspamd (steps 4-5) ----------------------------------------------------------------
         spam_failed = False

@@ -25,15 +25,19 @@ def summary_event(message: MessageContext, results: Iterable[CheckResult], verdi
     """Every field of the summary event, in the order of the text line."""
     last: Dict[Check, CheckResult] = {}
     published: List[str] = []
+    reply_to: Optional[str] = None
     details: Dict[str, object] = {}
     for result in results:
-        last[result.check] = result
-        if copies.published(result):
-            published.append(result.summary)
-        details.update(result.details)
+        check = result.check
+        last[check] = result
+        if result.details:
+            details.update(result.details)
+            if check is Check.COPIES and copies.published(result):
+                published.append(result.summary)
+            elif check is Check.REPLIES and reply_to is None:
+                reply_to = replies.hit(result)
     spam = last.get(Check.SPAM)
     grey = last.get(Check.GREYLIST)
-    reply = last.get(Check.REPLIES)
     message_id = spam.details.get("message_id") if spam is not None else None
     first = message.recipients[0].address if message.recipients else "<>"  # B35: no recipients is fine
     event: Dict[str, Any] = dict(
@@ -53,7 +57,7 @@ def summary_event(message: MessageContext, results: Iterable[CheckResult], verdi
         reply=(None if verdict.reply is None else "%s %s %s" % (verdict.reply.code, verdict.reply.ecode,
                                                                 verdict.reply.text)),
         greylist=grey.summary if grey is not None and not grey.skipped else None,
-        reply_to=replies.hit(reply) if reply is not None else None,
+        reply_to=reply_to,
         duration=round(time.time() - message.started, 6),
     )
     for name, value in details.items():

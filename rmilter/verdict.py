@@ -8,6 +8,7 @@ the precedence of SPEC §5.9 visible in ``precedence``.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -137,6 +138,9 @@ class Check(enum.Enum):
     DKIM = "dkim"
     TRACE = "trace"
 
+    #: members are singletons: identity hashing is right, and much cheaper than Enum's own
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -163,8 +167,12 @@ class CheckResult:
         return self.verdict is not None and self.verdict.ends_message
 
 
+@functools.lru_cache(maxsize=256)
 def skipped(check: Check, reason: str) -> CheckResult:
-    """The result of a check the pipeline (or the check itself) decided not to run."""
+    """The result of a check the pipeline (or the check itself) decided not to run.
+
+    The same few reasons come up for every message: each is made once (results are frozen).
+    """
     return CheckResult(check, reason, skipped=True)
 
 

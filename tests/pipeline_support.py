@@ -6,8 +6,8 @@ from typing import Optional, Sequence, Tuple
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from rmilter.context import ConnectionContext, MessageContext
-from rmilter.pipeline import Pipeline
+from rmilter.context import ConnectionContext
+from rmilter.pipeline import Pipeline, Transaction
 from rmilter.verdict import Action, Verdict
 
 
@@ -22,10 +22,10 @@ def send_until_eom(
     body: bytes = b"Hello\r\n",
     helo: str = "mail.example.net",
     queue_id: str = "QID1",
-) -> Tuple[MessageContext, Verdict, "Optional[Deferred[Verdict]]"]:
+) -> Tuple[Transaction, Verdict, "Optional[Deferred[Verdict]]"]:
     """CONNECT to EOM as Postfix sends them, sender alice@example.net.
 
-    Returns the message, the DATA verdict and the EOM Deferred (None when DATA ended the
+    Returns the pipeline's transaction, the DATA verdict and the EOM Deferred (None when DATA ended the
     message).  Every stage before EOM must have answered at once; CONNECT and MAIL CONTINUE.
     """
     conn = ConnectionContext(hostname="mail.example.net", family="4" if ip else "U", client_address=ip)

@@ -19,9 +19,11 @@ from rmilter.backends import clamd as clamd_backend
 from rmilter.backends.clamd import ClamdClient, ScanStatus
 from rmilter.config.schema import ClamavConfig, Config, GlobalConfig, ServerSpec, SpamdConfig
 from rmilter.context import ConnectionContext, MessageContext
-from rmilter.pipeline import Pipeline
+from rmilter.deps import Deps
+from rmilter.pipeline import Pipeline, Transaction
 from rmilter.runtime import Runtime
 from rmilter.spool import Spool
+from rmilter.summary import summary_event
 from rmilter.testing.fake_clamd import FakeClamdFactory, Script
 from rmilter.verdict import Action, SmtpReply
 from tests import harness
@@ -233,9 +235,9 @@ class FakeClamdOverSocketsTests(TestCase):
 class VirusCheckAndPipelineTests(RealClamdCase):
     """The virus check and the pipeline with the real clamd (SPEC §5.9 step 8)."""
 
-    def message(self, config: Config, body: bytes) -> "tuple[Pipeline, MessageContext, Runtime]":
-        runtime = Runtime(config, REACTOR, run_in_thread)
-        runtime.clamd = clamd_backend.from_config(config, REACTOR)
+    def message(self, config: Config, body: bytes) -> "tuple[Pipeline, Transaction, Runtime]":
+        runtime = Runtime(Deps(config=config, clock=REACTOR, run_blocking=run_in_thread,
+                               clamd=clamd_backend.from_config(config, REACTOR)))
         self.addCleanup(runtime.stop)
         pipeline = Pipeline(lambda: runtime)
         conn = ConnectionContext(hostname="mail.example.net", family="4", client_address="198.51.100.7")
@@ -249,7 +251,7 @@ class VirusCheckAndPipelineTests(RealClamdCase):
     def run_message(self, config: Config, body: bytes):  # type: ignore[no-untyped-def]
         pipeline, msg, _ = self.message(config, body)
         yield pipeline.rcpt(msg, ["<bob@example.org>"])
-        msg.connection.macros.define("T", {"i": "4ABC123"})
+        msg.message.connection.macros.define("T", {"i": "4ABC123"})
         yield pipeline.data(msg)
         head, _, rest = body.partition(b"\r\n\r\n")
         for line in head.split(b"\r\n"):
@@ -260,6 +262,7 @@ class VirusCheckAndPipelineTests(RealClamdCase):
             yield pipeline.body(msg, rest[i : i + 65535])
         verdict = yield pipeline.eom(msg)
         pipeline.finish(msg, verdict)
+        self.fields = summary_event(msg.message, msg.results, verdict)
         return msg, verdict
 
     @inlineCallbacks
@@ -269,10 +272,10 @@ class VirusCheckAndPipelineTests(RealClamdCase):
         msg, verdict = yield self.run_message(config, mime_with_attachment(harness.EICAR))
         self.assertEqual((verdict.action, verdict.reply),
                          (Action.REJECT, SmtpReply("554", "5.7.1", "Infected: " + harness.EICAR_NAME)))
-        self.assertEqual(msg.log_fields["virus"], "rejected, virus found")
+        self.assertEqual(self.fields["virus"], "rejected, virus found")
         msg, verdict = yield self.run_message(config, mime_with_attachment(b"harmless\n"))
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["virus"], "clean")
+        self.assertEqual(self.fields["virus"], "clean")
 
     @inlineCallbacks
     def test_oversized_for_clamd_gets_configured_failure_outcome(self):  # type: ignore[no-untyped-def]
@@ -282,11 +285,11 @@ class VirusCheckAndPipelineTests(RealClamdCase):
         msg, verdict = yield self.run_message(config, body)
         self.assertEqual((verdict.action, verdict.reply),
                          (Action.TEMPFAIL, SmtpReply("451", "4.7.1", "Temporary service failure.")))
-        self.assertEqual(msg.log_fields["virus"], "delayed, temporary fail")
+        self.assertEqual(self.fields["virus"], "delayed, temporary fail")
         config = make_config(server_specs(self.clamd), self.tempdir, tempfail_on_error=False)
         msg, verdict = yield self.run_message(config, body)
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["virus"], "ignored, temporary fail")
+        self.assertEqual(self.fields["virus"], "ignored, temporary fail")
 
     @inlineCallbacks
     def test_clamd_stopped_outcomes(self):  # type: ignore[no-untyped-def]
@@ -300,4 +303,4 @@ class VirusCheckAndPipelineTests(RealClamdCase):
         config = make_config(server_specs(self.clamd), self.tempdir, tempfail_on_error=False)
         msg, verdict = yield self.run_message(config, body)
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["virus"], "ignored, temporary fail")
+        self.assertEqual(self.fields["virus"], "ignored, temporary fail")

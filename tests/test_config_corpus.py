@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter import config as rconfig
 from rmilter.config.schema import Config, ServerSpec
+from rmilter.dkim.keys import build_keyring
 from rmilter.testing.config import CorpusMissing, StubResolver, copy_with_includes, corpus_dir
 
 COMMON = "vstakhov-debian-rmilter.conf.common"
@@ -88,7 +89,7 @@ class UpstreamSampleTests(CorpusTestCase):
         self.assertIn("symantec_antivirus_for_smtp_gateways", limits.limit_bounce_addrs)
         (domain,) = config.dkim.domains
         self.assertEqual((domain.domain, domain.selector, domain.key), ("*", "dkim", "/usr/local/etc/dkim"))
-        self.assertTrue(domain.is_wildcard)
+        self.assertEqual(build_keyring(config.dkim)[0].wildcards[0].directory, "/usr/local/etc/dkim")
         self.assertEqual((config.dkim.header_canon, config.dkim.body_canon, config.dkim.sign_alg),
                          ("relaxed", "relaxed", "sha256"))
         (spamd,) = config.spamd.servers

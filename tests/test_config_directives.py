@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rmilter.config import parse_text
 from rmilter.config.directives import SECTIONS
 from rmilter.config.parser import default_tempdir
-from rmilter.config.schema import Bucket, Config, RedisServer, ServerSpec
+from rmilter.config.schema import Bucket, Config, Origin, RedisServer, ServerSpec
 from rmilter.netlist import NetList, RecipientList
 from rmilter.testing.config import StubResolver
 
@@ -204,7 +204,7 @@ class DkimDomainTests(SynchronousTestCase):
         config = parse_text(text, "d.conf", resolver=StubResolver())
         (domain,) = config.dkim.domains
         self.assertEqual((domain.domain, domain.selector, domain.key), ("example.com", "s1", keydir))
-        self.assertTrue(domain.is_wildcard)
+        self.assertEqual(domain.key_origin, Origin("d.conf", 3))
         self.assertEqual((config.origins["dkim.domain"].line, getattr(domain.origin, "line", None)), (2, 2))
 
 

@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter import config as rconfig
 from rmilter.config import ConfigError, parse_text
+from rmilter.service import load_configuration
 from rmilter.testing.config import StubResolver
 
 
@@ -166,8 +167,15 @@ class DkimErrorTests(ErrorTestCase):
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write("not a key\n")
-        self.assertOneError('dkim { domain {\n  key = "%s";\n  domain = "d"; selector = "s"; }; }' % path,
-                            "bad.conf:2: ", "is not a PEM private key")
+        conf = os.path.abspath(self.mktemp())
+        with open(conf, "w") as f:
+            f.write('dkim { domain {\n  key = "%s";\n  domain = "d"; selector = "s"; }; }' % path)
+        parse_text(open(conf).read(), conf)  # the configuration itself is fine: keys are not config
+        with self.assertRaises(ConfigError) as caught:
+            load_configuration(conf)  # what the service and check-config load: config and keys
+        self.assertEqual(len(caught.exception.errors), 1)
+        self.assertTrue(caught.exception.errors[0].startswith("%s:2: " % conf), caught.exception.errors)
+        self.assertIn("is not a PEM private key", caught.exception.errors[0])
 
 
 class IncludeErrorTests(SynchronousTestCase):

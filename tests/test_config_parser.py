@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rmilter import config as rconfig
 from rmilter.config import ConfigError, listen_endpoint, parse_text
 from rmilter.config.schema import Config
+from rmilter.dkim.keys import load_keyring
 from rmilter.testing.config import StubResolver
 
 PEM = b"-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAK\n-----END RSA PRIVATE KEY-----\n"
@@ -296,21 +297,28 @@ class BackendTests(SynchronousTestCase):
 
 
 class DkimTests(FileTestCase):
-    def test_key_file_is_read_at_load_time(self) -> None:
-        """A key naming a regular file is read now and used for that domain only."""
+    def test_key_file_is_read_with_the_keys_not_the_config(self) -> None:
+        """A key naming a regular file: the configuration keeps the path (pure data), the keyring
+        loaded from it signs for that domain only."""
         key = os.path.join(self.dir, "example.key")
         with open(key, "wb") as f:
             f.write(PEM)
         config = parse('dkim {\n domain {\n  key = "%s";\n  domain = "example.com";\n  selector = "s";\n };\n}' % key)
         (domain,) = config.dkim.domains
-        self.assertEqual(domain.key_data, PEM)
-        self.assertFalse(domain.is_wildcard)
+        self.assertEqual((domain.key, domain.key_origin.line), (key, 3))  # type: ignore[union-attr]
+        keyring = load_keyring(config.dkim)
+        assert keyring is not None
+        self.assertEqual(list(keyring.named), ["example.com"])
+        self.assertEqual(keyring.wildcards, ())
 
     def test_key_directory_is_a_wildcard_entry(self) -> None:
         """A directory (or a missing path) makes a key-directory entry, without error."""
         config = parse('dkim { domain { key = %s; domain = "*"; selector = "s"; }; '
                        'domain { key = /nonexistent/keys; domain = "x.org"; selector = "s"; }; }' % self.dir)
-        self.assertEqual([d.is_wildcard for d in config.dkim.domains], [True, True])
+        keyring = load_keyring(config.dkim)
+        assert keyring is not None
+        self.assertEqual(keyring.named, {})
+        self.assertEqual([w.pattern for w in keyring.wildcards], ["*", "x.org"])
 
     def test_key_and_domain_outside_a_block_prefill_the_next_block(self) -> None:
         """SPEC §4.11: key and domain written in dkim { } pre-fill the next domain { } block."""

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rmilter.config.schema import Config
 from rmilter.context import ConnectionContext, MacroStore, MessageContext, Recipient
-from rmilter.runtime import Runtime
-from rmilter.spool import run_inline
 
 
 class MacroStoreTests(SynchronousTestCase):
@@ -41,7 +38,7 @@ class MacroStoreTests(SynchronousTestCase):
 
 class MessageContextTests(SynchronousTestCase):
     def make(self) -> MessageContext:
-        return MessageContext(ConnectionContext(), Runtime(Config(), None, run_inline))
+        return MessageContext(ConnectionContext())
 
     def test_sender_falls_back_to_argv_when_macro_absent(self) -> None:
         """B19: without {mail_addr} the sender comes from MAIL's argv[0]."""

@@ -20,12 +20,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter.checks import dkim
-from rmilter.config.schema import Config, DkimConfig, DkimDomain, GlobalConfig
+from rmilter.dkim import keys, signer
+from rmilter.config.schema import Config, DkimConfig, DkimDomain, GlobalConfig, Origin
 from rmilter.context import ConnectionContext, MessageContext
 from rmilter.netlist import NetList
-from rmilter.runtime import Runtime
+from rmilter.deps import Deps
 from rmilter.spool import Spool, run_inline, spool_head
-from rmilter.verdict import AddHeader
+from rmilter.verdict import AddHeader, Check
 from tests.dates import message_date
 
 # -- keys and DNS for the tests ---------------------------------------------------------------
@@ -65,7 +66,7 @@ def dns_serving(records: Dict[bytes, bytes]) -> Callable[..., Optional[bytes]]:
 def delivered(headers: Sequence[Tuple[str, str]], signature: str, body: bytes) -> bytes:
     """The message as the MTA delivers it after ADDHEADER: LF folds become CRLF, signature last."""
     lines = [("%s: %s" % (n, v)).replace("\n", "\r\n").encode("utf-8", "surrogateescape") for n, v in headers]
-    lines.append(("%s: %s" % (dkim.HEADER_NAME, signature)).replace("\n", "\r\n").encode("ascii"))
+    lines.append(("%s: %s" % (signer.HEADER_NAME, signature)).replace("\n", "\r\n").encode("ascii"))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
@@ -109,9 +110,10 @@ class KeyFiles:
         return path
 
 
-def named(domain: str, selector: str, key_pem: bytes, path: str = "/etc/dkim/named.key") -> DkimDomain:
-    """A ``domain { key = <file>; }`` entry as the config parser builds it (file already read)."""
-    return DkimDomain(domain=domain, selector=selector, key=path, key_data=key_pem)
+def named(files: "KeyFiles", domain: str, selector: str, key_pem: bytes) -> DkimDomain:
+    """A ``domain { key = <file>; }`` entry, its key file written to ``files``."""
+    path = files.write("named/%s.%s.pem" % (domain, selector), key_pem)
+    return DkimDomain(domain=domain, selector=selector, key=path, origin=Origin("rmilter.conf", 7))
 
 
 def wildcard(domain: str, selector: str, directory: str) -> DkimDomain:
@@ -126,17 +128,15 @@ def make_config(domains: Sequence[DkimDomain], **dkim_options: object) -> Config
     )
 
 
-def make_runtime(
+def make_deps(
     config: Config, clock: Optional[Clock] = None, run_blocking: Callable[..., Deferred] = run_inline
-) -> Runtime:
-    runtime = Runtime(config=config, reactor=clock or Clock(), run_blocking=run_blocking)
-    runtime.dkim = dkim.from_config(config)
-    return runtime
+) -> Deps:
+    return Deps(config=config, clock=clock or Clock(), run_blocking=run_blocking,
+                keyring=keys.load_keyring(config.dkim))
 
 
 def make_message(
     testcase: SynchronousTestCase,
-    runtime: Runtime,
     sender: str = "alice@example.net",
     user: Optional[str] = "alice",
     client_address: str = "192.0.2.10",
@@ -146,7 +146,7 @@ def make_message(
 ) -> MessageContext:
     """A message at EOM: headers recorded, spool filled and finished."""
     conn = ConnectionContext(client_address=client_address, family="4", helo="client.example.net")
-    msg = MessageContext(connection=conn, runtime=runtime)
+    msg = MessageContext(connection=conn)
     msg.envelope_from = sender
     msg.user = user
     msg.sasl_authenticated = user is not None
@@ -173,18 +173,18 @@ class KeyringTests(SynchronousTestCase):
         self.files = KeyFiles(self)
         self.key_pem = pem(private_key(), pkcs8=True)
 
-    def keyring(self, *entries: DkimDomain) -> dkim.Keyring:
-        keyring, _ = dkim.build_keyring(make_config(entries).dkim)
+    def keyring(self, *entries: DkimDomain) -> keys.Keyring:
+        keyring, _ = keys.build_keyring(make_config(entries).dkim)
         return keyring
 
     def test_named_key_signs_exactly_its_domain(self) -> None:
         """A key-file entry signs its own domain, not subdomains or look-alikes."""
-        keyring = self.keyring(named("example.net", "mail", pem(private_key())))
+        keyring = self.keyring(named(self.files, "example.net", "mail", pem(private_key())))
         found = keyring.find("example.net")
-        assert isinstance(found, dkim.SigningKey)
+        assert isinstance(found, keys.SigningKey)
         self.assertEqual((found.domain, found.selector), ("example.net", "mail"))
-        self.assertIsInstance(keyring.find("sub.example.net"), dkim.KeyNotFound)
-        self.assertIsInstance(keyring.find("notexample.net"), dkim.KeyNotFound)
+        self.assertIsInstance(keyring.find("sub.example.net"), keys.KeyNotFound)
+        self.assertIsInstance(keyring.find("notexample.net"), keys.KeyNotFound)
 
     def test_star_directory_signs_every_domain_with_a_key_file(self) -> None:
         """domain = "*" with a key directory: <domain>.<selector>.key gives d=<sender domain>."""
@@ -195,11 +195,11 @@ class KeyringTests(SynchronousTestCase):
         keyring = self.keyring(wildcard("*", "dkim", keydir))
         for domain in ("example.net", "other.org"):
             found = keyring.find(domain)
-            assert isinstance(found, dkim.SigningKey)
+            assert isinstance(found, keys.SigningKey)
             self.assertEqual((found.domain, found.selector), (domain, "dkim"))
             self.assertEqual(found.path, os.path.join(keydir, domain + ".dkim.key"))
         missing = keyring.find("nokey.org")
-        assert isinstance(missing, dkim.KeyNotFound)
+        assert isinstance(missing, keys.KeyNotFound)
         self.assertIn(os.path.join(keydir, "nokey.org.dkim.key"), missing.reason)
         self.assertEqual(keyring.key_count, 2)
 
@@ -209,12 +209,12 @@ class KeyringTests(SynchronousTestCase):
         for domain in ("example.com", "mail.example.com", "notexample.com", "example.com.evil.org"):
             self.files.write("keys/%s.s1.key" % domain, self.key_pem)
         keyring = self.keyring(wildcard("example.com", "s1", keydir))
-        self.assertIsInstance(keyring.find("example.com"), dkim.SigningKey)
+        self.assertIsInstance(keyring.find("example.com"), keys.SigningKey)
         sub = keyring.find("mail.example.com")
-        assert isinstance(sub, dkim.SigningKey)
+        assert isinstance(sub, keys.SigningKey)
         self.assertEqual(sub.domain, "mail.example.com")
-        self.assertIsInstance(keyring.find("notexample.com"), dkim.KeyNotFound)
-        self.assertIsInstance(keyring.find("example.com.evil.org"), dkim.KeyNotFound)
+        self.assertIsInstance(keyring.find("notexample.com"), keys.KeyNotFound)
+        self.assertIsInstance(keyring.find("example.com.evil.org"), keys.KeyNotFound)
         # keys the entry can never use are not even loaded
         self.assertEqual(sorted(keyring.wildcards[0].keys), ["example.com", "mail.example.com"])
 
@@ -227,13 +227,13 @@ class KeyringTests(SynchronousTestCase):
         keyring = self.keyring(
             wildcard("*", "s1", first),
             wildcard("*", "s2", second),
-            named("example.net", "named", pem(private_key())),
+            named(self.files, "example.net", "named", pem(private_key())),
         )
         net = keyring.find("example.net")
-        assert isinstance(net, dkim.SigningKey)
+        assert isinstance(net, keys.SigningKey)
         self.assertEqual(net.selector, "named")
         org = keyring.find("example.org")
-        assert isinstance(org, dkim.SigningKey)
+        assert isinstance(org, keys.SigningKey)
         self.assertEqual(org.selector, "s2")
 
     def test_unusable_wildcard_key_stops_the_search(self) -> None:
@@ -242,11 +242,11 @@ class KeyringTests(SynchronousTestCase):
         second = self.files.directory("second")
         self.files.write("first/example.org.s1.key", b"-----BEGIN PRIVATE KEY-----\nnot base64\n")
         self.files.write("second/example.org.s2.key", self.key_pem)
-        keyring, problems = dkim.build_keyring(
+        keyring, problems = keys.build_keyring(
             make_config([wildcard("*", "s1", first), wildcard("*", "s2", second)]).dkim
         )
         found = keyring.find("example.org")
-        assert isinstance(found, dkim.KeyProblem)
+        assert isinstance(found, keys.KeyProblem)
         self.assertIn("example.org.s1.key", found.reason)
         self.assertEqual(len(problems), 1)
         self.assertIn("example.org", problems[0])
@@ -259,32 +259,43 @@ class KeyringTests(SynchronousTestCase):
         def refuse(path: str) -> bytes:
             raise PermissionError(13, "Permission denied", path)
 
-        self.patch(dkim, "read_key_file", refuse)
-        keyring, problems = dkim.build_keyring(make_config([wildcard("*", "dkim", keydir)]).dkim)
+        self.patch(keys, "read_key_file", refuse)
+        keyring, problems = keys.build_keyring(make_config([wildcard("*", "dkim", keydir)]).dkim)
         found = keyring.find("example.org")
-        assert isinstance(found, dkim.KeyProblem)
+        assert isinstance(found, keys.KeyProblem)
         self.assertIn("Permission denied", found.reason)
         self.assertEqual(len(problems), 1)
 
     def test_named_key_that_does_not_parse_is_reported_at_load(self) -> None:
-        """A named key file that is not an RSA PEM key: error at load, KeyProblem for its domain."""
-        keyring, problems = dkim.build_keyring(make_config([named("example.net", "s", b"garbage")]).dkim)
+        """A named key file that looks like PEM but does not parse: a problem at load, KeyProblem for
+        its domain; the other entries still sign."""
+        broken = b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n"
+        keyring, problems = keys.build_keyring(make_config([named(self.files, "example.net", "s", broken),
+                                                            named(self.files, "example.org", "s", self.key_pem)]).dkim)
         self.assertEqual(len(problems), 1)
         self.assertIn("example.net", problems[0])
-        self.assertIsInstance(keyring.find("example.net"), dkim.KeyProblem)
+        self.assertIsInstance(keyring.find("example.net"), keys.KeyProblem)
+        self.assertIsInstance(keyring.find("example.org"), keys.SigningKey)
+
+    def test_named_key_that_is_no_pem_refuses_the_configuration(self) -> None:
+        """A key file that is not PEM at all is a configuration error with the FILE:LINE of its
+        ``domain { }`` block (as the parser reported it before keys left the config)."""
+        entry = named(self.files, "example.net", "s", b"garbage")
+        e = self.assertRaises(keys.KeyringError, keys.build_keyring, make_config([entry]).dkim)
+        self.assertEqual(e.errors, ["rmilter.conf:7: dkim key %r is not a PEM private key" % (entry.key,)])
 
     def test_missing_key_directory_is_reported_at_load(self) -> None:
         """A wildcard entry whose key path does not exist never signs and says so at load."""
         missing = os.path.join(self.files.root, "nowhere")
-        keyring, problems = dkim.build_keyring(make_config([wildcard("example.net", "s", missing)]).dkim)
+        keyring, problems = keys.build_keyring(make_config([wildcard("example.net", "s", missing)]).dkim)
         self.assertEqual(len(problems), 1)
         self.assertIn(missing, problems[0])
-        self.assertIsInstance(keyring.find("example.net"), dkim.KeyNotFound)
+        self.assertIsInstance(keyring.find("example.net"), keys.KeyNotFound)
 
     def test_pkcs1_and_pkcs8_keys_load(self) -> None:
         """Both PEM layouts parse (older tools write PKCS#1, opendkim-genkey with OpenSSL 3 PKCS#8)."""
         for data in (pem(private_key()), pem(private_key(), pkcs8=True)):
-            key = dkim.load_private_key(data, "k")
+            key = keys.load_private_key(data, "k")
             self.assertEqual(key.private_numbers(), private_key().private_numbers())
 
     def test_non_rsa_key_refused(self) -> None:
@@ -293,31 +304,32 @@ class KeyringTests(SynchronousTestCase):
         data = ed25519.Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        e = self.assertRaises(dkim.KeyLoadError, dkim.load_private_key, data, "ed.key")
+        e = self.assertRaises(keys.KeyLoadError, keys.load_private_key, data, "ed.key")
         self.assertIn("not an RSA key", str(e))
 
-    def test_from_config_none_when_disabled_or_empty(self) -> None:
+    def test_no_keyring_when_disabled_or_empty(self) -> None:
         """No keyring (so "not signed, disabled") with enable = no or without domain entries."""
-        self.assertIsNone(dkim.from_config(make_config([])))
-        self.assertIsNone(dkim.from_config(make_config([named("a.org", "s", self.key_pem)], enable=False)))
-        self.assertIsNotNone(dkim.from_config(make_config([named("a.org", "s", self.key_pem)])))
+        self.assertIsNone(keys.load_keyring(make_config([]).dkim))
+        entry = named(self.files, "a.org", "s", self.key_pem)
+        self.assertIsNone(keys.load_keyring(make_config([entry], enable=False).dkim))
+        self.assertIsNotNone(keys.load_keyring(make_config([entry]).dkim))
 
     def test_keys_are_parsed_once_at_load(self) -> None:
         """Signing messages never reads or parses a key again."""
         keydir = self.files.directory("keys")
         self.files.write("keys/example.net.dkim.key", self.key_pem)
         config = make_config([wildcard("*", "dkim", keydir)], sign_alg="sha256")
-        runtime = make_runtime(config)
+        deps = make_deps(config)
         calls: List[str] = []
 
         def record(*args: str) -> None:
             calls.append(args[-1])
 
-        self.patch(dkim, "read_key_file", record)
-        self.patch(dkim, "load_private_key", record)
+        self.patch(keys, "read_key_file", record)
+        self.patch(keys, "load_private_key", record)
         for _ in range(3):
-            result = self.successResultOf(dkim.sign(make_message(self, runtime)))
-            self.assertEqual(result.log, dkim.SIGNED)
+            result = self.successResultOf(dkim.check(make_message(self), deps))
+            self.assertEqual(result.summary, dkim.SIGNED)
         self.assertEqual(calls, [])
 
 
@@ -331,15 +343,15 @@ class SignedHeaderTests(SynchronousTestCase):
             ("In-Reply-To", "<o@x>"), ("Bcc", "secret@x"), ("DKIM-Signature", "v=1"), ("Content-ID", "<c>"),
         ]
         self.assertEqual(
-            [name for name, _ in dkim.signed_headers(headers)],
+            [name for name, _ in signer.signed_headers(headers)],
             ["FROM", "To", "to", "List-Unsubscribe", "Resent-Message-ID", "In-Reply-To"],
         )
-        self.assertEqual(len(dkim.SIGNED_HEADERS), 23)
+        self.assertEqual(len(signer.SIGNED_HEADERS), 23)
 
     def test_header_fields_turn_bare_lf_into_crlf(self) -> None:
         """Values as the MTA passed them (LF folds) become what the receiver sees (CRLF folds)."""
         self.assertEqual(
-            dkim.header_fields([("Subject", "a\n b"), ("To", "x\r\n\ty")]),
+            signer.header_fields([("Subject", "a\n b"), ("To", "x\r\n\ty")]),
             [(b"Subject", b" a\r\n b\r\n"), (b"To", b" x\r\n\ty\r\n")],
         )
 
@@ -365,7 +377,7 @@ class BodyHashTests(SynchronousTestCase):
             for canon in ("simple", "relaxed"):
                 for chunk in (1, 2, 3, 64 * 1024):
                     self.assertEqual(
-                        dkim.body_hash(body, canon, "sha256", chunk_size=chunk),
+                        signer.body_hash(body, canon, "sha256", chunk_size=chunk),
                         hashlib.sha256(_dkimpy_body(body, canon)).digest(),
                         (body, canon, chunk),
                     )
@@ -382,17 +394,17 @@ class BodyHashTests(SynchronousTestCase):
         import hashlib
 
         self.assertEqual(
-            dkim.body_hash(body, canon, "sha1", chunk_size=chunk), hashlib.sha1(_dkimpy_body(body, canon)).digest()
+            signer.body_hash(body, canon, "sha1", chunk_size=chunk), hashlib.sha1(_dkimpy_body(body, canon)).digest()
         )
 
 
 # -- signatures -------------------------------------------------------------------------------
 class ComputeSignatureTests(SynchronousTestCase):
     def request(self, bits: int = 1024, headers: Sequence[Tuple[str, str]] = HEADERS,
-                **options: object) -> dkim.SignatureRequest:
-        key = dkim.SigningKey("example.net", "dkim", "k", private_key(bits))
-        return dkim.SignatureRequest(
-            key, dkim.SigningOptions(**options), dkim.signed_headers(headers), 1764151200  # type: ignore[arg-type]
+                **options: object) -> signer.SignatureRequest:
+        key = keys.SigningKey("example.net", "dkim", "k", private_key(bits))
+        return signer.SignatureRequest(
+            key, signer.SigningOptions(**options), signer.signed_headers(headers), 1764151200  # type: ignore[arg-type]
         )
 
     def test_every_option_combination_verifies(self) -> None:
@@ -403,7 +415,7 @@ class ComputeSignatureTests(SynchronousTestCase):
                     for fold in (False, True):
                         request = self.request(header_canon=header_canon, body_canon=body_canon,
                                                sign_alg=alg, fold_header=fold)
-                        value = dkim.compute_signature(request, BODY)
+                        value = signer.compute_signature(request, BODY)
                         self.assertIn("a=rsa-%s; c=%s/%s;" % (alg, header_canon, body_canon),
                                       value.replace("\n\t", " "))
                         self.assertTrue(
@@ -413,7 +425,7 @@ class ComputeSignatureTests(SynchronousTestCase):
 
     def test_single_line_format(self) -> None:
         """fold_header = no: the verified C layout on one line, h= with the original names."""
-        value = dkim.compute_signature(self.request(sign_alg="sha256", header_canon="relaxed",
+        value = signer.compute_signature(self.request(sign_alg="sha256", header_canon="relaxed",
                                                     body_canon="relaxed"), BODY)
         self.assertNotIn("\n", value)
         self.assertNotIn("\r", value)
@@ -426,17 +438,17 @@ class ComputeSignatureTests(SynchronousTestCase):
     def test_folded_format(self) -> None:
         """fold_header = yes: LF + TAB folds, no CR, no line longer than 78 characters."""
         headers = HEADERS + [("References", "<%d@example.net>" % i) for i in range(10)]
-        value = dkim.compute_signature(self.request(bits=2048, headers=headers, fold_header=True), BODY)
+        value = signer.compute_signature(self.request(bits=2048, headers=headers, fold_header=True), BODY)
         self.assertNotIn("\r", value)
-        lines = ("%s: %s" % (dkim.HEADER_NAME, value)).split("\n")
+        lines = ("%s: %s" % (signer.HEADER_NAME, value)).split("\n")
         self.assertGreater(len(lines), 5)
-        self.assertTrue(all(len(line) <= dkim.FOLD_WIDTH for line in lines), lines)
+        self.assertTrue(all(len(line) <= signer.FOLD_WIDTH for line in lines), lines)
         self.assertTrue(all(line.startswith("\t") for line in lines[1:]))
         self.assertTrue(verify(delivered(headers, value, BODY), "example.net", "dkim", private_key(2048)))
 
     def test_tampering_is_detected(self) -> None:
         """A changed signed header or body breaks the signature (the test can fail)."""
-        value = dkim.compute_signature(self.request(header_canon="relaxed", body_canon="relaxed"), BODY)
+        value = signer.compute_signature(self.request(header_canon="relaxed", body_canon="relaxed"), BODY)
         changed = [("Subject", "other") if n == "Subject" else (n, v) for n, v in HEADERS]
         self.assertFalse(verify(delivered(changed, value, BODY), "example.net", "dkim", private_key()))
         self.assertFalse(verify(delivered(HEADERS, value, BODY + b"more\r\n"), "example.net", "dkim",
@@ -448,9 +460,9 @@ class ComputeSignatureTests(SynchronousTestCase):
     def test_repeated_headers_and_non_ascii_values(self) -> None:
         """Two To headers are both signed; 8-bit header bytes survive the round trip."""
         headers = HEADERS + [("To", "second@example.org"), ("Subject", "gr\udcc3\udcbc\udcc3\udc9fe")]
-        value = dkim.compute_signature(self.request(), BODY)
+        value = signer.compute_signature(self.request(), BODY)
         self.assertIn("h=From:To:Subject:", value)
-        value = dkim.compute_signature(self.request(headers=headers), BODY)
+        value = signer.compute_signature(self.request(headers=headers), BODY)
         self.assertIn(":To:Subject;", value.replace(" b=", ";"))
         self.assertTrue(verify(delivered(headers, value, BODY), "example.net", "dkim", private_key()))
 
@@ -465,17 +477,17 @@ class SignTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1764151200)
 
-    def runtime(self, run_blocking: Callable[..., Deferred] = run_inline, **options: object) -> Runtime:
+    def deps(self, run_blocking: Callable[..., Deferred] = run_inline, **options: object) -> Deps:
         options.setdefault("sign_alg", "sha256")
         config = make_config([wildcard("*", "dkim", self.keydir)], **options)
-        return make_runtime(config, self.clock, run_blocking)
+        return make_deps(config, self.clock, run_blocking)
 
     def test_authenticated_sender_signed(self) -> None:
         """An authenticated sender's message gets a DKIM-Signature AddHeader that verifies."""
-        msg = make_message(self, self.runtime())
-        result = self.successResultOf(dkim.sign(msg))
-        self.assertEqual(result.check, "dkim")
-        self.assertEqual(result.log, "signed")
+        msg = make_message(self)
+        result = self.successResultOf(dkim.check(msg, self.deps()))
+        self.assertEqual(result.check, Check.DKIM)
+        self.assertEqual(result.summary, "signed")
         self.assertIsNone(result.verdict)
         (edit,) = result.edits
         assert isinstance(edit, AddHeader)
@@ -485,24 +497,24 @@ class SignTests(SynchronousTestCase):
 
     def test_unauthenticated_sender_not_signed(self) -> None:
         """auth_only (default): no user, not in sign_networks: "not signed, ignored", no edit."""
-        result = self.successResultOf(dkim.sign(make_message(self, self.runtime(), user=None)))
-        self.assertEqual((result.log, result.edits), ("not signed, ignored", ()))
+        result = self.successResultOf(dkim.check(make_message(self, user=None), self.deps()))
+        self.assertEqual((result.summary, result.edits), ("not signed, ignored", ()))
 
     def test_auth_only_off_signs_everyone(self) -> None:
-        result = self.successResultOf(dkim.sign(make_message(self, self.runtime(auth_only=False), user=None)))
-        self.assertEqual(result.log, "signed")
+        result = self.successResultOf(dkim.check(make_message(self, user=None), self.deps(auth_only=False)))
+        self.assertEqual(result.summary, "signed")
 
     def test_sign_networks_client_signed(self) -> None:
         """A client in sign_networks is signed without authentication."""
         networks = NetList([ipaddress.ip_network("192.0.2.0/24")])
-        runtime = self.runtime(sign_networks=networks)
-        self.assertEqual(self.successResultOf(dkim.sign(make_message(self, runtime, user=None))).log, "signed")
-        other = make_message(self, runtime, user=None, client_address="198.51.100.1")
-        self.assertEqual(self.successResultOf(dkim.sign(other)).log, "not signed, ignored")
+        deps = self.deps(sign_networks=networks)
+        self.assertEqual(self.successResultOf(dkim.check(make_message(self, user=None), deps)).summary, "signed")
+        other = make_message(self, user=None, client_address="198.51.100.1")
+        self.assertEqual(self.successResultOf(dkim.check(other, deps)).summary, "not signed, ignored")
 
     def test_no_keyring_is_disabled(self) -> None:
-        runtime = Runtime(config=make_config([]), reactor=self.clock, run_blocking=run_inline)
-        self.assertEqual(self.successResultOf(dkim.sign(make_message(self, runtime))).log, "not signed, disabled")
+        deps = Deps(config=make_config([]), clock=self.clock, run_blocking=run_inline)
+        self.assertEqual(self.successResultOf(dkim.check(make_message(self), deps)).summary, "not signed, disabled")
 
     def test_domain_without_key_logged_and_unsigned(self) -> None:
         """A wildcard entry without a key file for the domain: the message's log names the path."""
@@ -512,27 +524,27 @@ class SignTests(SynchronousTestCase):
         observer = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        msg = make_message(self, self.runtime(), sender="carol@nokey.org")
-        result = self.successResultOf(dkim.sign(msg))
-        self.assertEqual(result.log, "not signed, ignored")
+        msg = make_message(self, sender="carol@nokey.org")
+        result = self.successResultOf(dkim.check(msg, self.deps()))
+        self.assertEqual(result.summary, "not signed, ignored")
         texts = [e for e in events if e.get("log_namespace") == "rmilter.dkim" and e.get("tag") == msg.tag]
         self.assertEqual(len(texts), 1)
         self.assertIn("nokey.org.dkim.key", texts[0]["reason"])
 
     def test_null_sender_not_signed(self) -> None:
-        result = self.successResultOf(dkim.sign(make_message(self, self.runtime(), sender="")))
-        self.assertEqual(result.log, "not signed, ignored")
+        result = self.successResultOf(dkim.check(make_message(self, sender=""), self.deps()))
+        self.assertEqual(result.summary, "not signed, ignored")
 
     def test_unusable_key_is_internal_failure(self) -> None:
         self.files.write("keys/broken.org.dkim.key", b"not a key")
-        msg = make_message(self, self.runtime(), sender="x@broken.org")
-        self.assertEqual(self.successResultOf(dkim.sign(msg)).log, "not signed, internal failure")
+        msg = make_message(self, sender="x@broken.org")
+        self.assertEqual(self.successResultOf(dkim.check(msg, self.deps())).summary, "not signed, internal failure")
 
     def test_message_without_from_not_signed(self) -> None:
         """RFC 6376 §5.4: From must be signed; without one the message stays unsigned."""
         headers = [(n, v) for n, v in HEADERS if n != "From"]
-        msg = make_message(self, self.runtime(), headers=headers)
-        self.assertEqual(self.successResultOf(dkim.sign(msg)).log, "not signed, internal failure")
+        msg = make_message(self, headers=headers)
+        self.assertEqual(self.successResultOf(dkim.check(msg, self.deps())).summary, "not signed, internal failure")
 
     def test_signature_computed_through_run_blocking(self) -> None:
         """The RSA work is handed to the thread pool: no result until that call finishes."""
@@ -543,13 +555,13 @@ class SignTests(SynchronousTestCase):
             calls.append((f, args, d))
             return d
 
-        msg = make_message(self, self.runtime(run_blocking=pool))
-        signing = dkim.sign(msg)
+        msg = make_message(self)
+        signing = dkim.check(msg, self.deps(run_blocking=pool))
         self.assertNoResult(signing)
         (f, args, d), = calls
-        self.assertIs(f, dkim.compute_signature)
+        self.assertIs(f, signer.compute_signature)
         d.callback(f(*args))
-        self.assertEqual(self.successResultOf(signing).log, "signed")
+        self.assertEqual(self.successResultOf(signing).summary, "signed")
 
     def test_signatures_at_once_limited_to_signing_slots(self) -> None:
         """At most signing_threads signatures run in the pool; the others wait their turn."""
@@ -564,41 +576,41 @@ class SignTests(SynchronousTestCase):
             most_running[0] = max(most_running[0], sum(1 for _, _, c in calls if not c.called))
             return d
 
-        runtime = self.runtime(run_blocking=pool)
-        assert runtime.dkim is not None
-        runtime.dkim.signing_slots = DeferredSemaphore(2)
-        signing = [dkim.sign(make_message(self, runtime)) for _ in range(5)]
+        deps = self.deps(run_blocking=pool)
+        assert deps.keyring is not None
+        deps.keyring.signing_slots = DeferredSemaphore(2)
+        signing = [dkim.check(make_message(self), deps) for _ in range(5)]
         self.assertEqual(len(calls), 2)
         while any(not d.called for _, _, d in calls):
             f, args, d = next(c for c in calls if not c[2].called)
             d.callback(f(*args))
         self.assertEqual((len(calls), most_running[0]), (5, 2))
-        self.assertEqual([self.successResultOf(s).log for s in signing], ["signed"] * 5)
+        self.assertEqual([self.successResultOf(s).summary for s in signing], ["signed"] * 5)
 
     def test_failure_in_the_pool_is_internal_failure(self) -> None:
         """A signing error never fails the message: "not signed, internal failure"."""
         from twisted.internet.defer import fail
 
-        msg = make_message(self, self.runtime(run_blocking=lambda f, *a: fail(RuntimeError("boom"))))
-        result = self.successResultOf(dkim.sign(msg))
-        self.assertEqual((result.log, result.edits), ("not signed, internal failure", ()))
+        msg = make_message(self)
+        result = self.successResultOf(dkim.check(msg, self.deps(run_blocking=lambda f, *a: fail(RuntimeError("boom")))))
+        self.assertEqual((result.summary, result.edits), ("not signed, internal failure", ()))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_body_spooled_to_disk_signed(self) -> None:
         """A body that went to the spool file is read back whole and signs correctly."""
         body = b"".join(b"line %d   with  spaces\r\n" % i for i in range(5000))
-        msg = make_message(self, self.runtime(), body=body, memory_limit=1000)
+        msg = make_message(self, body=body, memory_limit=1000)
         assert msg.spool is not None
         self.assertFalse(msg.spool.in_memory)
-        result = self.successResultOf(dkim.sign(msg))
+        result = self.successResultOf(dkim.check(msg, self.deps()))
         (edit,) = result.edits
         assert isinstance(edit, AddHeader)
         self.assertTrue(verify(delivered(HEADERS, edit.value, body), "example.net", "dkim", private_key()))
 
     def test_relaxed_canonicalisation_tolerates_refolding(self) -> None:
         """With header_canon = relaxed a receiver refolding headers still verifies; simple does not."""
-        relaxed = self.successResultOf(dkim.sign(make_message(self, self.runtime(header_canon="relaxed"))))
-        simple = self.successResultOf(dkim.sign(make_message(self, self.runtime())))
+        relaxed = self.successResultOf(dkim.check(make_message(self), self.deps(header_canon="relaxed")))
+        simple = self.successResultOf(dkim.check(make_message(self), self.deps()))
         refolded = [(n, re.sub(r"\s+", " ", v)) for n, v in HEADERS]
         for result, expected in ((relaxed, True), (simple, False)):
             (edit,) = result.edits

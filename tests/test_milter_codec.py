@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from rmilter import verdict as v
 from rmilter.milter import codec
 from rmilter.milter import constants as c
 from rmilter.milter.codec import (
@@ -520,100 +519,3 @@ class NegotiationTests(SynchronousTestCase):
         self.assertFalse(agreed.protocol & (c.SMFIP_SKIP | c.SMFIP_RCPT_REJ | c.SMFIP_HDR_LEADSPC | 0x7F | 0x200))
         self.assertEqual(bool(agreed.reply.macro_lists), bool(offered_actions & c.SMFIF_SETSYMLIST))
 
-
-# -- verdicts to packets ------------------------------------------------------------------------
-
-EVERY_ACTION = 0x1FF
-
-
-class VerdictPacketTests(SynchronousTestCase):
-    def packets(self, verdict: v.Verdict, *, at_eom: bool = True, actions: int = EVERY_ACTION) -> codec.VerdictPackets:
-        return codec.verdict_packets(verdict, at_eom=at_eom, actions=actions)
-
-    def test_plain_verdicts(self) -> None:
-        """CONTINUE, ACCEPT, DISCARD and bare REJECT/TEMPFAIL are one packet each."""
-        self.assertEqual(self.packets(v.CONTINUE).data, frame(b"c"))
-        self.assertEqual(self.packets(v.ACCEPT).data, frame(b"a"))
-        self.assertEqual(self.packets(v.Verdict(v.Action.DISCARD)).data, frame(b"d"))
-        self.assertEqual(self.packets(v.BARE_TEMPFAIL).data, frame(b"t"))
-        self.assertEqual(self.packets(v.Verdict(v.Action.REJECT)).data, frame(b"r"))
-
-    def test_reply_code(self) -> None:
-        """A verdict with a usable reply becomes REPLYCODE with the single line (SPEC §3.7)."""
-        self.assertEqual(self.packets(v.tempfail("Rate limit exceeded")).data,
-                         frame(b"y", b"451 4.7.1 Rate limit exceeded\0"))
-        self.assertEqual(self.packets(v.reject("Infected: Eicar")).data, frame(b"y", b"554 5.7.1 Infected: Eicar\0"))
-
-    def test_reply_text_sanitised(self) -> None:
-        """CR/LF from rspamd become spaces: the reply stays one line."""
-        data = self.packets(v.reject("bad\r\nInjected: header")).data
-        self.assertEqual(data, frame(b"y", b"554 5.7.1 bad  Injected: header\0"))
-
-    def test_unusable_reply_falls_back_to_bare_verdict(self) -> None:
-        """A reply whose class disagrees with the verdict, or empty text, gives bare r/t."""
-        wrong_class = v.Verdict(v.Action.REJECT, v.SmtpReply("451", "4.7.1", "x"))
-        self.assertEqual(self.packets(wrong_class).data, frame(b"r"))
-        empty = v.Verdict(v.Action.TEMPFAIL, v.SmtpReply("451", "4.7.1", "\r\n"))
-        self.assertEqual(self.packets(empty).data, frame(b"t"))
-
-    def test_edits_at_eom_before_the_verdict(self) -> None:
-        """Negotiated edits become modification packets, in order, then the verdict; one bytes object."""
-        verdict = v.Verdict(v.Action.ACCEPT, edits=(
-            v.AddHeader("X-Spam", "yes"),
-            v.InsertHeader(0, "DKIM-Signature", "v=1"),
-            v.ChangeHeader("Subject", 1, "***SPAM*** hi"),
-            v.AddRecipient("<trace@example.org>"),
-            v.AddRecipient("<x@example.org>", "NOTIFY=NEVER"),
-            v.DeleteRecipient("<b@example.org>"),
-            v.ChangeFrom("<new@example.org>"),
-            v.Quarantine("held"),
-        ))
-        out = self.packets(verdict)
-        self.assertEqual(out.unsent, ())
-        self.assertEqual(decode_replies(out.data), [
-            AddHeaderReply("X-Spam", "yes"),
-            InsertHeaderReply(0, "DKIM-Signature", "v=1"),
-            ChangeHeaderReply(1, "Subject", "***SPAM*** hi"),
-            AddRecipientReply("<trace@example.org>"),
-            AddRecipientParReply("<x@example.org>", "NOTIFY=NEVER"),
-            DeleteRecipientReply("<b@example.org>"),
-            ChangeFromReply("<new@example.org>"),
-            QuarantineReply("held"),
-            Accept(),
-        ])
-
-    def test_body_replacement_in_pieces(self) -> None:
-        """A new body goes out in REPLBODY pieces of at most 65535 bytes."""
-        body = b"x" * 150000
-        out = self.packets(v.Verdict(v.Action.ACCEPT, edits=(v.ReplaceBody(body),)))
-        replies = decode_replies(out.data)
-        self.assertEqual([len(r.chunk) for r in replies[:-1]], [65535, 65535, 18930])
-        self.assertEqual(b"".join(r.chunk for r in replies[:-1]), body)
-
-    def test_edits_not_negotiated_are_dropped(self) -> None:
-        """Only negotiated actions are sent; the rest come back as unsent with the reason."""
-        verdict = v.Verdict(v.Action.ACCEPT, edits=(
-            v.AddHeader("X-A", "1"), v.ChangeFrom("<n@x>"), v.AddRecipient("<r@x>", "A=B"), v.ReplaceBody(b"b"),
-        ))
-        out = self.packets(verdict, actions=c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS | c.SMFIF_ADDRCPT)
-        self.assertEqual(decode_replies(out.data), [AddHeaderReply("X-A", "1"), Accept()])
-        self.assertEqual([type(e) for e, _ in out.unsent], [v.ChangeFrom, v.AddRecipient, v.ReplaceBody])
-        self.assertIn("not negotiated", out.unsent[0][1])
-
-    def test_edits_outside_eom_are_dropped(self) -> None:
-        """Modification packets are only legal in reply to EOB (SPEC §3.8)."""
-        out = self.packets(v.Verdict(v.Action.CONTINUE, edits=(v.AddHeader("X-A", "1"),)), at_eom=False)
-        self.assertEqual(out.data, frame(b"c"))
-        self.assertEqual(len(out.unsent), 1)
-
-    def test_edits_dropped_when_not_delivered(self) -> None:
-        """A REJECT is followed by nothing: its queued edits are not sent (SPEC §5.9 allows it)."""
-        out = self.packets(v.Verdict(v.Action.REJECT, v.SmtpReply("554", "5.7.1", "no"), (v.AddHeader("X", "1"),)))
-        self.assertEqual(out.data, frame(b"y", b"554 5.7.1 no\0"))
-        self.assertEqual(len(out.unsent), 1)
-
-    def test_unencodable_edit_is_dropped(self) -> None:
-        """A header value with NUL cannot travel; it is reported, the verdict still goes out."""
-        out = self.packets(v.Verdict(v.Action.ACCEPT, edits=(v.AddHeader("X", "a\0b"), v.AddHeader("Y", "ok"))))
-        self.assertEqual(decode_replies(out.data), [AddHeaderReply("Y", "ok"), Accept()])
-        self.assertEqual(len(out.unsent), 1)

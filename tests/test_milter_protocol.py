@@ -39,6 +39,7 @@ from rmilter.milter.codec import (
 )
 from rmilter.milter.protocol import MilterFactory, MilterProtocol
 from rmilter.pipeline import Pipeline
+from rmilter.deps import Deps
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
 from rmilter.testing.fakepipeline import FakePipeline
@@ -198,7 +199,7 @@ class MessageTests(SynchronousTestCase):
     def test_eom_edits_and_verdict_in_one_write(self) -> None:
         """Modifications and the final verdict answering EOM are a single write."""
         pipeline = FakePipeline()
-        pipeline.answers["eom"] = v.Verdict(v.Action.ACCEPT, edits=(v.AddHeader("X-A", "1"), v.AddHeader("X-B", "2")))
+        pipeline.answers["eom"] = v.Verdict(v.Action.ACCEPT, edits=(v.AddHeader(name="X-A", value="1"), v.AddHeader(name="X-B", value="2")))
         h = Harness(pipeline)
         h.send(POSTFIX)
         h.take()
@@ -211,8 +212,8 @@ class MessageTests(SynchronousTestCase):
         """An MTA offering 0x15 gets no CHGFROM/DELRCPT packets, only what it can do."""
         pipeline = FakePipeline()
         pipeline.answers["eom"] = v.Verdict(v.Action.ACCEPT, edits=(
-            v.AddHeader("X-A", "1"), v.ChangeFrom("<n@x>"), v.DeleteRecipient("<b@example.org>"),
-            v.ChangeHeader("Subject", 1, "new")))
+            v.AddHeader(name="X-A", value="1"), v.ChangeFrom(address="<n@x>"), v.DeleteRecipient(address="<b@example.org>"),
+            v.ChangeHeader(name="Subject", index=1, value="new")))
         h = Harness(pipeline)
         h.send(Negotiate(6, 0x15, 0))
         h.take()
@@ -543,7 +544,7 @@ class RealPipelineTests(SynchronousTestCase):
     def test_full_message_accepted(self) -> None:
         """The real Pipeline with the default Config: a whole message ends in ACCEPT, logged once."""
         clock = Clock()
-        runtime = Runtime(config=Config(), reactor=clock, run_blocking=run_inline)
+        runtime = Runtime(Deps(config=Config(), clock=clock, run_blocking=run_inline))
         pipeline = Pipeline(lambda: runtime)
         h = Harness(pipeline)
         h.send(POSTFIX)
@@ -561,7 +562,7 @@ class RealPipelineTests(SynchronousTestCase):
 
     def test_full_message_every_step_answered(self) -> None:
         """The same with an MTA that offers no NR steps: CONTINUE for each step, ACCEPT at EOM."""
-        runtime = Runtime(config=Config(), reactor=Clock(), run_blocking=run_inline)
+        runtime = Runtime(Deps(config=Config(), clock=Clock(), run_blocking=run_inline))
         h = Harness(Pipeline(lambda: runtime))
         h.send(OLD_MTA)
         h.take()

@@ -1,6 +1,7 @@
 """The milter session state machine, driven with decoded commands and a FakePipeline (no transport)."""
 from __future__ import annotations
 
+import struct
 from typing import Any, List, Optional
 
 from hypothesis import given, settings
@@ -13,7 +14,16 @@ from rmilter.milter import codec
 from rmilter.milter import constants as c
 from rmilter.milter.codec import (
     Abort,
+    Accept,
+    AddHeaderReply,
+    AddRecipientParReply,
+    AddRecipientReply,
     Body,
+    ChangeFromReply,
+    ChangeHeaderReply,
+    DeleteRecipientReply,
+    InsertHeaderReply,
+    QuarantineReply,
     Connect,
     Data,
     EndOfHeaders,
@@ -28,7 +38,7 @@ from rmilter.milter.codec import (
     Rcpt,
     Unknown,
 )
-from rmilter.milter.session import TRANSITIONS, MilterSession, State, client_address
+from rmilter.milter.session import TRANSITIONS, MilterSession, State, VerdictPackets, client_address, verdict_packets
 from rmilter.testing.fakepipeline import FakePipeline
 
 POSTFIX = Negotiate(6, 0x1FF, 0x1FFFFF)
@@ -356,7 +366,7 @@ class VerdictTests(SynchronousTestCase):
     def test_modifications_sent_only_when_negotiated(self) -> None:
         """EOM edits go out for negotiated actions only; the verdict comes last, in the same bytes."""
         pipeline = FakePipeline()
-        pipeline.answers["eom"] = v.Verdict(v.Action.ACCEPT, edits=(v.AddHeader("X-A", "1"), v.ChangeFrom("<n@x>")))
+        pipeline.answers["eom"] = v.Verdict(v.Action.ACCEPT, edits=(v.AddHeader(name="X-A", value="1"), v.ChangeFrom(address="<n@x>")))
         session, _, _ = make_session(pipeline, offer=Negotiate(6, 0x1D, 0))
         data = feed(session, ENVELOPE + CONTENT)[-1]
         reader = codec.ReplyReader()
@@ -479,3 +489,111 @@ class UnexpectedCommandTests(SynchronousTestCase):
         finished = [id(msg) for msg, _ in pipeline.finished]
         self.assertEqual(sorted(finished), sorted(id(m) for m in pipeline.messages))
         self.assertEqual(recorder.started, recorder.finished)
+
+
+# -- the domain's verdicts as milter packets ---------------------------------------------------
+
+EVERY_ACTION = 0x1FF
+
+
+def frame(code: bytes, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload) + 1) + code + payload
+
+
+def decode_replies(data: bytes) -> list:
+    reader = codec.ReplyReader()
+    reader.receive_data(data)
+    return list(reader)
+
+
+class VerdictPacketTests(SynchronousTestCase):
+    def packets(self, verdict: v.Verdict, *, at_eom: bool = True, actions: int = EVERY_ACTION) -> VerdictPackets:
+        return verdict_packets(verdict, at_eom=at_eom, actions=actions)
+
+    def test_plain_verdicts(self) -> None:
+        """CONTINUE, ACCEPT, DISCARD and bare REJECT/TEMPFAIL are one packet each."""
+        self.assertEqual(self.packets(v.CONTINUE).data, frame(b"c"))
+        self.assertEqual(self.packets(v.ACCEPT).data, frame(b"a"))
+        self.assertEqual(self.packets(v.Verdict(v.Action.DISCARD)).data, frame(b"d"))
+        self.assertEqual(self.packets(v.BARE_TEMPFAIL).data, frame(b"t"))
+        self.assertEqual(self.packets(v.Verdict(v.Action.REJECT)).data, frame(b"r"))
+
+    def test_reply_code(self) -> None:
+        """A verdict with a usable reply becomes REPLYCODE with the single line (SPEC §3.7)."""
+        self.assertEqual(self.packets(v.tempfail("Rate limit exceeded")).data,
+                         frame(b"y", b"451 4.7.1 Rate limit exceeded\0"))
+        self.assertEqual(self.packets(v.reject("Infected: Eicar")).data, frame(b"y", b"554 5.7.1 Infected: Eicar\0"))
+
+    def test_reply_text_sanitised(self) -> None:
+        """CR/LF from rspamd become spaces: the reply stays one line."""
+        data = self.packets(v.reject("bad\r\nInjected: header")).data
+        self.assertEqual(data, frame(b"y", b"554 5.7.1 bad  Injected: header\0"))
+
+    def test_unusable_reply_falls_back_to_bare_verdict(self) -> None:
+        """A reply whose class disagrees with the verdict, or empty text, gives bare r/t."""
+        wrong_class = v.Verdict(v.Action.REJECT, v.SmtpReply("451", "4.7.1", "x"))
+        self.assertEqual(self.packets(wrong_class).data, frame(b"r"))
+        empty = v.Verdict(v.Action.TEMPFAIL, v.SmtpReply("451", "4.7.1", "\r\n"))
+        self.assertEqual(self.packets(empty).data, frame(b"t"))
+
+    def test_edits_at_eom_before_the_verdict(self) -> None:
+        """Negotiated edits become modification packets, in order, then the verdict; one bytes object."""
+        verdict = v.Verdict(v.Action.ACCEPT, edits=(
+            v.AddHeader(name="X-Spam", value="yes"),
+            v.InsertHeader(index=0, name="DKIM-Signature", value="v=1"),
+            v.ChangeHeader(name="Subject", index=1, value="***SPAM*** hi"),
+            v.AddRecipient(address="<trace@example.org>"),
+            v.AddRecipient(address="<x@example.org>", esmtp_args="NOTIFY=NEVER"),
+            v.DeleteRecipient(address="<b@example.org>"),
+            v.ChangeFrom(address="<new@example.org>"),
+            v.Quarantine(reason="held"),
+        ))
+        out = self.packets(verdict)
+        self.assertEqual(out.unsent, ())
+        self.assertEqual(decode_replies(out.data), [
+            AddHeaderReply("X-Spam", "yes"),
+            InsertHeaderReply(0, "DKIM-Signature", "v=1"),
+            ChangeHeaderReply(1, "Subject", "***SPAM*** hi"),
+            AddRecipientReply("<trace@example.org>"),
+            AddRecipientParReply("<x@example.org>", "NOTIFY=NEVER"),
+            DeleteRecipientReply("<b@example.org>"),
+            ChangeFromReply("<new@example.org>"),
+            QuarantineReply("held"),
+            Accept(),
+        ])
+
+    def test_body_replacement_in_pieces(self) -> None:
+        """A new body goes out in REPLBODY pieces of at most 65535 bytes."""
+        body = b"x" * 150000
+        out = self.packets(v.Verdict(v.Action.ACCEPT, edits=(v.ReplaceBody(data=body),)))
+        replies = decode_replies(out.data)
+        self.assertEqual([len(r.chunk) for r in replies[:-1]], [65535, 65535, 18930])
+        self.assertEqual(b"".join(r.chunk for r in replies[:-1]), body)
+
+    def test_edits_not_negotiated_are_dropped(self) -> None:
+        """Only negotiated actions are sent; the rest come back as unsent with the reason."""
+        verdict = v.Verdict(v.Action.ACCEPT, edits=(
+            v.AddHeader(name="X-A", value="1"), v.ChangeFrom(address="<n@x>"), v.AddRecipient(address="<r@x>", esmtp_args="A=B"), v.ReplaceBody(data=b"b"),
+        ))
+        out = self.packets(verdict, actions=c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS | c.SMFIF_ADDRCPT)
+        self.assertEqual(decode_replies(out.data), [AddHeaderReply("X-A", "1"), Accept()])
+        self.assertEqual([type(e) for e, _ in out.unsent], [v.ChangeFrom, v.AddRecipient, v.ReplaceBody])
+        self.assertIn("not negotiated", out.unsent[0][1])
+
+    def test_edits_outside_eom_are_dropped(self) -> None:
+        """Modification packets are only legal in reply to EOB (SPEC §3.8)."""
+        out = self.packets(v.Verdict(v.Action.CONTINUE, edits=(v.AddHeader(name="X-A", value="1"),)), at_eom=False)
+        self.assertEqual(out.data, frame(b"c"))
+        self.assertEqual(len(out.unsent), 1)
+
+    def test_edits_dropped_when_not_delivered(self) -> None:
+        """A REJECT is followed by nothing: its queued edits are not sent (SPEC §5.9 allows it)."""
+        out = self.packets(v.Verdict(v.Action.REJECT, v.SmtpReply("554", "5.7.1", "no"), (v.AddHeader(name="X", value="1"),)))
+        self.assertEqual(out.data, frame(b"y", b"554 5.7.1 no\0"))
+        self.assertEqual(len(out.unsent), 1)
+
+    def test_unencodable_edit_is_dropped(self) -> None:
+        """A header value with NUL cannot travel; it is reported, the verdict still goes out."""
+        out = self.packets(v.Verdict(v.Action.ACCEPT, edits=(v.AddHeader(name="X", value="a\0b"), v.AddHeader(name="Y", value="ok"))))
+        self.assertEqual(decode_replies(out.data), [AddHeaderReply("Y", "ok"), Accept()])
+        self.assertEqual(len(out.unsent), 1)

@@ -142,9 +142,9 @@ class AgainstRmilterTests(SynchronousTestCase):
         """Every modification before the final reply is in the result, by kind."""
         pipeline = FakePipeline()
         pipeline.answers["eom"] = v.Verdict(v.Action.ACCEPT, edits=(
-            v.AddHeader("X-Spam", "yes"), v.InsertHeader(0, "DKIM-Signature", "v=1"),
-            v.ChangeHeader("Subject", 1, "new"), v.AddRecipient("<t@x>"), v.DeleteRecipient("<b@x>"),
-            v.ChangeFrom("<n@x>"), v.ReplaceBody(b"new body"), v.Quarantine("held")))
+            v.AddHeader(name="X-Spam", value="yes"), v.InsertHeader(index=0, name="DKIM-Signature", value="v=1"),
+            v.ChangeHeader(name="Subject", index=1, value="new"), v.AddRecipient(address="<t@x>"), v.DeleteRecipient(address="<b@x>"),
+            v.ChangeFrom(address="<n@x>"), v.ReplaceBody(data=b"new body"), v.Quarantine(reason="held")))
         setup, _ = rmilter_setup(pipeline)
         result = setup.run(setup.client.send_message())
         self.assertEqual(result.added_headers, [("X-Spam", "yes")])

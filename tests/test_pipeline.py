@@ -6,11 +6,12 @@ import ipaddress
 import tempfile
 from typing import Any, List, Optional
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from rmilter.checks import copies, dkim, greylist, ratelimit, replies, spam, virus
-from rmilter.checks.spam import SpamOutcome
+from rmilter.checks import trace
+from rmilter.checks.replies import reply_ids
 from rmilter.config.schema import (
     ClamavConfig,
     Config,
@@ -23,13 +24,15 @@ from rmilter.config.schema import (
     SpamdConfig,
     Bucket,
 )
-from rmilter.context import ConnectionContext
+from rmilter.context import ConnectionContext, MessageContext
+from rmilter.deps import Deps
 from rmilter.netlist import NetList, RecipientList
-from rmilter.pipeline import Pipeline
+from rmilter.pipeline import Checks, Pipeline
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
+from rmilter.summary import summary_event
+from rmilter.verdict import Action, AddHeader, Check, CheckResult, reject, tempfail
 from tests.pipeline_support import send_until_eom
-from rmilter.verdict import Action, AddHeader, CheckResult, reject, tempfail
 
 SPAMD = (ServerSpec("rspamd", host="127.0.0.1", port=11333),)
 CLAMD = (ServerSpec("clamd", host="127.0.0.1", port=3310),)
@@ -43,25 +46,32 @@ def make_config(**sections: Any) -> Config:
 
 
 class Recorder:
-    """Replaces the check entry points and records what the pipeline asked for."""
+    """Check entry points that record what the pipeline asked for and answer as told.
 
-    def __init__(self, test: SynchronousTestCase) -> None:
+    ``checks`` is the ``Checks`` table to hand to the ``Pipeline``: no module is patched.
+    """
+
+    def __init__(self) -> None:
         self.calls: List[tuple] = []
-        self.spam = SpamOutcome(CheckResult("spam", "no spam"))
-        self.virus = CheckResult("virus", "clean")
-        self.grey = CheckResult("greylist", "new record", edits=(AddHeader("X-Rmilter-Greylist", "n"),))
-        self.rate: Optional[Any] = None
+        self.spam = CheckResult(Check.SPAM, "no spam", details={"spam_action": "no action"})
+        self.virus = CheckResult(Check.VIRUS, "clean")
+        self.grey = CheckResult(Check.GREYLIST, "new record",
+                                edits=(AddHeader(name="X-Rmilter-Greylist", value="n"),))
+        self.rate = CheckResult(Check.RATELIMIT, "within limits")
         self.reply_hit: Optional[str] = None
-        test.patch(spam, "scan", self.scan_spam)
-        test.patch(virus, "scan", self.scan_virus)
-        test.patch(greylist, "check", self.check_grey)
-        test.patch(ratelimit, "check", self.check_rate)
-        test.patch(ratelimit, "update", lambda msg: self.record("rate_update") or succeed(None))
-        test.patch(dkim, "sign", lambda msg: self.record("dkim") or succeed(CheckResult("dkim", "signed", edits=(AddHeader("DKIM-Signature", "sig"),))))
-        test.patch(copies, "publish", lambda msg, kind: self.record("publish", kind) or succeed(None))
-        test.patch(replies, "lookup", lambda msg, ids: self.record("reply_lookup", tuple(ids)))
-        test.patch(replies, "settle", self.settle)
-        test.patch(replies, "remember", lambda msg: self.record("remember"))
+        self.checks = Checks(
+            ratelimit=self.check_rate,
+            ratelimit_record=self.answer("rate_update", CheckResult(Check.RATELIMIT, "counted")),
+            greylist=self.check_grey,
+            replies=self.check_replies,
+            replies_record=self.answer("remember", CheckResult(Check.REPLIES, "message id stored")),
+            spam=self.scan_spam,
+            virus=self.scan_virus,
+            copies=self.publish,
+            dkim=self.answer("dkim", CheckResult(Check.DKIM, "signed",
+                                                 edits=(AddHeader(name="DKIM-Signature", value="sig"),))),
+            trace=trace.check,
+        )
 
     def record(self, *call: Any) -> None:
         self.calls.append(call)
@@ -69,44 +79,56 @@ class Recorder:
     def names(self) -> List[str]:
         return [c[0] for c in self.calls]
 
-    def scan_spam(self, msg, dkim_only):  # type: ignore[no-untyped-def]
+    def answer(self, name: str, result: CheckResult):  # type: ignore[no-untyped-def]
+        def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
+            self.record(name)
+            return succeed(result)
+
+        return check
+
+    def scan_spam(self, message, deps, *, dkim_only=False):  # type: ignore[no-untyped-def]
         self.record("spam", dkim_only)
         return succeed(self.spam)
 
-    def scan_virus(self, msg):  # type: ignore[no-untyped-def]
+    def scan_virus(self, message, deps):  # type: ignore[no-untyped-def]
         self.record("virus")
         return succeed(self.virus)
 
-    def check_grey(self, msg, with_data_hash):  # type: ignore[no-untyped-def]
-        self.record("greylist", with_data_hash)
+    def check_grey(self, message, deps, *, data_hash=False):  # type: ignore[no-untyped-def]
+        self.record("greylist", data_hash)
         return succeed(self.grey)
 
-    def check_rate(self, msg, rcpt):  # type: ignore[no-untyped-def]
-        self.record("rate_check", rcpt)
+    def check_rate(self, message, deps, *, recipient):  # type: ignore[no-untyped-def]
+        self.record("rate_check", recipient)
         return succeed(self.rate)
 
-    def settle(self, msg):  # type: ignore[no-untyped-def]
+    def publish(self, message, deps, *, kind):  # type: ignore[no-untyped-def]
+        self.record("publish", kind)
+        return succeed(CheckResult(Check.COPIES, "no %s channel" % kind, skipped=True))
+
+    def check_replies(self, message, deps):  # type: ignore[no-untyped-def]
+        self.record("reply_lookup", tuple(reply_ids(message.headers)))
         if self.reply_hit:
-            msg.reply_to_our_mail = self.reply_hit
-            msg.strict = False
-        return succeed(None)
+            return succeed(CheckResult(Check.REPLIES, "reply to our message", details={"reply_to": self.reply_hit}))
+        return succeed(CheckResult(Check.REPLIES, "not a reply to our mail"))
 
 
 class PipelineTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.rec = Recorder(self)
+        self.rec = Recorder()
 
     def run_message(self, config: Config, *, auth: Optional[str] = None, ip: Optional[str] = "192.0.2.10",
                     rcpts=("<bob@example.org>",), body: bytes = b"Hello\r\n", headers=(("Subject", "hi"),)):
-        runtime = Runtime(config, None, run_inline)
-        self.pipeline = Pipeline(lambda: runtime)
-        msg, data, eom = send_until_eom(self, self.pipeline, ip=ip, auth=auth, rcpts=rcpts, headers=headers,
+        runtime = Runtime(Deps(config=config, clock=Clock(), run_blocking=run_inline))
+        self.pipeline = Pipeline(lambda: runtime, self.rec.checks)
+        txn, data, eom = send_until_eom(self, self.pipeline, ip=ip, auth=auth, rcpts=rcpts, headers=headers,
                                         body=body)
         if eom is None:
-            return msg, data
+            return txn, data
         verdict = self.successResultOf(eom)
-        self.pipeline.finish(msg, verdict)
-        return msg, verdict
+        self.pipeline.finish(txn, verdict)
+        self.fields = summary_event(txn.message, txn.results, verdict)
+        return txn, verdict
 
 
 class PassThroughTests(PipelineTestCase):
@@ -116,9 +138,9 @@ class PassThroughTests(PipelineTestCase):
         self.assertEqual(verdict.action, Action.ACCEPT)
         self.assertNotIn("spam", self.rec.names())
         self.assertNotIn("virus", self.rec.names())
-        self.assertEqual(msg.log_fields["spam"], "skipped, no spamd servers defined")
-        self.assertEqual(msg.log_fields["virus"], "skipped, no av servers")
-        self.assertEqual(msg.queue_id, "QID1")
+        self.assertEqual(self.fields["spam"], "skipped, no spamd servers defined")
+        self.assertEqual(self.fields["virus"], "skipped, no av servers")
+        self.assertEqual(msg.message.queue_id, "QID1")
         self.assertEqual(self.pipeline.stages_needing_replies(), ("eom",))
 
     def test_trace_header(self) -> None:
@@ -131,8 +153,8 @@ class PassThroughTests(PipelineTestCase):
 
     def test_spool_holds_spec_bytes(self) -> None:
         msg, _ = self.run_message(make_config(), headers=(("Subject", "hi"),))
-        self.assertTrue(msg.spool.closed)
-        self.assertEqual(msg.spool.head.splitlines()[1:], [b"Subject: hi", b"Return-Path: <alice@example.net>",
+        self.assertTrue(msg.message.spool.closed)
+        self.assertEqual(msg.message.spool.head.splitlines()[1:], [b"Subject: hi", b"Return-Path: <alice@example.net>",
                                                           b"X-Rcpt-To: <bob@example.org>", b""])
 
 
@@ -150,7 +172,7 @@ class WhoIsScannedTests(PipelineTestCase):
         msg, _ = self.run_message(config, auth="alice")
         self.assertNotIn("spam", self.rec.names())
         self.assertIn("virus", self.rec.names())
-        self.assertEqual(msg.log_fields["spam"], "ignored, authenticated user")
+        self.assertEqual(self.fields["spam"], "ignored, authenticated user")
         self.assertFalse(msg.strict)
 
     def test_strict_auth_scans_authenticated(self) -> None:
@@ -162,8 +184,8 @@ class WhoIsScannedTests(PipelineTestCase):
         config = make_config(main=GlobalConfig(our_networks=NetList([ipaddress.ip_network("192.0.2.0/24")])),
                              spamd=SpamdConfig(servers=SPAMD))
         msg, _ = self.run_message(config)
-        self.assertEqual(msg.user, "alice@example.net")
-        self.assertFalse(msg.sasl_authenticated)
+        self.assertEqual(msg.message.user, "alice@example.net")
+        self.assertFalse(msg.message.sasl_authenticated)
         self.assertNotIn("spam", self.rec.names())
 
     def test_recipient_whitelist_needs_all_recipients(self) -> None:
@@ -171,7 +193,7 @@ class WhoIsScannedTests(PipelineTestCase):
                              spamd=SpamdConfig(servers=SPAMD), clamav=ClamavConfig(servers=CLAMD))
         msg, _ = self.run_message(config, rcpts=("<postmaster@example.org>",))
         self.assertEqual(self.rec.names().count("spam"), 0)
-        self.assertEqual(msg.log_fields["virus"], "skipped, recipient whitelist")
+        self.assertEqual(self.fields["virus"], "skipped, recipient whitelist")
         self.rec.calls.clear()
         self.run_message(config, rcpts=("<postmaster@example.org>", "<bob@example.org>"))
         self.assertIn("spam", self.rec.names())
@@ -189,8 +211,8 @@ class WhoIsScannedTests(PipelineTestCase):
                              clamav=ClamavConfig(servers=CLAMD))
         msg, verdict = self.run_message(config, body=b"x" * 100)
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["spam"], "skipped(oversized)")
-        self.assertEqual(msg.log_fields["virus"], "skipped(oversized)")
+        self.assertEqual(self.fields["spam"], "skipped(oversized)")
+        self.assertEqual(self.fields["virus"], "skipped(oversized)")
         self.assertNotIn("publish", self.rec.names())
         self.assertIn("rate_update", self.rec.names())
         self.assertIn("dkim", self.rec.names())
@@ -201,10 +223,10 @@ class WhoIsScannedTests(PipelineTestCase):
         config = make_config(spamd=SpamdConfig(servers=SPAMD))
         msg, _ = self.run_message(config, headers=(("In-Reply-To", " <orig@example.com> "),
                                                    ("References", "<a@x> <orig@example.com>")))
-        self.assertIn(("reply_lookup", ("<orig@example.com>",)), self.rec.calls)
-        self.assertIn(("reply_lookup", ("<a@x>", "<orig@example.com>")), self.rec.calls)
+        self.assertEqual([c for c in self.rec.calls if c[0] == "reply_lookup"],
+                         [("reply_lookup", ("<orig@example.com>", "<a@x>"))])
         self.assertNotIn("spam", self.rec.names())
-        self.assertEqual(msg.log_fields["spam"], "skipped, reply to our message")
+        self.assertEqual(self.fields["spam"], "skipped, reply to our message")
 
     def test_summary_line_names_the_reply(self) -> None:
         """The summary line says which of our messages a reply answers (issue 7)."""
@@ -230,9 +252,9 @@ class EomOrderTests(PipelineTestCase):
         )
 
     def test_spam_reject_wins_and_publishes_spam_copy(self) -> None:
-        self.rec.spam = SpamOutcome(CheckResult("spam", "rejected, action: reject", verdict=reject("Gtube")),
-                                    action="reject", rejected=True)
-        self.rec.virus = CheckResult("virus", "rejected, virus found", verdict=reject("Infected: X"))
+        self.rec.spam = CheckResult(Check.SPAM, "rejected, action: reject", verdict=reject("Gtube"),
+                                    details={"spam_action": "reject"})
+        self.rec.virus = CheckResult(Check.VIRUS, "rejected, virus found", verdict=reject("Infected: X"))
         msg, verdict = self.run_message(self.config())
         self.assertEqual(verdict.action, Action.REJECT)
         self.assertEqual(verdict.reply.text, "Gtube")  # type: ignore[union-attr]
@@ -240,59 +262,58 @@ class EomOrderTests(PipelineTestCase):
         self.assertNotIn(("publish", "copy"), self.rec.calls)
         self.assertNotIn("rate_update", self.rec.names())
         self.assertNotIn("dkim", self.rec.names())
-        self.assertEqual(msg.log_fields["virus"], "skipped, spam detected")
-        self.assertEqual(msg.log_fields["dkim"], "skipped, spam detected")
+        self.assertEqual(self.fields["virus"], "skipped, spam detected")
+        self.assertEqual(self.fields["dkim"], "skipped, spam detected")
 
     def test_soft_reject_names_the_reason_for_skipped_checks(self) -> None:
-        self.rec.spam = SpamOutcome(CheckResult("spam", "delayed, action: soft reject",
-                                                verdict=tempfail("Temporary failure")), action="soft reject")
+        self.rec.spam = CheckResult(Check.SPAM, "delayed, action: soft reject", verdict=tempfail("Temporary failure"),
+                                    details={"spam_action": "soft reject"})
         msg, verdict = self.run_message(self.config())
         self.assertEqual(verdict.action, Action.TEMPFAIL)
-        self.assertEqual(msg.log_fields["virus"], "skipped, spam soft reject")
-        self.assertEqual(msg.log_fields["dkim"], "skipped, spam soft reject")
+        self.assertEqual(self.fields["virus"], "skipped, spam soft reject")
+        self.assertEqual(self.fields["dkim"], "skipped, spam soft reject")
 
     def test_add_header_action_greylists_at_eom(self) -> None:
         """SPEC §5.9 4b: greylist / add header / rewrite subject are greylisted after rspamd."""
-        self.rec.spam = SpamOutcome(CheckResult("spam", "action: add header"), action="add header",
-                                    wants_greylist=True)
-        self.rec.grey = CheckResult("greylist", "greylisted", verdict=tempfail("Try again later"))
+        self.rec.spam = CheckResult(Check.SPAM, "action: add header", details={"spam_action": "add header"})
+        self.rec.grey = CheckResult(Check.GREYLIST, "greylisted", verdict=tempfail("Try again later"))
         msg, verdict = self.run_message(self.config())
         self.assertIn(("greylist", True), self.rec.calls)
         self.assertEqual(verdict.action, Action.TEMPFAIL)
-        self.assertEqual(msg.log_fields["spam"], "greylisted, action: add header")
-        self.assertEqual(msg.log_fields["virus"], "skipped, spamd greylist")
+        self.assertEqual(self.fields["spam"], "greylisted, action: add header")
+        self.assertEqual(self.fields["virus"], "skipped, spamd greylist")
 
     def test_greylist_pass_adds_header_and_continues(self) -> None:
-        self.rec.spam = SpamOutcome(CheckResult("spam", "action: greylist"), action="greylist", wants_greylist=True)
+        self.rec.spam = CheckResult(Check.SPAM, "action: greylist", details={"spam_action": "greylist"})
         _, verdict = self.run_message(self.config())
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertIn(AddHeader("X-Rmilter-Greylist", "n"), verdict.edits)
+        self.assertIn(AddHeader(name="X-Rmilter-Greylist", value="n"), verdict.edits)
 
     def test_no_eom_greylisting_for_authenticated_with_strict_auth(self) -> None:
         config = dataclasses.replace(self.config(), main=dataclasses.replace(self.config().main, strict_auth=True))
-        self.rec.spam = SpamOutcome(CheckResult("spam", "action: greylist"), action="greylist", wants_greylist=True)
+        self.rec.spam = CheckResult(Check.SPAM, "action: greylist", details={"spam_action": "greylist"})
         self.run_message(config, auth="alice")
         self.assertNotIn("greylist", self.rec.names())
 
     def test_scan_failure_with_tempfail(self) -> None:
-        self.rec.spam = SpamOutcome(CheckResult("spam_failure", "delayed, temporary fail",
-                                                verdict=tempfail("Temporary service failure."), failed=True))
+        self.rec.spam = CheckResult(Check.SPAM, "delayed, temporary fail",
+                                    verdict=tempfail("Temporary service failure."), failed=True)
         msg, verdict = self.run_message(self.config(tempfail_on_error=True))
         self.assertEqual(verdict.action, Action.TEMPFAIL)
-        self.assertEqual(msg.log_fields["virus"], "skipped, spamd tempfail")
+        self.assertEqual(self.fields["virus"], "skipped, spamd tempfail")
 
     def test_scan_failure_without_tempfail_skips_copy_keeps_virus(self) -> None:
-        self.rec.spam = SpamOutcome(CheckResult("spam", "ignored, temporary fail", failed=True))
+        self.rec.spam = CheckResult(Check.SPAM, "ignored, temporary fail", failed=True)
         _, verdict = self.run_message(self.config())
         self.assertEqual(verdict.action, Action.ACCEPT)
         self.assertNotIn(("publish", "copy"), self.rec.calls)
         self.assertIn("virus", self.rec.names())
 
     def test_virus_rejects_after_clean_spam(self) -> None:
-        self.rec.virus = CheckResult("virus", "rejected, virus found", verdict=reject("Infected: Eicar"))
+        self.rec.virus = CheckResult(Check.VIRUS, "rejected, virus found", verdict=reject("Infected: Eicar"))
         msg, verdict = self.run_message(self.config())
         self.assertEqual(verdict.reply.text, "Infected: Eicar")  # type: ignore[union-attr]
-        self.assertEqual(msg.log_fields["dkim"], "skipped, clamav virus")
+        self.assertEqual(self.fields["dkim"], "skipped, clamav virus")
         self.assertIn(("publish", "copy"), self.rec.calls)
         self.assertNotIn("rate_update", self.rec.names())
 
@@ -301,29 +322,31 @@ class EomOrderTests(PipelineTestCase):
         names = self.rec.names()
         self.assertLess(names.index("rate_update"), names.index("dkim"))
         self.assertIn("remember", names)
-        self.assertIn(AddHeader("DKIM-Signature", "sig"), verdict.edits)
+        self.assertIn(AddHeader(name="DKIM-Signature", value="sig"), verdict.edits)
 
 
 class EarlyStageTests(PipelineTestCase):
     def test_rate_limit_at_rcpt_drops_recipient(self) -> None:
         config = make_config(redis=RedisConfig(servers_limits=REDIS), limits=LimitsConfig(limit_to=Bucket(1, 1.0)))
-        self.rec.rate = tempfail("Rate limit exceeded")
-        runtime = Runtime(config, None, run_inline)
-        pipeline = Pipeline(lambda: runtime)
+        self.rec.rate = CheckResult(Check.RATELIMIT, "rate limit exceeded", verdict=tempfail("Rate limit exceeded"))
+        runtime = Runtime(Deps(config=config, clock=Clock(), run_blocking=run_inline))
+        pipeline = Pipeline(lambda: runtime, self.rec.checks)
         conn = ConnectionContext(family="4", client_address="192.0.2.1")
         msg, _ = pipeline.mail(conn, ["<a@b>"])
         verdict = self.successResultOf(pipeline.rcpt(msg, ["<c@d>"]))
         self.assertEqual(verdict.reply.text, "Rate limit exceeded")  # type: ignore[union-attr]
-        self.assertEqual(msg.recipients, [])
+        self.assertEqual(msg.message.recipients, [])
+        self.assertEqual(self.rec.calls, [("rate_check", "<c@d>")])
         self.assertEqual(pipeline.stages_needing_replies(), ("eom", "rcpt"))
 
     def test_greylisting_at_data_when_rspamd_does_not_decide(self) -> None:
         config = make_config(spamd=SpamdConfig(spamd_greylist=False), redis=RedisConfig(servers_grey=REDIS))
-        self.rec.grey = CheckResult("greylist", "new", verdict=tempfail("Try again later"))
+        self.rec.grey = CheckResult(Check.GREYLIST, "new", verdict=tempfail("Try again later"))
         msg, verdict = self.run_message(config)
         self.assertEqual(verdict.action, Action.TEMPFAIL)
         self.assertIn(("greylist", False), self.rec.calls)
-        self.assertIn("data", Pipeline(lambda: Runtime(config, None, run_inline)).stages_needing_replies())
+        runtime = Runtime(Deps(config=config, clock=Clock(), run_blocking=run_inline))
+        self.assertIn("data", Pipeline(lambda: runtime).stages_needing_replies())
 
     def test_no_data_greylisting_for_authenticated_or_unknown_ip(self) -> None:
         config = make_config(spamd=SpamdConfig(spamd_greylist=False), redis=RedisConfig(servers_grey=REDIS))

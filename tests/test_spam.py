@@ -13,11 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter.backends.rspamd import RspamdClient, ScanReply, ScanResult, Symbol
 from rmilter.checks import spam
-from rmilter.checks.spam import SpamOutcome, scan_log_line, spamd_result
+from rmilter.checks.spam import scan_log_line, spamd_result
 from rmilter.config.schema import Config, GlobalConfig, ServerSpec, SpamdConfig
 from rmilter.context import ConnectionContext, MessageContext, Recipient
 from rmilter.netlist import RecipientList
-from rmilter.runtime import Runtime
+from rmilter.deps import Deps
 from rmilter.spool import run_inline, spool_head
 from rmilter.testing.fake_rspamd import (
     HANG,
@@ -29,6 +29,8 @@ from rmilter.testing.fake_rspamd import (
 )
 from rmilter.verdict import (
     Action,
+    Check,
+    CheckResult,
     AddHeader,
     AddRecipient,
     ChangeFrom,
@@ -45,6 +47,15 @@ R2 = ServerSpec("r2", host="127.0.0.2", port=11333)
 ALSO = ServerSpec("also", host="127.0.0.3", port=11333)
 HEADERS = (("From", "Alice <alice@example.net>"), ("Subject", "hello world"), ("X-Spam", "maybe"),
            ("Received", "one"), ("Received", "two"), ("Received", "three"))
+
+
+class Outcome:
+    """A scan's CheckResult with what the pipeline reads from it (``spam.rejected`` and friends)."""
+
+    def __init__(self, result: CheckResult) -> None:
+        self.result = result
+        self.rejected = spam.rejected(result)
+        self.wants_greylist = spam.wants_greylist(result)
 
 
 class SpamTestCase(SynchronousTestCase):
@@ -66,11 +77,12 @@ class SpamTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.fakes = getattr(self, "fakes", None) or FakeRspamdCluster(
             {s.name: FakeRspamd() for s in tuple(spamd.servers) + tuple(spamd.also_check)})
-        runtime = Runtime(config, self.clock, run_inline)
-        runtime.rspamd = RspamdClient(spamd, self.clock, connector_for=self.fakes.connector_for, rng=random.Random(3))
+        self.deps = Deps(config=config, clock=self.clock, run_blocking=run_inline,
+                         rspamd=RspamdClient(spamd, self.clock, connector_for=self.fakes.connector_for,
+                                             rng=random.Random(3)))
         conn = ConnectionContext(hostname="mail.example.net", family="4", client_address="192.0.2.10",
                                  helo="helo.example.net", daemon_name="mx.example.org")
-        msg = MessageContext(connection=conn, runtime=runtime, tag="0123456789")
+        msg = MessageContext(connection=conn, tag="0123456789")
         msg.set_sender("<alice@example.net>", "alice@example.net")
         msg.user = user
         msg.sasl_authenticated = user is not None
@@ -79,7 +91,7 @@ class SpamTestCase(SynchronousTestCase):
         subjects = [v for n, v in headers if n.lower() == "subject"]
         msg.subject = subjects[-1] if subjects else None
         msg.queue_id = "4ABCDEF"
-        msg.spool = runtime.new_spool()
+        msg.spool = self.deps.new_spool()
         self.addCleanup(msg.spool.close)
         msg.spool.set_head(spool_head(helo=conn.helo, hostname=conn.hostname, client_address="192.0.2.10",
                                       tag=msg.tag, headers=msg.headers, has_return_path=False,
@@ -89,10 +101,10 @@ class SpamTestCase(SynchronousTestCase):
         return msg
 
     def outcome(self, reply: Any, spamd: Optional[SpamdConfig] = None, *, dkim_only: bool = False,
-                **message: Any) -> SpamOutcome:
+                **message: Any) -> "Outcome":
         self.fakes = FakeRspamdCluster({"r1": FakeRspamd(reply)})
         self.msg = self.make_message(spamd, **message)
-        return self.successResultOf(spam.scan(self.msg, dkim_only))
+        return Outcome(self.successResultOf(spam.check(self.msg, self.deps, dkim_only=dkim_only)))
 
 
 class ActionTests(SpamTestCase):
@@ -103,8 +115,8 @@ class ActionTests(SpamTestCase):
         self.assertEqual(out.result.verdict.action, Action.REJECT)
         self.assertTrue(out.rejected)
         self.assertFalse(out.wants_greylist)
-        self.assertEqual(out.result.log, "rejected, action: reject")
-        self.assertEqual(out.result.check, "spam")
+        self.assertEqual(out.result.summary, "rejected, action: reject")
+        self.assertEqual(out.result.check, Check.SPAM)
         self.assertFalse(out.result.failed)
 
     def test_reject_without_message_uses_reject_message(self) -> None:
@@ -128,15 +140,15 @@ class ActionTests(SpamTestCase):
         out = self.outcome(checkv2_reply(action="reject"), SpamdConfig(spamd_never_reject=True))
         self.assertIsNone(out.result.verdict)
         self.assertTrue(out.rejected)  # the spam copy still happens (SPEC §6.5)
-        self.assertEqual(out.result.edits, (ChangeHeader("X-Spam", 1, "yes"),))
-        self.assertEqual(out.result.log, "add header, action: reject")
+        self.assertEqual(out.result.edits, (ChangeHeader(name="X-Spam", index=1, value="yes"),))
+        self.assertEqual(out.result.summary, "add header, action: reject")
 
     def test_soft_reject(self) -> None:
         """soft reject -> 451 4.7.1 with Rspamd's message, else "Temporary failure"."""
         out = self.outcome(checkv2_reply(action="soft reject", smtp_message="harness forced soft reject"))
         self.assertEqual(reply_line(Action.TEMPFAIL, out.result.verdict.reply),
                          "451 4.7.1 harness forced soft reject")
-        self.assertEqual(out.result.log, "delayed, action: soft reject")
+        self.assertEqual(out.result.summary, "delayed, action: soft reject")
         out = self.outcome(checkv2_reply(action="soft reject"))
         self.assertEqual(reply_line(Action.TEMPFAIL, out.result.verdict.reply), "451 4.7.1 Temporary failure")
 
@@ -148,21 +160,21 @@ class ActionTests(SpamTestCase):
     def test_add_header_marks(self) -> None:
         out = self.outcome(checkv2_reply(action="add header", score=6.5))
         self.assertIsNone(out.result.verdict)
-        self.assertEqual(out.result.edits, (ChangeHeader("X-Spam", 1, "yes"),))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="X-Spam", index=1, value="yes"),))
         self.assertTrue(out.wants_greylist)
-        self.assertEqual(out.result.log, "action: add header")
+        self.assertEqual(out.result.summary, "action: add header")
 
     def test_custom_spam_header(self) -> None:
         out = self.outcome(checkv2_reply(action="add header"),
                            SpamdConfig(spam_header="X-Spam-Flag", spam_header_value="YES"))
-        self.assertEqual(out.result.edits, (ChangeHeader("X-Spam-Flag", 1, "YES"),))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="X-Spam-Flag", index=1, value="YES"),))
 
     def test_rspamd_spam_header_for_add_header(self) -> None:
         """milter.spam_header: a string replaces the value, an object the whole headers."""
         out = self.outcome(checkv2_reply(action="add header", milter={"spam_header": "Yes, 7.0"}))
-        self.assertEqual(out.result.edits, (ChangeHeader("X-Spam", 1, "Yes, 7.0"),))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="X-Spam", index=1, value="Yes, 7.0"),))
         out = self.outcome(checkv2_reply(action="add header", milter={"spam_header": {"X-Junk": "1"}}))
-        self.assertEqual(out.result.edits, (ChangeHeader("X-Junk", 1, "1"),))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="X-Junk", index=1, value="1"),))
 
     def test_no_mark_for_authenticated_with_spam_no_auth_header(self) -> None:
         spamd = SpamdConfig(spam_no_auth_header=True)
@@ -173,30 +185,30 @@ class ActionTests(SpamTestCase):
                            main=GlobalConfig(strict_auth=True), user="alice")
         self.assertEqual(out.result.edits, ())
         out = self.outcome(checkv2_reply(action="add header"), spamd)
-        self.assertEqual(out.result.edits, (ChangeHeader("X-Spam", 1, "yes"),))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="X-Spam", index=1, value="yes"),))
 
     def test_rewrite_subject_with_rspamd_subject(self) -> None:
         out = self.outcome(checkv2_reply(action="rewrite subject", subject="*** SPAM *** hello world"))
-        self.assertEqual(out.result.edits, (ChangeHeader("X-Spam", 1, "yes"),
-                                            ChangeHeader("Subject", 1, "*** SPAM *** hello world")))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="X-Spam", index=1, value="yes"),
+                                            ChangeHeader(name="Subject", index=1, value="*** SPAM *** hello world")))
         self.assertTrue(out.wants_greylist)
-        self.assertEqual(out.result.log, "action: rewrite subject")
+        self.assertEqual(out.result.summary, "action: rewrite subject")
 
     def test_rewrite_subject_without_rspamd_subject(self) -> None:
         """B15: the whole original subject after ``***SPAM***``; ``***SPAM***`` without Subject."""
         out = self.outcome(checkv2_reply(action="rewrite subject"), SpamdConfig(spamd_spam_add_header=False))
-        self.assertEqual(out.result.edits, (ChangeHeader("Subject", 1, "***SPAM*** hello world"),))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="Subject", index=1, value="***SPAM*** hello world"),))
         out = self.outcome(checkv2_reply(action="rewrite subject"), SpamdConfig(spamd_spam_add_header=False),
                            headers=(("From", "a@b"),))
-        self.assertEqual(out.result.edits, (ChangeHeader("Subject", 1, "***SPAM***"),))
+        self.assertEqual(out.result.edits, (ChangeHeader(name="Subject", index=1, value="***SPAM***"),))
 
     def test_greylist_and_no_action_change_nothing(self) -> None:
         out = self.outcome(checkv2_reply(action="greylist", score=4.5))
         self.assertEqual((out.result.verdict, out.result.edits, out.wants_greylist), (None, (), True))
-        self.assertEqual(out.result.log, "no spam")
+        self.assertEqual(out.result.summary, "no spam")
         out = self.outcome(checkv2_reply(action="no action"))
         self.assertEqual((out.result.verdict, out.result.edits, out.wants_greylist), (None, (), False))
-        self.assertEqual(out.result.log, "no spam")
+        self.assertEqual(out.result.summary, "no spam")
 
     def test_no_action_flag(self) -> None:
         """milter.no_action: Rspamd's action is not applied."""
@@ -210,7 +222,7 @@ class ActionTests(SpamTestCase):
         self.assertEqual(out.result.verdict.action, Action.DISCARD)
         out = self.outcome(checkv2_reply(action="reject", smtp_message="held", milter={"reject": "quarantine"}))
         self.assertIsNone(out.result.verdict)
-        self.assertEqual(out.result.edits, (Quarantine("held"),))
+        self.assertEqual(out.result.edits, (Quarantine(reason="held"),))
 
     def test_legacy_reply_decides_the_same(self) -> None:
         out = self.outcome(legacy_reply(action="reject", smtp_message="old style"), SpamdConfig(protocol="legacy"))
@@ -222,45 +234,48 @@ class FailureTests(SpamTestCase):
     def test_failure_with_tempfail_on_error(self) -> None:
         """SPEC §5.9 4(a): 451 4.7.1 Temporary service failure., check spam_failure."""
         out = self.outcome(REFUSE, SpamdConfig(tempfail_on_error=True, retry_count=1))
-        self.assertEqual(out.result.check, "spam_failure")
+        self.assertEqual((out.result.check, out.result.failed), (Check.SPAM, True))
         self.assertTrue(out.result.failed)
         self.assertEqual(reply_line(Action.TEMPFAIL, out.result.verdict.reply),
                          "451 4.7.1 Temporary service failure.")
-        self.assertEqual(out.result.log, "delayed, temporary fail")
+        self.assertEqual(out.result.summary, "delayed, temporary fail")
         self.assertEqual(decide([out.result]).action, Action.TEMPFAIL)
 
     def test_failure_without_tempfail_on_error(self) -> None:
         out = self.outcome(REFUSE, SpamdConfig(retry_count=1))
-        self.assertEqual((out.result.check, out.result.failed, out.result.verdict), ("spam", True, None))
-        self.assertEqual(out.result.log, "ignored, temporary fail")
+        self.assertEqual((out.result.check, out.result.failed, out.result.verdict), (Check.SPAM, True, None))
+        self.assertEqual(out.result.summary, "ignored, temporary fail")
         self.assertEqual(decide([out.result]).action, Action.ACCEPT)
 
     def test_failure_after_retries_waits_without_blocking(self) -> None:
         self.fakes = FakeRspamdCluster({"r1": FakeRspamd(REFUSE)})
         msg = self.make_message(SpamdConfig(retry_count=3, retry_timeout=2.0, tempfail_on_error=True))
-        d = spam.scan(msg, False)
+        d = spam.check(msg, self.deps)
         self.assertNoResult(d)
         self.clock.advance(2.0)
         self.assertNoResult(d)
         self.clock.advance(2.0)
-        self.assertEqual(self.successResultOf(d).result.check, "spam_failure")
+        result = self.successResultOf(d)
+        self.assertEqual((result.check, result.failed), (Check.SPAM, True))
+        self.assertIsNotNone(result.verdict)
         self.assertEqual((len(self.fakes["r1"].requests), self.fakes["r1"].refused), (0, 3))
 
     def test_slow_scan_still_gives_rspamd_verdict(self) -> None:
         """A scan slower than usual (but within the deadline) ends with Rspamd's verdict."""
         self.fakes = FakeRspamdCluster({"r1": FakeRspamd(HANG)})
         msg = self.make_message(SpamdConfig(results_timeout=20.0))
-        d = spam.scan(msg, False)
+        d = spam.check(msg, self.deps)
         self.clock.advance(15.0)
         self.assertNoResult(d)
         self.fakes["r1"].release(checkv2_reply(action="reject", smtp_message="slow but sure"))
-        out = self.successResultOf(d)
+        out = Outcome(self.successResultOf(d))
         self.assertEqual(out.result.verdict.reply.text, "slow but sure")
 
     def test_no_client(self) -> None:
         msg = self.make_message()
-        msg.runtime.rspamd = None
-        self.assertEqual(self.successResultOf(spam.scan(msg, False)).result.log, "skipped, no spamd servers defined")
+        no_servers = dataclasses.replace(self.deps, rspamd=None)
+        result = self.successResultOf(spam.check(msg, no_servers))
+        self.assertEqual((result.summary, result.skipped), ("skipped, no spamd servers defined", True))
 
 
 class ExtendedHeaderTests(SpamTestCase):
@@ -289,14 +304,14 @@ class ExtendedHeaderTests(SpamTestCase):
         self.fakes = FakeRspamdCluster({"r1": FakeRspamd()})
         self.fakes["r1"].answer_next(REFUSE, reply)
         msg = self.make_message(SpamdConfig(extended_spam_headers=True, retry_timeout=1.25))
-        d = spam.scan(msg, False)
+        d = spam.check(msg, self.deps)
         self.clock.advance(1.25)
-        out = self.successResultOf(d)
+        out = Outcome(self.successResultOf(d))
         self.assertEqual(out.result.edits, (
-            AddHeader("X-Spamd-Result", "default: False [5.50 / 15.00]\n FORGED_SENDER(5.00)[a@b, c@d]"),
-            AddHeader("X-Rspamd-Server", "r1"),
-            AddHeader("X-Rspamd-Scan-Time", "1.25"),  # retries included
-            AddHeader("X-Rspamd-Queue-ID", "4ABCDEF"),
+            AddHeader(name="X-Spamd-Result", value="default: False [5.50 / 15.00]\n FORGED_SENDER(5.00)[a@b, c@d]"),
+            AddHeader(name="X-Rspamd-Server", value="r1"),
+            AddHeader(name="X-Rspamd-Scan-Time", value="1.25"),  # retries included
+            AddHeader(name="X-Rspamd-Queue-ID", value="4ABCDEF"),
         ))
 
     def test_not_for_authenticated_senders(self) -> None:
@@ -321,22 +336,22 @@ class RequestedChangeTests(SpamTestCase):
     def test_dkim_signature_without_cr(self) -> None:
         sig = "v=1; a=rsa-sha256; d=example.com;\r\n\tb=abc"
         self.assertEqual(self.edits(checkv2_reply(dkim_signature=sig)),
-                         [AddHeader("DKIM-Signature", "v=1; a=rsa-sha256; d=example.com;\n\tb=abc")])
+                         [AddHeader(name="DKIM-Signature", value="v=1; a=rsa-sha256; d=example.com;\n\tb=abc")])
 
     def test_remove_headers(self) -> None:
         """milter.remove_headers: n >= 1 that occurrence, 0 all (last first), negative from the end."""
         edits = self.edits(checkv2_reply(milter={"remove_headers": {
             "X-Spam": 1, "Received": 0, "X-Missing": 0, "X-Absent": 2}}))
-        self.assertEqual(edits, [ChangeHeader("X-Spam", 1, ""), ChangeHeader("Received", 3, ""),
-                                 ChangeHeader("Received", 2, ""), ChangeHeader("Received", 1, "")])
+        self.assertEqual(edits, [ChangeHeader(name="X-Spam", index=1, value=""), ChangeHeader(name="Received", index=3, value=""),
+                                 ChangeHeader(name="Received", index=2, value=""), ChangeHeader(name="Received", index=1, value="")])
         edits = self.edits(checkv2_reply(milter={"remove_headers": {"received": -1}}))
-        self.assertEqual(edits, [ChangeHeader("received", 3, "")])
+        self.assertEqual(edits, [ChangeHeader(name="received", index=3, value="")])
         edits = self.edits(checkv2_reply(milter={"remove_headers": {"Received": -3, "X-Spam": -2}}))
-        self.assertEqual(edits, [ChangeHeader("Received", 1, "")])
+        self.assertEqual(edits, [ChangeHeader(name="Received", index=1, value="")])
 
     def test_legacy_block_removes_positive_indexes_only(self) -> None:
         edits = self.edits(legacy_reply(rmilter={"remove_headers": {"X-Spam": 1, "Received": 0, "From": -1}}))
-        self.assertEqual(edits, [ChangeHeader("X-Spam", 1, "")])
+        self.assertEqual(edits, [ChangeHeader(name="X-Spam", index=1, value="")])
 
     def test_add_headers(self) -> None:
         edits = self.edits(checkv2_reply(milter={"add_headers": {
@@ -348,33 +363,33 @@ class RequestedChangeTests(SpamTestCase):
             "X-Two": ["a", "b"],
         }}))
         self.assertEqual(edits, [
-            AddHeader("X-Spamd-Result", "default: False"),
-            InsertHeader(0, "X-First", "top"),
-            InsertHeader(5, "X-Near-End", "n"),
-            InsertHeader(0, "X-Way-Back", "w"),
-            InsertHeader(2**31 - 1, "X-Far", "f"),
-            AddHeader("X-Two", "a"),
-            AddHeader("X-Two", "b"),
+            AddHeader(name="X-Spamd-Result", value="default: False"),
+            InsertHeader(index=0, name="X-First", value="top"),
+            InsertHeader(index=5, name="X-Near-End", value="n"),
+            InsertHeader(index=0, name="X-Way-Back", value="w"),
+            InsertHeader(index=2**31 - 1, name="X-Far", value="f"),
+            AddHeader(name="X-Two", value="a"),
+            AddHeader(name="X-Two", value="b"),
         ])
 
     def test_header_injection_is_impossible(self) -> None:
         """CR/LF from Rspamd become folding; a bad name is dropped (SPEC §6.8.5)."""
         edits = self.edits(checkv2_reply(milter={"add_headers": {
             "X-Evil": "x\r\nBcc: victim@example.org", "Bad Name": "v", "Bad:Name": "v", "X-Nul": "a\0b"}}))
-        self.assertEqual(edits, [AddHeader("X-Evil", "x\n Bcc: victim@example.org"), AddHeader("X-Nul", "ab")])
+        self.assertEqual(edits, [AddHeader(name="X-Evil", value="x\n Bcc: victim@example.org"), AddHeader(name="X-Nul", value="ab")])
 
     def test_envelope_changes(self) -> None:
         edits = self.edits(checkv2_reply(milter={
             "change_from": "<bounce@example.net>", "add_rcpt": ["<archive@example.org>", "bad\r\n"],
             "del_rcpt": ["<bob@example.org>"]}))
-        self.assertEqual(edits, [ChangeFrom("<bounce@example.net>"), AddRecipient("<archive@example.org>"),
-                                 DeleteRecipient("<bob@example.org>")])
+        self.assertEqual(edits, [ChangeFrom(address="<bounce@example.net>"), AddRecipient(address="<archive@example.org>"),
+                                 DeleteRecipient(address="<bob@example.org>")])
 
     def test_trace_recipient(self) -> None:
         """SPEC §6.8.7: symbol compared up to ``(``; ADDRCPT trace_addr."""
         spamd = SpamdConfig(trace_symbol="TRACE_ME", trace_addr="<trace@example.org>")
         self.assertEqual(self.edits(checkv2_reply(symbols={"TRACE_ME(1)": 1.0}), spamd=spamd),
-                         [AddRecipient("<trace@example.org>")])
+                         [AddRecipient(address="<trace@example.org>")])
         self.assertEqual(self.edits(checkv2_reply(symbols={"OTHER": 1.0}), spamd=spamd), [])
 
     def test_edit_order(self) -> None:
@@ -399,12 +414,12 @@ class DkimOnlyTests(SpamTestCase):
         self.assertEqual(request.header("Settings"), '{"groups_enabled":["dkim"]}')
         self.assertIsNone(out.result.verdict)
         self.assertFalse(out.rejected)
-        self.assertEqual(out.result.edits, (AddHeader("DKIM-Signature", "v=1; d=example.net"),))
-        self.assertEqual(out.result.log, "dkim sign only, whitelisted")
+        self.assertEqual(out.result.edits, (AddHeader(name="DKIM-Signature", value="v=1; d=example.net"),))
+        self.assertEqual(out.result.summary, "dkim sign only, whitelisted")
 
     def test_dkim_only_failure(self) -> None:
         out = self.outcome(REFUSE, SpamdConfig(tempfail_on_error=True, retry_count=1), dkim_only=True)
-        self.assertEqual(out.result.check, "spam_failure")
+        self.assertEqual((out.result.check, out.result.failed), (Check.SPAM, True))
 
 
 class LoggingTests(SpamTestCase):
@@ -412,9 +427,9 @@ class LoggingTests(SpamTestCase):
         events: List[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.outcome(checkv2_reply(action="add header", score=6.5, required_score=15,
+        out = self.outcome(checkv2_reply(action="add header", score=6.5, required_score=15,
                                    symbols={"A": (6.0, ["x", "y"]), "B": 0.5}, message_id="<mid@example.net>"))
-        self.assertEqual(self.msg.log_fields["message_id"], "<mid@example.net>")
+        self.assertEqual(out.result.details["message_id"], "<mid@example.net>")
         lines = [e["line"] for e in events if e.get("log_namespace") == "rmilter.spam" and "line" in e]
         self.assertEqual(lines, [
             "0123456789; spamdscan: scan, time: 0.000, server: r1, metric: default: [6.500 / 15.000], "
@@ -444,10 +459,10 @@ class AlsoCheckTests(SpamTestCase):
 
         self.addCleanup(cleanup)
 
-    def run_both(self, main: Any, other: Any) -> SpamOutcome:
+    def run_both(self, main: Any, other: Any) -> Outcome:
         self.fakes = FakeRspamdCluster({"r1": FakeRspamd(main), "also": FakeRspamd(other)})
         msg = self.make_message(SpamdConfig(also_check=(ALSO,), diff_dir=self.diff_dir))
-        return self.successResultOf(spam.scan(msg, False))
+        return Outcome(self.successResultOf(spam.check(msg, self.deps)))
 
     def test_also_check_never_decides(self) -> None:
         """Both servers see the message; only the main server's action counts."""

@@ -16,7 +16,6 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter.backends.rspamd import RspamdClient
-from rmilter.checks import copies, dkim, greylist, ratelimit, replies, virus
 from rmilter.config.schema import (
     Config,
     DkimConfig,
@@ -27,13 +26,15 @@ from rmilter.config.schema import (
     SpamdConfig,
 )
 from rmilter.context import MessageContext
+from rmilter.deps import Deps
 from rmilter.netlist import NetList, RecipientList
-from rmilter.pipeline import Pipeline
-from tests.pipeline_support import send_until_eom
+from rmilter.pipeline import Checks, Pipeline
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
+from rmilter.summary import summary_event
 from rmilter.testing.fake_rspamd import FakeRspamd, FakeRspamdCluster, checkv2_reply
-from rmilter.verdict import Action, AddHeader, ChangeHeader, CheckResult, Verdict, reply_line, tempfail
+from rmilter.verdict import Action, AddHeader, ChangeHeader, Check, CheckResult, Verdict, reply_line, skipped, tempfail
+from tests.pipeline_support import send_until_eom
 
 R1 = ServerSpec("r1", host="127.0.0.1", port=11333)
 
@@ -46,21 +47,27 @@ class PipelineSpamTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.fakes = FakeRspamdCluster({"r1": FakeRspamd()})
         self.grey_calls: List[bool] = []
-        self.grey_result = CheckResult("greylist", "passed")
+        self.grey_result = CheckResult(Check.GREYLIST, "passed")
         self.published: List[str] = []
-        self.patch(virus, "scan", lambda msg: succeed(CheckResult("virus", "clean")))
-        self.patch(greylist, "check", self.check_grey)
-        self.patch(ratelimit, "check", lambda msg, rcpt: succeed(None))
-        self.patch(ratelimit, "update", lambda msg: succeed(None))
-        self.patch(dkim, "sign", lambda msg: succeed(CheckResult("dkim", "unsigned")))
-        self.patch(copies, "publish", lambda msg, kind: self.published.append(kind) or succeed(None))
-        self.patch(replies, "lookup", lambda msg, ids: None)
-        self.patch(replies, "settle", lambda msg: succeed(None))
-        self.patch(replies, "remember", lambda msg: None)
+        # the real spam check; the others answer as the tests say
+        self.checks = Checks(
+            virus=lambda message, deps: succeed(CheckResult(Check.VIRUS, "clean")),
+            greylist=self.check_grey,
+            ratelimit=lambda message, deps, *, recipient: succeed(skipped(Check.RATELIMIT, "limits inactive")),
+            ratelimit_record=lambda message, deps: succeed(skipped(Check.RATELIMIT, "limits inactive")),
+            dkim=lambda message, deps: succeed(CheckResult(Check.DKIM, "unsigned")),
+            copies=self.publish,
+            replies=lambda message, deps: succeed(skipped(Check.REPLIES, "inactive")),
+            replies_record=lambda message, deps: succeed(skipped(Check.REPLIES, "inactive")),
+        )
 
-    def check_grey(self, msg: MessageContext, with_data_hash: bool):  # type: ignore[no-untyped-def]
-        self.grey_calls.append(with_data_hash)
+    def check_grey(self, msg: MessageContext, deps: Deps, *, data_hash: bool = False):  # type: ignore[no-untyped-def]
+        self.grey_calls.append(data_hash)
         return succeed(self.grey_result)
+
+    def publish(self, msg: MessageContext, deps: Deps, *, kind: str):  # type: ignore[no-untyped-def]
+        self.published.append(kind)
+        return succeed(skipped(Check.COPIES, "recorded by the test"))
 
     def config(self, *, main: Optional[GlobalConfig] = None, spamd: Optional[SpamdConfig] = None,
                **sections: Any) -> Config:
@@ -71,16 +78,16 @@ class PipelineSpamTestCase(SynchronousTestCase):
     def run_message(self, config: Config, *, auth: Optional[str] = None, ip: str = "192.0.2.10",
                     rcpts: Sequence[str] = ("<bob@example.org>",), body: bytes = b"Hello\r\n"):
         self.clock = Clock()
-        runtime = Runtime(config, self.clock, run_inline)
-        runtime.rspamd = RspamdClient(config.spamd, self.clock, connector_for=self.fakes.connector_for,
-                                      rng=random.Random(0))
-        pipeline = Pipeline(lambda: runtime)
-        msg, _, d = send_until_eom(self, pipeline, ip=ip, auth=auth, rcpts=rcpts, body=body, helo="helo.example.net")
+        rspamd = RspamdClient(config.spamd, self.clock, connector_for=self.fakes.connector_for, rng=random.Random(0))
+        runtime = Runtime(Deps(config=config, clock=self.clock, run_blocking=run_inline, rspamd=rspamd))
+        pipeline = Pipeline(lambda: runtime, self.checks)
+        txn, _, d = send_until_eom(self, pipeline, ip=ip, auth=auth, rcpts=rcpts, body=body, helo="helo.example.net")
         assert d is not None
         self.clock.advance(0)
         verdict: Verdict = self.successResultOf(d)
-        pipeline.finish(msg, verdict)
-        return msg, verdict
+        pipeline.finish(txn, verdict)
+        self.fields = summary_event(txn.message, txn.results, verdict)
+        return txn, verdict
 
     @property
     def requests(self):  # type: ignore[no-untyped-def]
@@ -100,12 +107,12 @@ class WhoIsScannedTests(PipelineSpamTestCase):
         self.assertIsNone(request.header("User"))
         self.assertTrue(request.body.endswith(b"\r\n\r\nHello\r\n"))
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["spam"], "no spam")
+        self.assertEqual(self.fields["spam"], "no spam")
 
     def test_authenticated_sender_is_not_scanned(self) -> None:
         msg, _ = self.run_message(self.config(), auth="alice")
         self.assertEqual(self.requests, [])
-        self.assertEqual(msg.log_fields["spam"], "ignored, authenticated user")
+        self.assertEqual(self.fields["spam"], "ignored, authenticated user")
 
     def test_strict_auth_scans_authenticated_sender(self) -> None:
         self.run_message(self.config(main=GlobalConfig(strict_auth=True)), auth="alice")
@@ -121,7 +128,7 @@ class WhoIsScannedTests(PipelineSpamTestCase):
     def test_spamd_whitelist(self) -> None:
         msg, _ = self.run_message(self.config(spamd=SpamdConfig(whitelist=net("192.0.2.0/24"))))
         self.assertEqual(self.requests, [])
-        self.assertEqual(msg.log_fields["spam"], "skipped, whitelisted")
+        self.assertEqual(self.fields["spam"], "skipped, whitelisted")
         self.run_message(self.config(spamd=SpamdConfig(whitelist=net("192.0.2.0/24"))), ip="198.51.100.7")
         self.assertEqual(len(self.requests), 1)
 
@@ -138,7 +145,7 @@ class WhoIsScannedTests(PipelineSpamTestCase):
     def test_oversized_message_is_not_scanned(self) -> None:
         msg, verdict = self.run_message(self.config(main=GlobalConfig(max_size=100)), body=b"x" * 200)
         self.assertEqual(self.requests, [])
-        self.assertEqual(msg.log_fields["spam"], "skipped(oversized)")
+        self.assertEqual(self.fields["spam"], "skipped(oversized)")
         self.assertEqual(verdict.action, Action.ACCEPT)
 
     def test_dkim_only_scan_for_skipped_messages(self) -> None:
@@ -147,8 +154,8 @@ class WhoIsScannedTests(PipelineSpamTestCase):
         msg, verdict = self.run_message(self.config(dkim=DkimConfig(rspamd_sign=True)), auth="alice")
         self.assertEqual(self.requests[0].header("Settings"), '{"groups_enabled":["dkim"]}')
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertIn(AddHeader("DKIM-Signature", "v=1; d=example.net"), verdict.edits)
-        self.assertEqual(msg.log_fields["spam"], "dkim sign only, whitelisted")
+        self.assertIn(AddHeader(name="DKIM-Signature", value="v=1; d=example.net"), verdict.edits)
+        self.assertEqual(self.fields["spam"], "dkim sign only, whitelisted")
 
 
 class VerdictThroughPipelineTests(PipelineSpamTestCase):
@@ -157,13 +164,13 @@ class VerdictThroughPipelineTests(PipelineSpamTestCase):
         msg, verdict = self.run_message(self.config())
         self.assertEqual(reply_line(verdict.action, verdict.reply), "554 5.7.1 Gtube pattern")
         self.assertEqual(self.published, ["spam"])
-        self.assertEqual(msg.log_fields["virus"], "skipped, spam detected")
+        self.assertEqual(self.fields["virus"], "skipped, spam detected")
 
     def test_soft_reject(self) -> None:
         self.fakes["r1"].answer(checkv2_reply(action="soft reject", smtp_message="later"))
         msg, verdict = self.run_message(self.config())
         self.assertEqual(reply_line(verdict.action, verdict.reply), "451 4.7.1 later")
-        self.assertEqual(msg.log_fields["spam"], "delayed, action: soft reject")
+        self.assertEqual(self.fields["spam"], "delayed, action: soft reject")
 
     def test_add_header_after_passing_greylisting(self) -> None:
         """SPEC §5.9 4(b): greylist/add header/rewrite subject run EOM greylisting first."""
@@ -172,15 +179,15 @@ class VerdictThroughPipelineTests(PipelineSpamTestCase):
         _, verdict = self.run_message(config)
         self.assertEqual(self.grey_calls, [True])
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertIn(ChangeHeader("X-Spam", 1, "yes"), verdict.edits)
+        self.assertIn(ChangeHeader(name="X-Spam", index=1, value="yes"), verdict.edits)
 
     def test_greylisted_after_add_header(self) -> None:
         self.fakes["r1"].answer(checkv2_reply(action="add header"))
-        self.grey_result = CheckResult("greylist", "greylisted", verdict=tempfail("Try again later"))
+        self.grey_result = CheckResult(Check.GREYLIST, "greylisted", verdict=tempfail("Try again later"))
         config = self.config(redis=RedisConfig(servers_grey=(RedisServer("r", "127.0.0.1"),)))
         msg, verdict = self.run_message(config)
         self.assertEqual(reply_line(verdict.action, verdict.reply), "451 4.7.1 Try again later")
-        self.assertEqual(msg.log_fields["spam"], "greylisted, action: add header")
+        self.assertEqual(self.fields["spam"], "greylisted, action: add header")
 
     def test_no_greylisting_for_no_action(self) -> None:
         config = self.config(redis=RedisConfig(servers_grey=(RedisServer("r", "127.0.0.1"),)))
@@ -191,11 +198,11 @@ class VerdictThroughPipelineTests(PipelineSpamTestCase):
         self.fakes["r1"].refuse()
         msg, verdict = self.run_message(self.config(spamd=SpamdConfig(tempfail_on_error=True, retry_count=1)))
         self.assertEqual(reply_line(verdict.action, verdict.reply), "451 4.7.1 Temporary service failure.")
-        self.assertEqual(msg.log_fields["spam"], "delayed, temporary fail")
+        self.assertEqual(self.fields["spam"], "delayed, temporary fail")
 
     def test_rspamd_down_without_tempfail_on_error(self) -> None:
         self.fakes["r1"].refuse()
         msg, verdict = self.run_message(self.config(spamd=SpamdConfig(retry_count=1)))
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["spam"], "ignored, temporary fail")
+        self.assertEqual(self.fields["spam"], "ignored, temporary fail")
         self.assertEqual(self.published, [])  # no copy of unscanned mail (SPEC §6.5)

@@ -6,6 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from rmilter.verdict import (
     Action,
     AddHeader,
+    Check,
     CheckResult,
     SmtpReply,
     decide,
@@ -20,9 +21,9 @@ from rmilter.verdict import (
 class DecideTests(SynchronousTestCase):
     def test_no_demands_accepts_with_all_edits_in_order(self) -> None:
         results = [
-            CheckResult("spam", "no spam", edits=(AddHeader("X-Spamd-Result", "r"),)),
-            CheckResult("virus", "clean"),
-            CheckResult("dkim", "signed", edits=(AddHeader("DKIM-Signature", "s"),)),
+            CheckResult(Check.SPAM, "no spam", edits=(AddHeader(name="X-Spamd-Result", value="r"),)),
+            CheckResult(Check.VIRUS, "clean"),
+            CheckResult(Check.DKIM, "signed", edits=(AddHeader(name="DKIM-Signature", value="s"),)),
         ]
         verdict = decide(results)
         self.assertEqual(verdict.action, Action.ACCEPT)
@@ -30,17 +31,18 @@ class DecideTests(SynchronousTestCase):
 
     def test_spam_failure_beats_greylist_beats_spam_beats_virus(self) -> None:
         """SPEC §5.9 order: scan failure tempfail (4a), greylist (4b), spam action (4c), virus (8)."""
-        virus = CheckResult("virus", "rejected, virus found", verdict=reject("Infected: X"))
-        spam = CheckResult("spam", "rejected, action: reject", verdict=reject("spam"))
-        grey = CheckResult("greylist", "note", verdict=tempfail("Try again later"))
-        failure = CheckResult("spam_failure", "delayed, temporary fail", verdict=tempfail("Temporary service failure."))
+        virus = CheckResult(Check.VIRUS, "rejected, virus found", verdict=reject("Infected: X"))
+        spam = CheckResult(Check.SPAM, "rejected, action: reject", verdict=reject("spam"))
+        grey = CheckResult(Check.GREYLIST, "note", verdict=tempfail("Try again later"))
+        failure = CheckResult(Check.SPAM, "delayed, temporary fail", verdict=tempfail("Temporary service failure."),
+                              failed=True)
         self.assertEqual(decide([virus, spam]).reply.text, "spam")  # type: ignore[union-attr]
         self.assertEqual(decide([virus, spam, grey]).reply.text, "Try again later")  # type: ignore[union-attr]
         self.assertEqual(decide([virus, grey, failure]).reply.text, "Temporary service failure.")  # type: ignore[union-attr]
-        self.assertEqual(decide([CheckResult("dkim", "signed"), virus]).action, Action.REJECT)
+        self.assertEqual(decide([CheckResult(Check.DKIM, "signed"), virus]).action, Action.REJECT)
 
     def test_demanded_verdict_drops_edits(self) -> None:
-        verdict = decide([CheckResult("spam", "x", verdict=reject("no"), edits=(AddHeader("A", "b"),))])
+        verdict = decide([CheckResult(Check.SPAM, "x", verdict=reject("no"), edits=(AddHeader(name="A", value="b"),))])
         self.assertEqual(verdict.edits, ())
 
 

@@ -1,6 +1,7 @@
 """The virus check (SPEC §5.9 steps 7-8, §6.9, §8.4) over the in-memory clamd, alone and in the pipeline."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -10,17 +11,18 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter.backends import clamd
-from rmilter.checks import spam, virus
-from rmilter.checks.spam import SpamOutcome
+from rmilter.checks import virus
 from rmilter.config.schema import ClamavConfig, Config, GlobalConfig, ServerSpec, SpamdConfig
 from rmilter.context import ConnectionContext, MessageContext
 from rmilter.netlist import NetList, RecipientList
-from rmilter.pipeline import Pipeline
-from tests.pipeline_support import send_until_eom
+from rmilter.deps import Deps
+from rmilter.pipeline import Checks, Pipeline, Transaction
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
+from rmilter.summary import summary_event
 from rmilter.testing.fake_clamd import REFUSE, MemoryClamdNetwork, Script
-from rmilter.verdict import Action, CheckResult, SmtpReply, decide, reject
+from rmilter.verdict import Action, Check, CheckResult, SmtpReply, decide, reject
+from tests.pipeline_support import send_until_eom
 
 CLAMD = ServerSpec(name="127.0.0.1:3310", host="127.0.0.1", port=3310)
 ADDR = ("127.0.0.1", 3310)
@@ -63,18 +65,18 @@ class VirusCheckBase(SynchronousTestCase):
     def setUp(self) -> None:
         self.log = LogCapture(self)
 
-    def runtime_for(self, config: Config) -> Runtime:
+    def deps_for(self, config: Config) -> Deps:
         self.reactor = MemoryReactorClock()
         self.network = MemoryClamdNetwork(self.reactor)
-        runtime = Runtime(config, self.reactor, run_inline)
-        runtime.clamd = clamd.from_config(config, self.reactor)
-        return runtime
+        self.deps = Deps(config=config, clock=self.reactor, run_blocking=run_inline,
+                         clamd=clamd.from_config(config, self.reactor))
+        return self.deps
 
     def message(self, config: Config, body: bytes = b"Hello\r\n") -> MessageContext:
-        runtime = self.runtime_for(config)
+        deps = self.deps_for(config)
         conn = ConnectionContext(hostname="mail.example.net", family="4", client_address="192.0.2.10")
-        msg = MessageContext(connection=conn, runtime=runtime)
-        msg.spool = runtime.new_spool()
+        msg = MessageContext(connection=conn)
+        msg.spool = deps.new_spool()
         msg.spool.set_head(b"Received: from x\r\nSubject: hi\n\r\n")
         msg.spool.append(body)
         self.successResultOf(msg.spool.finish())
@@ -82,7 +84,7 @@ class VirusCheckBase(SynchronousTestCase):
         return msg
 
     def scan(self, msg: MessageContext) -> CheckResult:
-        d = virus.scan(msg)
+        d = virus.check(msg, self.deps)
         self.network.run()
         for _ in range(10):  # retries wait retry_timeout between attempts
             if d.called:
@@ -100,12 +102,12 @@ class VirusCheckTests(VirusCheckBase):
         msg = self.message(make_config())
         self.network.add(ADDR, Script.found("Harness.Eicar.Body.UNOFFICIAL"))
         result = self.scan(msg)
-        self.assertEqual((result.check, result.log, result.failed), ("virus", "rejected, virus found", False))
+        self.assertEqual((result.check, result.summary, result.failed), (Check.VIRUS, "rejected, virus found", False))
         assert result.verdict is not None
         self.assertEqual(result.verdict.action, Action.REJECT)
         self.assertEqual(result.verdict.reply, SmtpReply("554", "5.7.1", "Infected: Harness.Eicar.Body.UNOFFICIAL"))
         details = dict(result.details)
-        self.assertEqual((details["virus"], details["clamd_server"]), ("Harness.Eicar.Body.UNOFFICIAL", CLAMD.name))
+        self.assertEqual((details["virus_name"], details["clamd_server"]), ("Harness.Eicar.Body.UNOFFICIAL", CLAMD.name))
         (line,) = self.log.matching("clamscan: scan")
         self.assertRegex(line, r"^%s; clamscan: scan \d+\.\d{3}, 127\.0\.0\.1:3310, found Harness\.Eicar\.Body\.UNOFFICIAL$"
                          % msg.tag)
@@ -115,8 +117,8 @@ class VirusCheckTests(VirusCheckBase):
         msg = self.message(make_config())
         self.network.add(ADDR, Script.ok())
         result = self.scan(msg)
-        self.assertEqual((result.log, result.verdict, result.failed), ("clean", None, False))
-        self.assertIn(("clamd_server", CLAMD.name), result.details)
+        self.assertEqual((result.summary, result.verdict, result.failed), ("clean", None, False))
+        self.assertEqual(result.details["clamd_server"], CLAMD.name)
         self.assertIn("clamd_scan_time", dict(result.details))
         self.assertEqual(len(self.log.matching("clamscan: scan")), 1)
 
@@ -125,7 +127,7 @@ class VirusCheckTests(VirusCheckBase):
         msg = self.message(make_config(tempfail_on_error=True))
         self.network.add(ADDR, REFUSE)
         result = self.scan(msg)
-        self.assertEqual((result.log, result.failed), ("delayed, temporary fail", True))
+        self.assertEqual((result.summary, result.failed), ("delayed, temporary fail", True))
         assert result.verdict is not None
         self.assertEqual(result.verdict.action, Action.TEMPFAIL)
         self.assertEqual(result.verdict.reply, SmtpReply("451", "4.7.1", "Temporary service failure."))
@@ -136,7 +138,7 @@ class VirusCheckTests(VirusCheckBase):
         msg = self.message(make_config(tempfail_on_error=False))
         self.network.add(ADDR, Script.error())
         result = self.scan(msg)
-        self.assertEqual((result.log, result.verdict, result.failed), ("ignored, temporary fail", None, True))
+        self.assertEqual((result.summary, result.verdict, result.failed), ("ignored, temporary fail", None, True))
         self.assertIn("size limit", dict(result.details)["clamd_error"])
 
     def test_never_fails_on_internal_error(self) -> None:
@@ -147,9 +149,9 @@ class VirusCheckTests(VirusCheckBase):
             def scan(self, source: Any, tag: str = "") -> Deferred:
                 return fail(RuntimeError("boom"))
 
-        msg.runtime.clamd = Broken()  # type: ignore[assignment]
-        result = self.successResultOf(virus.scan(msg))
-        self.assertEqual((result.log, result.failed), ("delayed, temporary fail", True))
+        self.deps = dataclasses.replace(self.deps, clamd=Broken())
+        result = self.successResultOf(virus.check(msg, self.deps))
+        self.assertEqual((result.summary, result.failed), ("delayed, temporary fail", True))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_cancel_ends_scan_quietly(self) -> None:
@@ -157,11 +159,11 @@ class VirusCheckTests(VirusCheckBase):
         still fires with a result, without logging an error."""
         msg = self.message(make_config(tempfail_on_error=True))
         self.network.add(ADDR, Script.silence())
-        d = virus.scan(msg)
+        d = virus.check(msg, self.deps)
         self.network.run()
         d.cancel()
         result = self.successResultOf(d)
-        self.assertEqual((result.log, result.failed), ("delayed, temporary fail", True))
+        self.assertEqual((result.summary, result.failed), ("delayed, temporary fail", True))
         self.assertTrue(self.network.links[0].client_transport.disconnected)
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
@@ -169,13 +171,14 @@ class VirusCheckTests(VirusCheckBase):
     def test_no_client_is_no_av_servers(self) -> None:
         """Called without a clamd client the check reports "skipped, no av servers"."""
         msg = self.message(make_config())
-        msg.runtime.clamd = None
-        self.assertEqual(self.successResultOf(virus.scan(msg)).log, "skipped, no av servers")
+        self.deps = dataclasses.replace(self.deps, clamd=None)
+        result = self.successResultOf(virus.check(msg, self.deps))
+        self.assertEqual((result.summary, result.skipped), ("skipped, no av servers", True))
 
     def test_virus_result_wins_over_clean_spam_in_decide(self) -> None:
         """decide() orders results: a virus REJECT ends the message after a clean spam scan."""
-        verdict = decide([CheckResult("spam", "no spam"), CheckResult("virus", "rejected, virus found",
-                                                                      verdict=reject("Infected: X"))])
+        verdict = decide([CheckResult(Check.SPAM, "no spam"), CheckResult(Check.VIRUS, "rejected, virus found",
+                                                                          verdict=reject("Infected: X"))])
         self.assertEqual((verdict.action, verdict.reply), (Action.REJECT, SmtpReply("554", "5.7.1", "Infected: X")))
 
 
@@ -183,9 +186,10 @@ class PipelineVirusTests(VirusCheckBase):
     """The pipeline with the real virus check and the in-memory clamd (SPEC §5.9, §5.11)."""
 
     def run_message(self, config: Config, *, ip: str = "192.0.2.10", rcpts: Sequence[str] = ("<bob@example.org>",),
-                    body: bytes = b"Hello\r\n", settle: bool = True) -> Tuple[MessageContext, "Deferred[Any]"]:
-        runtime = self.runtime_for(config)
-        pipeline = Pipeline(lambda: runtime)
+                    body: bytes = b"Hello\r\n", settle: bool = True,
+                    checks: Checks = Checks()) -> Tuple[Transaction, "Deferred[Any]"]:
+        runtime = Runtime(self.deps_for(config))
+        pipeline = Pipeline(lambda: runtime, checks)
         msg, _, d = send_until_eom(self, pipeline, ip=ip, rcpts=rcpts, body=body)
         assert d is not None
         if settle:
@@ -197,6 +201,7 @@ class PipelineVirusTests(VirusCheckBase):
                 self.network.run()
         def finished(verdict: Any) -> Any:
             pipeline.finish(msg, verdict)
+            self.fields = summary_event(msg.message, msg.results, verdict)
             return verdict
 
         return msg, d.addCallback(finished)
@@ -208,8 +213,8 @@ class PipelineVirusTests(VirusCheckBase):
         self.network.run()
         verdict = self.successResultOf(d)
         self.assertEqual((verdict.action, verdict.reply), (Action.REJECT, SmtpReply("554", "5.7.1", "Infected: Eicar-Signature")))
-        self.assertEqual(msg.log_fields["virus"], "rejected, virus found")
-        self.assertEqual(msg.log_fields["dkim"], "skipped, clamav virus")
+        self.assertEqual(self.fields["virus"], "rejected, virus found")
+        self.assertEqual(self.fields["dkim"], "skipped, clamav virus")
         (server,) = self.network.servers(ADDR)
         self.assertTrue(bytes(server.received).endswith(b"\r\n\r\nX5O!P%@AP...\r\n"))
         (summary,) = self.log.matching("msg done")
@@ -229,7 +234,7 @@ class PipelineVirusTests(VirusCheckBase):
         self.network.run()
         verdict = self.successResultOf(d)
         self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["virus"], "clean")
+        self.assertEqual(self.fields["virus"], "clean")
 
     def test_failure_outcomes_follow_tempfail_on_error(self) -> None:
         """clamd down: TEMPFAIL 451 4.7.1 with tempfail_on_error, ACCEPT (unscanned) without."""
@@ -237,10 +242,10 @@ class PipelineVirusTests(VirusCheckBase):
         verdict = self.successResultOf(d)
         self.assertEqual((verdict.action, verdict.reply),
                          (Action.TEMPFAIL, SmtpReply("451", "4.7.1", "Temporary service failure.")))
-        self.assertEqual(msg.log_fields["virus"], "delayed, temporary fail")
+        self.assertEqual(self.fields["virus"], "delayed, temporary fail")
         msg, d = self.run_message(make_config(tempdir=self.tmp(), tempfail_on_error=False))
         self.assertEqual(self.successResultOf(d).action, Action.ACCEPT)
-        self.assertEqual(msg.log_fields["virus"], "ignored, temporary fail")
+        self.assertEqual(self.fields["virus"], "ignored, temporary fail")
 
     def test_exemptions_open_no_connection(self) -> None:
         """clamav.whitelist clients, all-whitelisted recipients and oversized messages are not scanned."""
@@ -252,21 +257,21 @@ class PipelineVirusTests(VirusCheckBase):
         for config, kwargs, expected in cases:
             msg, d = self.run_message(config, **kwargs)
             self.assertEqual(self.successResultOf(d).action, Action.ACCEPT)
-            self.assertEqual(msg.log_fields["virus"], expected)
+            self.assertEqual(self.fields["virus"], expected)
             self.assertEqual(self.network.attempts, [])
 
     def test_rspamd_and_clamd_run_concurrently(self) -> None:
         """clamd is already scanning while rspamd has not answered; decide() orders both results."""
-        pending_spam: "Deferred[SpamOutcome]" = Deferred()
-        self.patch(spam, "scan", lambda msg, dkim_only: pending_spam)
-        msg, d = self.run_message(make_config(tempdir=self.tmp(), spamd_servers=[SPAMD]), settle=False)
+        pending_spam: "Deferred[CheckResult]" = Deferred()
+        checks = Checks(spam=lambda message, deps, *, dkim_only=False: pending_spam)
+        msg, d = self.run_message(make_config(tempdir=self.tmp(), spamd_servers=[SPAMD]), settle=False, checks=checks)
         self.network.add(ADDR, Script.found("Win.Test.Virus"))
         self.network.run()
         self.assertEqual(len(self.network.attempts), 1)  # clamd connected before rspamd answered
         (server,) = self.network.servers(ADDR)
         self.assertTrue(server.replied)
         self.assertNoResult(d)
-        pending_spam.callback(SpamOutcome(CheckResult("spam", "no spam"), action="no action"))
+        pending_spam.callback(CheckResult(Check.SPAM, "no spam", details={"spam_action": "no action"}))
         verdict = self.successResultOf(d)
         self.assertEqual(verdict.reply, SmtpReply("554", "5.7.1", "Infected: Win.Test.Virus"))
-        self.assertEqual((msg.log_fields["spam"], msg.log_fields["virus"]), ("no spam", "rejected, virus found"))
+        self.assertEqual((self.fields["spam"], self.fields["virus"]), ("no spam", "rejected, virus found"))

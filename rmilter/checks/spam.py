@@ -84,6 +84,7 @@ def wants_greylist(result: CheckResult) -> bool:
     return (
         result.check is Check.SPAM
         and not result.failed
+        and not result.details.get("spam_dkim_only")
         and action_of(result) in WANTS_GREYLIST
         and not result.details.get("spam_no_action")
     )
@@ -91,7 +92,7 @@ def wants_greylist(result: CheckResult) -> bool:
 
 def rejected(result: CheckResult) -> bool:
     """Rspamd said reject (whatever ``spamd_never_reject`` made of it): the message is a spam copy."""
-    return result.check is Check.SPAM and action_of(result) == "reject"
+    return result.check is Check.SPAM and action_of(result) == "reject" and not result.details.get("spam_dkim_only")
 
 
 # -- request ------------------------------------------------------------------------------------

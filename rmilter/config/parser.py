@@ -418,6 +418,7 @@ class Parser:
             selector=fields["selector"].text,
             key=fields["key"].text,
             origin=Origin(opened.file, opened.line),
+            key_origin=Origin(fields["key"].file, fields["key"].line),
         )
         self.dkim_domains.append(domain)
         self.origins["dkim.domain"] = Origin(opened.file, opened.line)

@@ -71,6 +71,8 @@ class DkimDomain:
     key: str
     #: where the ``domain { }`` block starts (for check-config); not part of equality
     origin: Optional["Origin"] = field(default=None, compare=False)
+    #: where ``key`` was set (for errors about the key file)
+    key_origin: Optional["Origin"] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -166,8 +166,8 @@ class KeyringError(Exception):
 
 
 def _where(entry: DkimDomain) -> str:
-    """``FILE:LINE: `` of the entry's ``domain { }`` block, for errors that refuse the configuration."""
-    origin = entry.origin
+    """``FILE:LINE: `` of the entry's ``key`` (else its block), for errors that refuse the configuration."""
+    origin = entry.key_origin or entry.origin
     return "%s:%d: " % (origin.file, origin.line) if origin is not None else ""
 
 
