@@ -5,8 +5,8 @@ Outbound: every accepted message of an authenticated sender (SASL, or an
 ``servers_id`` under ``id_prefix`` + lowercase hex BLAKE2b-512 of the id, with
 TTL ``id_expire``.  Inbound: In-Reply-To and every References token (B14) are
 looked up the same way once the headers are complete, while the body arrives;
-EOM waits for the answers (each bounded by ``connect_timeout``) and a hit turns
-strict checks off.
+EOM waits for the answers (all of them bounded by one ``connect_timeout``) and a
+hit turns strict checks off.
 
 Redis trouble is a miss on lookup and a log line on store: it never delays or
 fails a message beyond ``connect_timeout`` (SPEC §6.10).
@@ -77,7 +77,7 @@ def _id_role(deps: Deps) -> Optional[Any]:
 
 
 def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
-    """Look up In-Reply-To and References ids (each GET bounded by connect_timeout); never fails.
+    """Look up In-Reply-To and References ids (all GETs bounded by one connect_timeout); never fails.
 
     The pipeline starts it once the headers are complete, so the lookups run while the
     body arrives, and waits for it at EOM.
@@ -89,12 +89,14 @@ def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
     if not ids:
         return succeed(skipped(Check.REPLIES, "no In-Reply-To or References"))
     prefix = deps.config.redis.id_prefix
+    # the GETs of one message share one deadline: together they wait at most connect_timeout
+    deadline = deps.clock.seconds() + deps.config.redis.connect_timeout
     lookups = []
     for message_id in ids:
         key = message_id_key(prefix, message_id)
         log.debug("{tag}; looking up reply id {message_id} as {key}", tag=message.tag, message_id=message_id,
                   key=key)
-        answer: "Deferred[Optional[bytes]]" = role.get(key)
+        answer: "Deferred[Optional[bytes]]" = role.get(key, deadline=deadline)
         lookups.append(answer.addCallbacks(_hit(message_id), _miss(message, message_id)))
 
     def decided(answers: List[Optional[str]]) -> CheckResult:
