@@ -14,7 +14,7 @@ fails a message beyond ``connect_timeout`` (SPEC §6.10).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
@@ -56,11 +56,27 @@ def reply_ids(headers: List[Tuple[str, str]]) -> List[str]:
     return list(dict.fromkeys(i for i in ids if i))
 
 
-def _within_budget(tag: str, ids: List[str]) -> List[str]:
-    if len(ids) <= MAX_LOOKUPS:
-        return ids
-    log.info("{tag}; {n} reply ids, only {budget} looked up", tag=tag, n=len(ids), budget=MAX_LOOKUPS)
-    return ids[:1] + ids[len(ids) - MAX_LOOKUPS + 1 :]
+def _lookup_ids(tag: str, headers: List[Tuple[str, str]]) -> List[str]:
+    """``reply_ids(headers)``, at most MAX_LOOKUPS of them.
+
+    The budget is shared header by header, in header order: a header with more new ids than
+    are left keeps its first (In-Reply-To's parent, the thread root of References) and its
+    last ones (the nearest ancestors), so an In-Reply-To before a long References does not
+    cost the thread root its lookup.
+    """
+    ids: List[str] = []
+    seen: Set[str] = set()
+    for name, value in headers:
+        wanted = [i for i in reply_ids([(name, value)]) if i not in seen]
+        if not wanted:
+            continue
+        budget = MAX_LOOKUPS - len(ids)
+        if len(wanted) > budget:
+            log.info("{tag}; {n} reply ids, only {budget} looked up", tag=tag, n=len(wanted), budget=budget)
+            wanted = (wanted[:1] + wanted[len(wanted) - budget + 1 :]) if budget > 1 else wanted[:budget]
+        ids.extend(wanted)
+        seen.update(wanted)
+    return ids
 
 
 def hit(result: CheckResult) -> Optional[str]:
@@ -85,7 +101,7 @@ def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
     role = _id_role(deps)
     if role is None:
         return succeed(skipped(Check.REPLIES, "replies check inactive"))
-    ids = _within_budget(message.tag, reply_ids(message.headers))
+    ids = _lookup_ids(message.tag, message.headers)
     if not ids:
         return succeed(skipped(Check.REPLIES, "no In-Reply-To or References"))
     prefix = deps.config.redis.id_prefix
