@@ -98,4 +98,5 @@ class FakeRedisTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(self.grey.get(b"k", deadline=now)))
         self.assertFalse(self.successResultOf(self.grey.setex(b"k", 5, b"v", deadline=now)))
         self.assertIsNone(self.successResultOf(self.grey.eval_script(COUNTER, [b"n"], [], deadline=now - 1)))
+        self.assertIsNone(self.successResultOf(self.grey.publish("copies", b"msg", deadline=now)))
         self.assertEqual(self.roles.server.commands, [])

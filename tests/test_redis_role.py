@@ -372,6 +372,7 @@ class DeadlinesTests(SynchronousTestCase):
             self.assertIsNone(self.successResultOf(role.get(b"k", deadline=deadline)))
             self.assertFalse(self.successResultOf(role.setex(b"k", 10, b"v", deadline=deadline)))
             self.assertIsNone(self.successResultOf(role.eval_script(SCRIPT, [b"k"], [], deadline=deadline)))
+            self.assertIsNone(self.successResultOf(role.publish("copies", b"msg", deadline=deadline)))
             self.assertIs(self.successResultOf(role._command(SERVERS[0], (b"GET", b"k"), deadline=deadline)),
                           redis.UNAVAILABLE)
         self.assertEqual(channel.sent, [])
