@@ -373,6 +373,20 @@ class ShardingTests(SynchronousTestCase):
         self.assertEqual(self.role.servers[0].keys(), [self.from_key])
         self.assertEqual(self.role.servers[1].command_names(), ["EVALSHA"])
 
+    def test_unanswered_shard_makes_the_check_failed(self) -> None:
+        """The first shard unreachable, the second answering: the recipient passes, the later buckets
+        are still checked, and the result is failed (the check was not carried out in full), as the
+        EOM record's is."""
+        role = ShardedRole(self.clock, {self.from_key: 0, self.ip_key: 1, self.to_key: 1})
+        roles = FakeRedisRoles(self.clock, roles=())
+        roles.limits = role  # type: ignore[assignment]
+        deps = dataclasses.replace(self.deps, redis=roles)
+        role.servers[0].reachable = False
+        result = self.successResultOf(ratelimit.check(make_message(), deps, recipient="<r@x>"))
+        self.assertEqual((result.verdict, result.failed), (None, True))
+        self.assertEqual(role.servers[1].keys(), sorted([self.ip_key, self.to_key]))
+        self.assertTrue(self.successResultOf(ratelimit.record(make_message(recipients=("<r@x>",)), deps)).failed)
+
     def test_calls_of_one_check_share_a_deadline(self) -> None:
         """Every script call of one RCPT check, and of one EOM record, has the check's deadline:
         connect_timeout after the check began, however long the earlier calls took."""
