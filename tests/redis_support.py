@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
+from rmilter.backends.redis import RedisRole, RedisRoles
 from rmilter.config.schema import (
     Config,
     GlobalConfig,
@@ -18,11 +19,13 @@ from rmilter.config.schema import (
     RedisServer,
 )
 from rmilter.context import ConnectionContext, MessageContext, Recipient
-from rmilter.runtime import Runtime
+from rmilter.deps import Deps
 from rmilter.spool import Spool, run_inline
 from rmilter.testing.fake_redis import FakeRedisRoles
 
 REDIS = (RedisServer("127.0.0.1", "127.0.0.1"),)
+#: servers for RedisRole unit tests on ScriptedChannels; SPEC §9's placement vectors use these names
+SHARDS = tuple(RedisServer("r%d" % i, "10.0.0.%d" % i) for i in range(4))
 
 #: a fixed "now" for notes and records: 2023-11-14 22:13:20 UTC
 NOW = 1700000000.25
@@ -42,25 +45,29 @@ def make_config(
     )
 
 
-def make_runtime(config: Config, clock: Optional[Clock] = None, roles: Any = None) -> Runtime:
+def make_deps(config: Config, clock: Optional[Clock] = None, roles: Optional[RedisRoles] = None) -> Deps:
+    """The checks' dependencies: ``config``, a Clock at ``NOW`` and the in-memory Redis (or ``roles``)."""
     if clock is None:
         clock = Clock()
         clock.advance(NOW)
-    runtime = Runtime(config=config, reactor=clock, run_blocking=run_inline)
-    runtime.redis = roles if roles is not None else FakeRedisRoles(clock)
-    return runtime
+    return Deps(
+        config=config,
+        clock=clock,
+        run_blocking=run_inline,
+        redis=roles if roles is not None else FakeRedisRoles(clock),
+    )
 
 
 def make_message(
-    runtime: Runtime,
     sender: str = "sender@example.net",
     ip: Optional[str] = "192.0.2.10",
     recipients: Sequence[str] = ("<rcpt@example.org>",),
     body: Optional[bytes] = None,
 ) -> MessageContext:
+    """A message from ``sender`` at client ``ip`` to ``recipients``; with ``body``, its spool."""
     family = "U" if ip is None else ("6" if ":" in ip else "4")
     conn = ConnectionContext(family=family, client_address=ip, client_port=25000)
-    msg = MessageContext(connection=conn, runtime=runtime)
+    msg = MessageContext(connection=conn)
     msg.set_sender("<%s>" % sender if sender else "<>", None)
     msg.recipients = [Recipient(r) for r in recipients]
     if body is not None:
@@ -120,6 +127,12 @@ class ChannelMaker:
         channel = ScriptedChannel(server)
         self.channels[server.name] = channel
         return channel
+
+
+def scripted_role(name: str, servers: int, config: RedisConfig, clock: Clock) -> Tuple[RedisRole, ChannelMaker]:
+    """A real RedisRole over ``servers`` of ``SHARDS``, each a ScriptedChannel (found by name in the maker)."""
+    maker = ChannelMaker()
+    return RedisRole(name, SHARDS[:servers], config, clock, maker), maker
 
 
 # -- driving a running ``twistd rmilter`` -----------------------------------------------------------

@@ -1,12 +1,15 @@
 """Greylisting (SPEC §6.2) against the in-memory Redis: keys, values, TTLs, notes, fail open."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from rmilter.backends.redis import RedisRoles
 from rmilter.checks import greylist
 from rmilter.checks.greylist import (
     GREY_STEP,
@@ -21,8 +24,8 @@ from rmilter.checks.greylist import (
 from rmilter.config.schema import GreylistingConfig, RedisConfig
 from rmilter.netlist import NetList, normalise_sender
 from rmilter.testing.fake_redis import FakeRedisRoles
-from rmilter.verdict import Action, AddHeader
-from tests.redis_support import NOW, REDIS, make_config, make_message, make_runtime
+from rmilter.verdict import Action, AddHeader, Check, CheckResult, SmtpReply
+from tests.redis_support import NOW, REDIS, make_config, make_deps, make_message, scripted_role
 
 BODY = b"Hello\r\nThis is a test\r\n"
 #: SPEC §9 greylisting vectors
@@ -91,28 +94,41 @@ class GreylistCheckTests(SynchronousTestCase):
         self.clock.advance(NOW)
         self.roles = FakeRedisRoles(self.clock)
         self.server = self.roles.server
-        self.config = make_config()
-        self.runtime = make_runtime(self.config, self.clock, self.roles)
+        self.deps = make_deps(make_config(), self.clock, self.roles)
 
-    def check(self, with_data_hash: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+    def check(self, with_data_hash: bool = False, **kwargs: Any) -> CheckResult:
         if with_data_hash:
             kwargs.setdefault("body", BODY)
-        msg = make_message(self.runtime, **kwargs)
-        return self.successResultOf(greylist.check(msg, with_data_hash))
+        msg = make_message(**kwargs)
+        result = self.successResultOf(greylist.check(msg, self.deps, data_hash=with_data_hash))
+        self.assertIs(result.check, Check.GREYLIST)
+        return result
+
+    def assertGreylisted(self, result: CheckResult) -> SmtpReply:
+        """The result tempfails the message; its reply."""
+        verdict = result.verdict
+        assert verdict is not None and verdict.reply is not None, result
+        self.assertEqual(verdict.action, Action.TEMPFAIL)
+        return verdict.reply
+
+    def configure(self, **sections: Any) -> None:
+        """Replace the configuration the next checks see."""
+        self.deps = dataclasses.replace(self.deps, config=make_config(**sections))
 
     def test_first_delivery_at_data(self) -> None:
         """A new triplet at DATA is tempfailed and one grey record (envelope) is stored with TTL expire."""
         result = self.check()
-        self.assertEqual(result.check, "greylist")
-        self.assertEqual(result.verdict.action, Action.TEMPFAIL)
-        self.assertEqual((result.verdict.reply.code, result.verdict.reply.ecode, result.verdict.reply.text),
-                         ("451", "4.7.1", "Try again later"))
+        self.assertIs(result.check, Check.GREYLIST)
+        self.assertFalse(result.failed)
+        self.assertFalse(result.skipped)
+        reply = self.assertGreylisted(result)
+        self.assertEqual((reply.code, reply.ecode, reply.text), ("451", "4.7.1", "Try again later"))
         self.assertEqual(result.edits, ())
         self.assertEqual(self.server.keys(), [ENVELOPE_KEY])
         self.assertEqual(self.server.get(ENVELOPE_KEY), encode_time(NOW))
         self.assertEqual(self.server.ttl(ENVELOPE_KEY), 86400)
         self.assertEqual(
-            result.log,
+            result.summary,
             "0 seconds passed (new record), greylisted till %s, expire at %s, type: sender, IP, recipients"
             % (local_time(NOW + 300), local_time(NOW + 86400)),
         )
@@ -127,20 +143,20 @@ class GreylistCheckTests(SynchronousTestCase):
     def test_first_delivery_at_eom_writes_two_records(self) -> None:
         """At EOM the data hash and the envelope hash each get a grey record; the note becomes a header."""
         result = self.check(with_data_hash=True)
-        self.assertEqual(result.verdict.action, Action.TEMPFAIL)
+        self.assertGreylisted(result)
         self.assertEqual(self.server.keys(), sorted([DATA_KEY, ENVELOPE_KEY]))
         self.assertEqual(self.server.ttl(DATA_KEY), 86400)
-        self.assertEqual(result.edits, (AddHeader("X-Rmilter-Greylist", result.log),))
-        self.assertTrue(result.log.endswith("type: sender, IP, recipients"), result.log)
+        self.assertEqual(result.edits, (AddHeader(name="X-Rmilter-Greylist", value=result.summary),))
+        self.assertTrue(result.summary.endswith("type: sender, IP, recipients"), result.summary)
 
     def test_retry_before_timeout(self) -> None:
         """A retry before ``timeout`` is still greylisted; the grey record is not refreshed."""
         self.check()
         self.clock.advance(120)
         result = self.check()
-        self.assertEqual(result.verdict.action, Action.TEMPFAIL)
+        self.assertGreylisted(result)
         self.assertEqual(
-            result.log,
+            result.summary,
             "120 seconds passed, greylisted till %s, expire at %s, type: sender, IP, recipients"
             % (local_time(NOW + 300), local_time(NOW + 120 + 86400)),
         )
@@ -159,7 +175,7 @@ class GreylistCheckTests(SynchronousTestCase):
         self.assertEqual(self.server.ttl(white_key), 3 * 86400)
         self.assertEqual(self.server.command_names(), ["GET", "EVALSHA", "SETEX"])
         self.assertEqual(
-            result.log,
+            result.summary,
             "Greylisted for 301 seconds, whitelisted till %s, type: sender, IP, recipients"
             % (local_time(NOW + 3 * 86400),),
         )
@@ -169,7 +185,7 @@ class GreylistCheckTests(SynchronousTestCase):
         self.assertIsNone(result.verdict)
         self.assertEqual(self.server.command_names(), ["GET"])
         self.assertEqual(
-            result.log,
+            result.summary,
             "Whitelisted till %s, type: sender, IP, recipients" % (local_time(NOW + 301 + 3 * 86400),),
         )
 
@@ -180,17 +196,17 @@ class GreylistCheckTests(SynchronousTestCase):
         self.server.clear_log()
         result = self.check(with_data_hash=True, recipients=("<other@example.org>",))
         self.assertIsNone(result.verdict)
-        self.assertTrue(result.log.endswith("type: data hash"), result.log)
+        self.assertTrue(result.summary.endswith("type: data hash"), result.summary)
         new_envelope = envelope_key("grey", "sender@example.net", "192.0.2.10", ["<other@example.org>"])
         self.assertNotIn(new_envelope, self.server.keys())
         self.assertIn(b"white" + DATA_KEY[4:], self.server.keys())
-        self.assertEqual(result.edits, (AddHeader("X-Rmilter-Greylist", result.log),))
+        self.assertEqual(result.edits, (AddHeader(name="X-Rmilter-Greylist", value=result.summary),))
 
     def test_data_white_record_does_not_end_the_check(self) -> None:
         """B21: a white data record is not final; the envelope hash decides."""
         self.server.setex(b"white" + DATA_KEY[4:], 3600, encode_time(NOW - 10))
         result = self.check(with_data_hash=True)
-        self.assertEqual(result.verdict.action, Action.TEMPFAIL)
+        self.assertGreylisted(result)
         self.assertIn(ENVELOPE_KEY, self.server.keys())
         self.assertNotIn(DATA_KEY, self.server.keys())
 
@@ -206,7 +222,7 @@ class GreylistCheckTests(SynchronousTestCase):
         """A grey key holding something else than 16 bytes counts as a miss and is rewritten."""
         self.server.setex(ENVELOPE_KEY, 86400, b"junk")
         result = self.check()
-        self.assertEqual(result.verdict.action, Action.TEMPFAIL)
+        self.assertGreylisted(result)
         self.assertEqual(self.server.get(ENVELOPE_KEY), encode_time(NOW))
 
     def test_ipv6_null_sender_key(self) -> None:
@@ -219,9 +235,7 @@ class GreylistCheckTests(SynchronousTestCase):
 
     def test_prefixes_from_config(self) -> None:
         """grey_prefix and white_prefix are prepended verbatim."""
-        self.runtime.config = make_config(
-            redis=RedisConfig(servers_grey=REDIS, grey_prefix="g:", white_prefix="w:")
-        )
+        self.configure(redis=RedisConfig(servers_grey=REDIS, grey_prefix="g:", white_prefix="w:"))
         self.check()
         self.clock.advance(400)
         self.check()
@@ -229,11 +243,11 @@ class GreylistCheckTests(SynchronousTestCase):
 
     def test_custom_message_and_times(self) -> None:
         """greylisted_message, timeout and expire come from the greylisting section."""
-        self.runtime.config = make_config(
+        self.configure(
             greylisting=GreylistingConfig(timeout=60.0, expire=600.0, expire_white=1200.0, greylisted_message="Later")
         )
         result = self.check()
-        self.assertEqual(result.verdict.reply.text, "Later")
+        self.assertEqual(self.assertGreylisted(result).text, "Later")
         self.assertEqual(self.server.ttl(ENVELOPE_KEY), 600)
         self.clock.advance(61)
         self.assertIsNone(self.check().verdict)
@@ -241,7 +255,7 @@ class GreylistCheckTests(SynchronousTestCase):
 
     def test_whitelisted_ip(self) -> None:
         """Clients in greylisting.whitelist (IPv4 and IPv6) are never greylisted and cost no Redis command."""
-        self.runtime.config = make_config(
+        self.configure(
             greylisting=GreylistingConfig(
                 whitelist=NetList([ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")])
             )
@@ -249,25 +263,39 @@ class GreylistCheckTests(SynchronousTestCase):
         for ip in ("192.0.2.10", "2001:db8::25"):
             result = self.check(ip=ip, with_data_hash=True)
             self.assertIsNone(result.verdict)
-            self.assertEqual(result.log, "Sender IP %s is whitelisted by configuration" % (ip,))
-            self.assertEqual(result.edits, (AddHeader("X-Rmilter-Greylist", result.log),))
+            self.assertFalse(result.failed)
+            self.assertEqual(result.summary, "Sender IP %s is whitelisted by configuration" % (ip,))
+            self.assertEqual(result.edits, (AddHeader(name="X-Rmilter-Greylist", value=result.summary),))
         self.assertEqual(self.server.commands, [])
-        self.assertEqual(self.check(ip="198.51.100.1").verdict.action, Action.TEMPFAIL)
+        self.assertGreylisted(self.check(ip="198.51.100.1"))
 
     def test_inactive_or_unknown_address(self) -> None:
-        """Greylisting off, or no client address: not checked, nothing sent."""
-        self.runtime.config = make_config(greylisting=GreylistingConfig(enable=False))
-        self.assertIsNone(self.check().verdict)
-        self.runtime.config = make_config()
-        result = self.check(ip=None)
+        """Greylisting off, or no client address: skipped (saying why), no header, nothing sent."""
+        self.configure(greylisting=GreylistingConfig(enable=False))
+        result = self.check(with_data_hash=True)
         self.assertIsNone(result.verdict)
+        self.assertEqual((result.skipped, result.summary), (True, "not checked, greylisting inactive"))
         self.assertEqual(result.edits, ())
+        self.configure()
+        result = self.check(ip=None, with_data_hash=True)
+        self.assertIsNone(result.verdict)
+        self.assertEqual((result.skipped, result.summary), (True, "not checked, unknown client address"))
+        self.assertEqual(result.edits, ())
+        self.assertEqual(self.server.commands, [])
+
+    def test_no_grey_role(self) -> None:
+        """Greylisting configured but no grey servers (or no Redis at all): skipped, nothing sent."""
+        for roles in (FakeRedisRoles(self.clock, roles=("limits",)), None):
+            self.deps = dataclasses.replace(self.deps, redis=roles)
+            result = self.check()
+            self.assertIsNone(result.verdict)
+            self.assertEqual((result.skipped, result.summary), (True, "not checked, greylisting inactive"))
         self.assertEqual(self.server.commands, [])
 
     def test_separate_white_servers(self) -> None:
         """White records go to the white role, grey records to the grey role."""
         roles = FakeRedisRoles(self.clock, separate=True)
-        self.runtime.redis = roles
+        self.deps = dataclasses.replace(self.deps, redis=roles)
         self.check()
         self.clock.advance(400)
         self.check()
@@ -282,39 +310,71 @@ class FailOpenTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(NOW)
         self.roles = FakeRedisRoles(self.clock, timeout=1.0)
-        self.runtime = make_runtime(make_config(), self.clock, self.roles)
+        self.deps = make_deps(make_config(), self.clock, self.roles)
 
     def test_unreachable(self) -> None:
-        """Every command fails: not greylisted, with a note saying so; the commands were tried."""
+        """Every command fails: not greylisted, a failed result with a note saying so; the commands were tried."""
         self.roles.set_reachable(False)
-        msg = make_message(self.runtime, body=BODY)
-        result = self.successResultOf(greylist.check(msg, True))
+        msg = make_message(body=BODY)
+        result = self.successResultOf(greylist.check(msg, self.deps, data_hash=True))
         self.assertIsNone(result.verdict)
-        self.assertIn("fail open", result.log)
-        self.assertEqual(result.edits, (AddHeader("X-Rmilter-Greylist", result.log),))
+        self.assertTrue(result.failed)
+        self.assertIn("fail open", result.summary)
+        self.assertEqual(result.edits, (AddHeader(name="X-Rmilter-Greylist", value=result.summary),))
         self.assertIn("EVALSHA", self.roles.server.command_names())
 
     def test_silent_server(self) -> None:
         """A server that never answers: the check ends, passing, after connect_timeout and not before."""
         self.roles.server.hang = True
-        msg = make_message(self.runtime)
-        d = greylist.check(msg, False)
+        d = greylist.check(make_message(), self.deps)
         self.clock.advance(0.9)
         self.assertNoResult(d)
         self.clock.advance(0.1)
         result = self.successResultOf(d)
         self.assertIsNone(result.verdict)
-        self.assertIn("fail open", result.log)
+        self.assertTrue(result.failed)
+        self.assertIn("fail open", result.summary)
 
     def test_whole_check_bounded(self) -> None:
         """Several slow answers add up to no more than connect_timeout: the check gives up at the deadline."""
         config = make_config(redis=RedisConfig(servers_grey=REDIS, connect_timeout=1.0))
-        self.runtime.config = config
+        self.deps = dataclasses.replace(self.deps, config=config)
         self.roles.server.hang = True
         assert self.roles.grey is not None
         self.roles.grey.timeout = 0.6  # each command alone within its bound, two of them are not
-        d = greylist.check(make_message(self.runtime), False)
+        d = greylist.check(make_message(), self.deps)
         self.clock.advance(0.6)
         self.assertNoResult(d)
         self.clock.advance(0.4)
-        self.assertIn("timeout", self.successResultOf(d).log)
+        result = self.successResultOf(d)
+        self.assertIsNone(result.verdict)
+        self.assertTrue(result.failed)
+        self.assertIn("timeout", result.summary)
+
+    def test_whole_check_bounded_on_a_redis_role(self) -> None:
+        """The same with a real RedisRole: GET white answers (a miss) after 0.625 s, the grey step hangs;
+        the check ends at 1 s (the grey step gets what is left), and a hanging GET leaves nothing to send."""
+        redis = RedisConfig(servers_grey=REDIS, connect_timeout=1.0)
+        role, maker = scripted_role("grey", 1, redis, self.clock)
+        channel = maker.channels["r0"]
+        channel.hang = True
+        deps = make_deps(make_config(redis=redis), self.clock, RedisRoles(grey=role, white=role))
+        d = greylist.check(make_message(), deps)
+        # steps that are binary fractions: the Clock reaches the deadline exactly
+        self.clock.advance(0.625)
+        channel.pending[0].callback(None)  # GET white: a miss
+        self.assertEqual([args[0] for args in channel.sent], [b"GET", b"EVALSHA"])
+        self.clock.advance(0.375 - 2 ** -10)
+        self.assertNoResult(d)
+        self.clock.advance(2 ** -10)
+        result = self.successResultOf(d)
+        self.assertEqual((result.verdict, result.failed), (None, True))
+        self.assertIn("timeout", result.summary)
+        # a server that never answers the first command: the second is not sent (its deadline has passed)
+        self.clock.advance(5)  # past retry_interval: the server is waited for again
+        del channel.sent[:]
+        d = greylist.check(make_message(), deps)
+        self.clock.advance(1.0)
+        result = self.successResultOf(d)
+        self.assertEqual((result.verdict, result.failed), (None, True))
+        self.assertEqual([args[0] for args in channel.sent], [b"GET"])

@@ -81,3 +81,22 @@ class FakeRedisTests(SynchronousTestCase):
         self.assertIsNone(roles.id)
         separate = FakeRedisRoles(self.clock, separate=True)
         self.assertIsNot(separate.servers["grey"], separate.servers["limits"])
+
+    def test_deadline(self) -> None:
+        """A hanging fake answers at the sooner of its timeout and the command's deadline; a command
+        whose deadline has passed answers at once and is not recorded (a real role sends nothing)."""
+        self.roles.server.hang = True
+        soon = self.grey.get(b"k", deadline=self.clock.seconds() + 0.25)
+        late = self.grey.setex(b"k", 5, b"v", deadline=self.clock.seconds() + 30)
+        self.clock.advance(0.25)
+        self.assertIsNone(self.successResultOf(soon))
+        self.assertNoResult(late)
+        self.clock.advance(0.75)  # the role's timeout (1 s) comes first
+        self.assertFalse(self.successResultOf(late))
+        self.roles.server.clear_log()
+        now = self.clock.seconds()
+        self.assertIsNone(self.successResultOf(self.grey.get(b"k", deadline=now)))
+        self.assertFalse(self.successResultOf(self.grey.setex(b"k", 5, b"v", deadline=now)))
+        self.assertIsNone(self.successResultOf(self.grey.eval_script(COUNTER, [b"n"], [], deadline=now - 1)))
+        self.assertIsNone(self.successResultOf(self.grey.publish("copies", b"msg", deadline=now)))
+        self.assertEqual(self.roles.server.commands, [])

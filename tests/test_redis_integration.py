@@ -10,25 +10,36 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import Any, Generator, List
+from typing import Any, Generator, List, Optional
 
 from twisted.internet import defer, protocol, task
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 
-from rmilter.backends.redis import RedisRole, RedisSettings
+from rmilter.backends.redis import POOL_SIZE, RedisRole, RedisRoles, TxRedisChannel
+from rmilter.checks import ratelimit
 from rmilter.checks.greylist import GREY_STEP, encode_time
 from rmilter.checks.ratelimit import BUCKETS, BucketState
-from rmilter.config.schema import RedisServer
+from rmilter.config.schema import Bucket, Config, LimitsConfig, RedisConfig, RedisServer
+from rmilter.context import ConnectionContext, MessageContext
+from rmilter.deps import Deps
+from rmilter.spool import run_inline
 from rmilter.testing.fake_redis import FakeRedisServer
 from tests.harness import start_redis
 
 reactor: Any = _reactor  # the global reactor, typed loosely (IReactorTCP + IReactorTime)
 
 
-def role_for(port: int, name: str = "grey", **settings: Any) -> RedisRole:
+def role_for(port: int, name: str = "grey", dbid: Optional[int] = None, poolsize: int = POOL_SIZE,
+             **settings: Any) -> RedisRole:
+    """A role on the local server at ``port``; ``settings`` are ``redis { }`` directives."""
     settings.setdefault("connect_timeout", 1.0)
-    return RedisRole(name, [RedisServer("127.0.0.1:%d" % port, "127.0.0.1", port)], RedisSettings(**settings), reactor)
+    config = RedisConfig(**settings)
+
+    def channel(server: RedisServer) -> TxRedisChannel:
+        return TxRedisChannel(server, config, reactor, dbid, poolsize)
+
+    return RedisRole(name, [RedisServer("127.0.0.1:%d" % port, "127.0.0.1", port)], config, reactor, channel, dbid)
 
 
 def sleep(seconds: float) -> defer.Deferred:
@@ -181,7 +192,19 @@ class ConcurrencyTests(TestCase):
 
 
 class SilentServer(protocol.Protocol):
-    """Accepts a connection and never answers (a hung Redis)."""
+    """Accepts a connection and never answers (a hung Redis); counts the bytes it was sent."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received += len(data)  # type: ignore[attr-defined]
+
+
+def listen_silent(test: TestCase) -> Any:
+    """A silent server on a free port; ``factory.received`` counts the bytes clients sent it."""
+    factory = protocol.Factory.forProtocol(SilentServer)
+    factory.received = 0  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return port
 
 
 class FailOpenTests(TestCase):
@@ -213,9 +236,7 @@ class FailOpenTests(TestCase):
     @defer.inlineCallbacks
     def test_silent_server(self) -> Generator[Any, Any, None]:
         """A server that accepts and never answers: each call ends (fails) after connect_timeout."""
-        factory = protocol.Factory.forProtocol(SilentServer)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
+        port = listen_silent(self)
         role = role_for(port.getHost().port, connect_timeout=0.3)
         self.addCleanup(role.stop)
         started = reactor.seconds()
@@ -226,3 +247,29 @@ class FailOpenTests(TestCase):
         # the next call does not wait again
         self.assertFalse((yield role.setex(b"k", 1, b"v")))
         self.assertLess(reactor.seconds() - started, waited + 0.2)
+
+    @defer.inlineCallbacks
+    def test_rate_limit_check_over_two_silent_shards(self) -> Generator[Any, Any, None]:
+        """Two silent shards: the RCPT check ends after one connect_timeout (not two), the second
+        shard's script is never sent (its deadline had passed), and the recipient passes."""
+        ports = [listen_silent(self) for _ in range(2)]
+        servers = tuple(RedisServer("r%d" % i, "127.0.0.1", p.getHost().port) for i, p in enumerate(ports))
+        redis_config = RedisConfig(servers_limits=servers, connect_timeout=0.5)
+        role = RedisRole("limits", servers, redis_config, reactor)
+        self.addCleanup(role.stop)
+        to_ip, to = b"<rcpt@example.org>:192.0.2.10", b"<rcpt@example.org>"
+        first, second = role.shard_of(to_ip), role.shard_of(to)
+        self.assertEqual((first, second), servers)  # SPEC §9 placement: to_ip (checked first) on the first
+        limits = LimitsConfig(limit_to=Bucket(3, 0.01), limit_to_ip=Bucket(3, 0.01))
+        deps = Deps(config=Config(redis=redis_config, limits=limits), clock=reactor, run_blocking=run_inline,
+                    redis=RedisRoles(limits=role))
+        message = MessageContext(connection=ConnectionContext(family="4", client_address="192.0.2.10"))
+        message.set_sender("<sender@example.net>", None)
+        started = reactor.seconds()
+        result = yield ratelimit.check(message, deps, recipient="<rcpt@example.org>")
+        waited = reactor.seconds() - started
+        self.assertEqual((result.verdict, result.failed), (None, True))
+        self.assertGreaterEqual(waited, 0.49)
+        self.assertLess(waited, 0.95)  # two timeouts would be 1 s
+        self.assertGreater(ports[0].factory.received, 0)
+        self.assertEqual(ports[1].factory.received, 0)

@@ -418,10 +418,10 @@ class RedisRole:
             lambda reply: isinstance(reply, int)
         )
 
-    def publish(self, channel: str, payload: bytes) -> "Deferred[Optional[int]]":
+    def publish(self, channel: str, payload: bytes, deadline: Optional[float] = None) -> "Deferred[Optional[int]]":
         """PUBLISH on the first live server by priority; the subscriber count, None on failure."""
         return self._command(
-            self.upstreams.choose_first(), (b"PUBLISH", channel.encode("utf-8"), payload)
+            self.upstreams.choose_first(), (b"PUBLISH", channel.encode("utf-8"), payload), deadline=deadline
         ).addCallback(lambda reply: reply if isinstance(reply, int) else None)
 
     def eval_script(

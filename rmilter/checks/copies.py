@@ -71,9 +71,11 @@ def check(message: MessageContext, deps: Deps, *, kind: str) -> "Deferred[CheckR
         return succeed(CheckResult(Check.COPIES, "not published, internal error", failed=True))
     role, channel = target
     spool = message.spool
+    # reading the spool and the PUBLISH together wait at most connect_timeout (SPEC §6.10)
+    deadline = deps.clock.seconds() + deps.config.redis.connect_timeout
 
     def send(payload: bytes) -> "Deferred[Optional[int]]":
-        return role.publish(channel, payload)
+        return role.publish(channel, payload, deadline=deadline)
 
     def published(subscribers: Optional[int]) -> CheckResult:
         if subscribers is None:

@@ -228,7 +228,9 @@ def check(message: MessageContext, deps: Deps, *, recipient: str) -> "Deferred[C
     now = deps.clock.seconds()
     # the calls of several shards share one deadline: together they wait at most connect_timeout
     deadline = now + config.redis.connect_timeout
-    return _check_run(role, message, recipient, runs, 0, now, deadline).addErrback(_broken, message, _UNANSWERED)
+    return _check_run(role, message, recipient, runs, 0, now, deadline, False).addErrback(
+        _broken, message, _UNANSWERED
+    )
 
 
 _PASSED = CheckResult(Check.RATELIMIT, PASSED)
@@ -237,7 +239,7 @@ _UNANSWERED = CheckResult(Check.RATELIMIT, "Redis unavailable, accepted (fail op
 
 def _check_run(
     role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float,
-    deadline: float,
+    deadline: float, unanswered: bool,
 ) -> "Deferred[CheckResult]":
     """One script call for the ``index``-th run of buckets; the next run only if none was exceeded.
 
@@ -246,12 +248,12 @@ def _check_run(
     """
     run = runs[index]
     d = role.eval_script(BUCKETS, [k.key for k in run], _script_args(now, 0, run), deadline=deadline)
-    return d.addCallback(_run_checked, role, msg, recipient, runs, index, now, deadline)
+    return d.addCallback(_run_checked, role, msg, recipient, runs, index, now, deadline, unanswered)
 
 
 def _run_checked(
     reply: Any, role: Any, msg: MessageContext, recipient: str, runs: List[List[BucketKey]], index: int, now: float,
-    deadline: float,
+    deadline: float, unanswered: bool,
 ) -> Any:
     if isinstance(reply, int) and 1 <= reply <= len(runs[index]):
         exceeded = runs[index][reply - 1]
@@ -261,10 +263,12 @@ def _run_checked(
         )
         return CheckResult(Check.RATELIMIT, EXCEEDED, verdict=tempfail(RATE_LIMIT_EXCEEDED),
                            details={"ratelimit_bucket": exceeded.name})
+    # a shard that did not answer passes (fail open); the next one is still asked, and the
+    # result says that the check was not carried out in full
+    unanswered = unanswered or reply is None
     if index + 1 < len(runs):
-        # a shard that did not answer passes (fail open); the next one is still asked
-        return _check_run(role, msg, recipient, runs, index + 1, now, deadline)
-    return _UNANSWERED if reply is None else _PASSED
+        return _check_run(role, msg, recipient, runs, index + 1, now, deadline, unanswered)
+    return _UNANSWERED if unanswered else _PASSED
 
 
 def record(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":

@@ -5,8 +5,8 @@ Outbound: every accepted message of an authenticated sender (SASL, or an
 ``servers_id`` under ``id_prefix`` + lowercase hex BLAKE2b-512 of the id, with
 TTL ``id_expire``.  Inbound: In-Reply-To and every References token (B14) are
 looked up the same way once the headers are complete, while the body arrives;
-EOM waits for the answers (each bounded by ``connect_timeout``) and a hit turns
-strict checks off.
+EOM waits for the answers (all of them bounded by one ``connect_timeout``) and a
+hit turns strict checks off.
 
 Redis trouble is a miss on lookup and a log line on store: it never delays or
 fails a message beyond ``connect_timeout`` (SPEC §6.10).
@@ -14,7 +14,7 @@ fails a message beyond ``connect_timeout`` (SPEC §6.10).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
@@ -56,11 +56,27 @@ def reply_ids(headers: List[Tuple[str, str]]) -> List[str]:
     return list(dict.fromkeys(i for i in ids if i))
 
 
-def _within_budget(tag: str, ids: List[str]) -> List[str]:
-    if len(ids) <= MAX_LOOKUPS:
-        return ids
-    log.info("{tag}; {n} reply ids, only {budget} looked up", tag=tag, n=len(ids), budget=MAX_LOOKUPS)
-    return ids[:1] + ids[len(ids) - MAX_LOOKUPS + 1 :]
+def _lookup_ids(tag: str, headers: List[Tuple[str, str]]) -> List[str]:
+    """``reply_ids(headers)``, at most MAX_LOOKUPS of them.
+
+    The budget is shared header by header, in header order: a header with more new ids than
+    are left keeps its first (In-Reply-To's parent, the thread root of References) and its
+    last ones (the nearest ancestors), so an In-Reply-To before a long References does not
+    cost the thread root its lookup.
+    """
+    ids: List[str] = []
+    seen: Set[str] = set()
+    for name, value in headers:
+        wanted = [i for i in reply_ids([(name, value)]) if i not in seen]
+        if not wanted:
+            continue
+        budget = MAX_LOOKUPS - len(ids)
+        if len(wanted) > budget:
+            log.info("{tag}; {n} reply ids, only {budget} looked up", tag=tag, n=len(wanted), budget=budget)
+            wanted = (wanted[:1] + wanted[len(wanted) - budget + 1 :]) if budget > 1 else wanted[:budget]
+        ids.extend(wanted)
+        seen.update(wanted)
+    return ids
 
 
 def hit(result: CheckResult) -> Optional[str]:
@@ -77,7 +93,7 @@ def _id_role(deps: Deps) -> Optional[Any]:
 
 
 def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
-    """Look up In-Reply-To and References ids (each GET bounded by connect_timeout); never fails.
+    """Look up In-Reply-To and References ids (all GETs bounded by one connect_timeout); never fails.
 
     The pipeline starts it once the headers are complete, so the lookups run while the
     body arrives, and waits for it at EOM.
@@ -85,16 +101,18 @@ def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
     role = _id_role(deps)
     if role is None:
         return succeed(skipped(Check.REPLIES, "replies check inactive"))
-    ids = _within_budget(message.tag, reply_ids(message.headers))
+    ids = _lookup_ids(message.tag, message.headers)
     if not ids:
         return succeed(skipped(Check.REPLIES, "no In-Reply-To or References"))
     prefix = deps.config.redis.id_prefix
+    # the GETs of one message share one deadline: together they wait at most connect_timeout
+    deadline = deps.clock.seconds() + deps.config.redis.connect_timeout
     lookups = []
     for message_id in ids:
         key = message_id_key(prefix, message_id)
         log.debug("{tag}; looking up reply id {message_id} as {key}", tag=message.tag, message_id=message_id,
                   key=key)
-        answer: "Deferred[Optional[bytes]]" = role.get(key)
+        answer: "Deferred[Optional[bytes]]" = role.get(key, deadline=deadline)
         lookups.append(answer.addCallbacks(_hit(message_id), _miss(message, message_id)))
 
     def decided(answers: List[Optional[str]]) -> CheckResult:

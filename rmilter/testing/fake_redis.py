@@ -142,13 +142,13 @@ class FakeRedisRole:
 
         return self._answer(FakeCommand("DEL", (key,)), run, False)
 
-    def publish(self, channel: str, payload: bytes) -> "Deferred[Optional[int]]":
+    def publish(self, channel: str, payload: bytes, deadline: Optional[float] = None) -> "Deferred[Optional[int]]":
         def run() -> int:
             count = self.server.subscribers.get(channel, 0)
             self.server.published.append(PublishedMessage(channel, payload, count))
             return count
 
-        return self._answer(FakeCommand("PUBLISH", (channel.encode(), payload)), run, None)
+        return self._answer(FakeCommand("PUBLISH", (channel.encode(), payload)), run, None, deadline)
 
     def eval_script(
         self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg], deadline: Optional[float] = None
