@@ -13,13 +13,14 @@ orders the results.  This module turns one clamd scan into a ``CheckResult``:
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple, cast
 
 from twisted.internet.defer import Deferred, succeed
 from rmilter.log import Logger
 from twisted.python.failure import Failure
 
-from rmilter.backends.clamd import ScanResult, ScanStatus
+from rmilter.backends.clamd import ClamdError, ClamdScan, ReplyKind
+from rmilter.config.schema import ServerSpec
 from rmilter.context import MessageContext
 from rmilter.verdict import SERVICE_FAILURE, CheckResult, reject, tempfail
 
@@ -45,50 +46,54 @@ def scan(msg: MessageContext) -> "Deferred[CheckResult]":
     if msg.spool is None:
         log.error("{tag}; clamscan: no spool to scan", tag=msg.tag)
         return succeed(_failed(msg, "no spool", details=()))
-    checked: "Deferred[CheckResult]" = client.scan(msg.spool, tag=msg.tag).addCallback(_to_result, msg)
+    checked: "Deferred[CheckResult]" = client.scan(msg.spool, tag=msg.tag).addCallbacks(
+        _to_result, _scan_failed, callbackArgs=(msg,), errbackArgs=(msg,))
     return checked.addErrback(_unexpected, msg)
 
 
-def _details(scan_result: ScanResult) -> Tuple[Tuple[str, object], ...]:
-    details: Tuple[Tuple[str, object], ...] = (
-        ("clamd_server", scan_result.server),
-        ("clamd_scan_time", round(scan_result.elapsed, 6)),
-        ("clamd_attempts", scan_result.attempts),
+def _details(server: Optional[ServerSpec], elapsed: float, attempts: int) -> Tuple[Tuple[str, object], ...]:
+    return (
+        ("clamd_server", server.name if server is not None else None),
+        ("clamd_scan_time", round(elapsed, 6)),
+        ("clamd_attempts", attempts),
     )
-    if scan_result.virus is not None:
-        details += (("virus", scan_result.virus),)
-    if scan_result.error is not None:
-        details += (("clamd_error", scan_result.error),)
-    return details
 
 
-def _to_result(scan_result: ScanResult, msg: MessageContext) -> CheckResult:
-    details = _details(scan_result)
-    if scan_result.status is ScanStatus.FAILED:
-        log.warn(
-            "{tag}; clamscan: failed after {attempts} attempt(s), {server}: {error}",
-            tag=msg.tag,
-            attempts=scan_result.attempts,
-            server=scan_result.server or "none",
-            error=scan_result.error,
-        )
-        return _failed(msg, scan_result.error or "failed", details)
-    if scan_result.status is ScanStatus.VIRUS:
+def _to_result(scan: ClamdScan, msg: MessageContext) -> CheckResult:
+    details = _details(scan.server, scan.elapsed, scan.attempts)
+    virus = scan.reply.virus
+    if scan.reply.kind is ReplyKind.VIRUS:
         log.info(
             "{tag}; clamscan: scan {elapsed:.3f}, {server}, found {virus}",
             tag=msg.tag,
-            elapsed=scan_result.elapsed,
-            server=scan_result.server,
-            virus=scan_result.virus,
+            elapsed=scan.elapsed,
+            server=scan.server.name,
+            virus=virus,
         )
-        return CheckResult(CHECK, LOG_VIRUS, verdict=reject("Infected: %s" % (scan_result.virus,)), details=details)
+        return CheckResult(CHECK, LOG_VIRUS, verdict=reject("Infected: %s" % (virus,)),
+                           details=details + (("virus", virus),))
     log.info(
         "{tag}; clamscan: scan {elapsed:.3f}, {server}",
         tag=msg.tag,
-        elapsed=scan_result.elapsed,
-        server=scan_result.server,
+        elapsed=scan.elapsed,
+        server=scan.server.name,
     )
     return CheckResult(CHECK, LOG_CLEAN, details=details)
+
+
+def _scan_failed(failure: Failure, msg: MessageContext) -> CheckResult:
+    """clamd gave no verdict after every attempt (or the scan was cancelled)."""
+    failure.trap(ClamdError)
+    error = cast(ClamdError, failure.value)
+    details = _details(error.server, error.elapsed, error.attempts) + (("clamd_error", error.reason),)
+    log.warn(
+        "{tag}; clamscan: failed after {attempts} attempt(s), {server}: {error}",
+        tag=msg.tag,
+        attempts=error.attempts,
+        server=error.server.name if error.server is not None else "none",
+        error=error.reason,
+    )
+    return _failed(msg, error.reason, details)
 
 
 def _failed(msg: MessageContext, reason: str, details: Tuple[Tuple[str, object], ...]) -> CheckResult:
