@@ -30,10 +30,10 @@ from rmilter.backends.rspamd import (
     DKIM_ONLY_SETTINGS,
     MessageBody,
     RspamdClient,
-    ScanFailed,
+    RspamdError,
+    RspamdScan,
     ScanReply,
     ScanRequest,
-    ScanResult,
     Symbol,
     prepare_body,
 )
@@ -84,7 +84,7 @@ class SpamOutcome:
     action: str = "no action"
     wants_greylist: bool = False
     rejected: bool = False
-    scan: Optional[ScanResult] = None
+    scan: Optional[RspamdScan] = None
 
 
 # -- request ------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def wants_extended_headers(msg: MessageContext, spamd: SpamdConfig) -> bool:
     return spamd.extended_spam_headers and not msg.authenticated
 
 
-def extended_headers(msg: MessageContext, scan: ScanResult) -> List[Edit]:
+def extended_headers(msg: MessageContext, scan: RspamdScan) -> List[Edit]:
     return [
         AddHeader("X-Spamd-Result", header_value_safe(spamd_result(scan.reply))),
         AddHeader("X-Rspamd-Server", header_value_safe(scan.server.name)),
@@ -261,7 +261,7 @@ def _reply_text(preferred: Optional[str], fallback: str) -> str:
     return fallback
 
 
-def full_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
+def full_outcome(msg: MessageContext, scan: RspamdScan) -> SpamOutcome:
     """SPEC §5.9 step 4 (c) and §6.8.3: what Rspamd's action means for this message."""
     spamd = msg.runtime.config.spamd
     reply = scan.reply
@@ -318,7 +318,7 @@ def full_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
     )
 
 
-def dkim_only_outcome(msg: MessageContext, scan: ScanResult) -> SpamOutcome:
+def dkim_only_outcome(msg: MessageContext, scan: RspamdScan) -> SpamOutcome:
     """SPEC §6.8.6: headers and requested changes only; the action is ignored."""
     spamd = msg.runtime.config.spamd
     reply = scan.reply
@@ -344,7 +344,7 @@ def failure_outcome(msg: MessageContext, reason: str) -> SpamOutcome:
     return SpamOutcome(result)
 
 
-def _details(scan: ScanResult) -> Tuple[Tuple[str, object], ...]:
+def _details(scan: RspamdScan) -> Tuple[Tuple[str, object], ...]:
     reply = scan.reply
     return (
         ("spam_server", scan.server.name),
@@ -357,7 +357,7 @@ def _details(scan: ScanResult) -> Tuple[Tuple[str, object], ...]:
 
 
 # -- logging (SPEC §6.8.8) -----------------------------------------------------------------------
-def scan_log_line(tag: str, scan: ScanResult) -> str:
+def scan_log_line(tag: str, scan: RspamdScan) -> str:
     """``spamdscan: scan, ...``; over 900 bytes: without options, then without symbols, then cut."""
     reply = scan.reply
     head = "%s; spamdscan: scan, time: %.3f, server: %s, metric: default: [%.3f / %.3f], symbols: " % (
@@ -375,7 +375,7 @@ def scan_log_line(tag: str, scan: ScanResult) -> str:
     return line.encode("utf-8", "replace")[:MAX_LOG_LINE].decode("utf-8", "ignore")
 
 
-def _log_scan(msg: MessageContext, scan: ScanResult) -> None:
+def _log_scan(msg: MessageContext, scan: RspamdScan) -> None:
     reply = scan.reply
     if reply.unknown_action is not None:
         log.warn("{tag}; rspamd sent no known action ({action!r}), assuming no action",
@@ -386,8 +386,8 @@ def _log_scan(msg: MessageContext, scan: ScanResult) -> None:
 
 
 # -- also_check: a second opinion that never decides ----------------------------------------------
-def _compare(msg: MessageContext, body: MessageBody, main: Optional[ScanResult],
-             other: Optional[ScanResult]) -> "Deferred[None]":
+def _compare(msg: MessageContext, body: MessageBody, main: Optional[RspamdScan],
+             other: Optional[RspamdScan]) -> "Deferred[None]":
     """Log the comparison and keep messages whose actions differ in ``diff_dir``."""
     if main is None or other is None:
         return succeed(None)
@@ -446,14 +446,14 @@ def scan(msg: MessageContext, dkim_only: bool) -> "Deferred[SpamOutcome]":
         both.addCallback(lambda pair: _compare(msg, body, pair[0], pair[1]).addCallback(lambda _: pair[0]))
         return both.addCallback(outcome)
 
-    def scan_failed(failure: Failure) -> Optional[ScanResult]:
-        failure.trap(ScanFailed)
+    def scan_failed(failure: Failure) -> Optional[RspamdScan]:
+        failure.trap(RspamdError)
         reason = failure.getErrorMessage()
         log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=msg.tag, reason=reason)
         reasons.append(reason)
         return None
 
-    def outcome(result: Optional[ScanResult]) -> SpamOutcome:
+    def outcome(result: Optional[RspamdScan]) -> SpamOutcome:
         if result is None:
             return failure_outcome(msg, reasons[0] if reasons else "scan failed")
         _log_scan(msg, result)
