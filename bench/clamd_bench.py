@@ -141,10 +141,11 @@ def run_client(clamd: Clamd, size: int, concurrency: int, duration: float, warmu
     from twisted.internet import reactor as _reactor
     from twisted.internet import threads
     from twisted.internet.defer import inlineCallbacks
+    from twisted.python.failure import Failure
 
     reactor: Any = _reactor
 
-    from rmilter.backends.clamd import ClamdClient, ScanStatus
+    from rmilter.backends.clamd import ClamdClient, ClamdError, ReplyKind
     from rmilter.backends.upstream import UpstreamList
     from rmilter.config.schema import ServerSpec
     from rmilter.spool import Spool
@@ -181,16 +182,17 @@ def run_client(clamd: Clamd, size: int, concurrency: int, duration: float, warmu
         def done(result: Any) -> Any:
             if state["measuring"]:
                 results["latencies"].append(time.monotonic() - started)
-                if result.status is ScanStatus.FAILED:
+                if isinstance(result, Failure):
+                    result.trap(ClamdError)
                     results["failed"] += 1
-                    results["error"] = result.error
-                elif result.status is ScanStatus.VIRUS:
+                    results["error"] = result.value.reason
+                elif result.reply.kind is ReplyKind.VIRUS:
                     results["virus"] += 1
             if not state["stop"]:
                 return worker(spool)
             return None
 
-        return client.scan(UniqueMessage(spool)).addCallback(done)
+        return client.scan(UniqueMessage(spool)).addBoth(done)
 
     def start_measuring() -> None:
         results["rss_before"] = rss_mb(os.getpid())

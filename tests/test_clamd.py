@@ -16,10 +16,10 @@ from rmilter.backends import clamd
 from rmilter.backends.clamd import (
     CHUNK_SIZE,
     ClamdClient,
+    ClamdError,
+    ClamdScan,
     ReplyKind,
-    ScanResult,
-    ScanStatus,
-    parse_reply,
+    classify_reply,
     server_endpoint,
 )
 from rmilter.backends.upstream import UpstreamList
@@ -123,7 +123,7 @@ class ClientMixin:
             retry_timeout=retry_timeout,
         )
 
-    def scan(self, client: ClamdClient, source: Any) -> "Deferred[ScanResult]":
+    def scan(self, client: ClamdClient, source: Any) -> "Deferred[ClamdScan]":
         d = client.scan(source, tag="0123456789")
         self.network.run()
         return d
@@ -132,50 +132,56 @@ class ClientMixin:
         self.reactor.advance(seconds)
         self.network.run()
 
+    def scan_error(self, d: "Deferred[ClamdScan]") -> ClamdError:
+        """The ``ClamdError`` a finished scan failed with."""
+        error = self.failureResultOf(d, ClamdError).value
+        assert isinstance(error, ClamdError)
+        return error
+
 
 class ReplyParsingTests(SynchronousTestCase):
     """SPEC §6.9 reply classes."""
 
     def test_ok_is_clean_with_either_terminator(self) -> None:
         """``stream: OK`` is clean whether NUL- (z) or newline-terminated (n)."""
-        self.assertIs(parse_reply(b"stream: OK\0").kind, ReplyKind.CLEAN)
-        self.assertIs(parse_reply(b"stream: OK\n").kind, ReplyKind.CLEAN)
-        self.assertIs(parse_reply(b"stream: OK").kind, ReplyKind.CLEAN)
+        self.assertIs(classify_reply(b"stream: OK\0").kind, ReplyKind.CLEAN)
+        self.assertIs(classify_reply(b"stream: OK\n").kind, ReplyKind.CLEAN)
+        self.assertIs(classify_reply(b"stream: OK").kind, ReplyKind.CLEAN)
 
     def test_found_names_the_virus_after_stream_prefix(self) -> None:
         """``stream: <name> FOUND``: the name is between ``stream: `` and `` FOUND``."""
-        reply = parse_reply(b"stream: Harness.Eicar.Body.UNOFFICIAL FOUND\0")
+        reply = classify_reply(b"stream: Harness.Eicar.Body.UNOFFICIAL FOUND\0")
         self.assertEqual((reply.kind, reply.virus), (ReplyKind.VIRUS, "Harness.Eicar.Body.UNOFFICIAL"))
 
     def test_found_without_stream_prefix_uses_whole_text(self) -> None:
         """Without the ``stream`` prefix the whole text before FOUND is the name."""
-        reply = parse_reply(b"Eicar-Signature FOUND\n")
+        reply = classify_reply(b"Eicar-Signature FOUND\n")
         self.assertEqual((reply.kind, reply.virus), (ReplyKind.VIRUS, "Eicar-Signature"))
 
     def test_archive_pseudo_viruses_count_clean(self) -> None:
         """``Suspected.Zip`` and ``Oversized.Zip`` are not viruses (SPEC §6.9)."""
-        self.assertIs(parse_reply(b"stream: Suspected.Zip FOUND\0").kind, ReplyKind.CLEAN)
-        self.assertIs(parse_reply(b"stream: Oversized.Zip FOUND\0").kind, ReplyKind.CLEAN)
+        self.assertIs(classify_reply(b"stream: Suspected.Zip FOUND\0").kind, ReplyKind.CLEAN)
+        self.assertIs(classify_reply(b"stream: Oversized.Zip FOUND\0").kind, ReplyKind.CLEAN)
 
     def test_error_reply_is_error(self) -> None:
         """``INSTREAM size limit exceeded. ERROR`` is an ERROR (retried)."""
-        reply = parse_reply(b"INSTREAM size limit exceeded. ERROR\0")
+        reply = classify_reply(b"INSTREAM size limit exceeded. ERROR\0")
         self.assertEqual((reply.kind, reply.text), (ReplyKind.ERROR, "INSTREAM size limit exceeded. ERROR"))
 
     def test_empty_and_unknown_replies_are_garbled(self) -> None:
         """Empty, terminator-only, unknown and nameless replies are garbled (not retried)."""
         for raw in (b"", b"\0", b"PONG\0", b"stream:  FOUND\0", b"\xff\xfe garbage"):
-            self.assertIs(parse_reply(raw).kind, ReplyKind.GARBLED, raw)
+            self.assertIs(classify_reply(raw).kind, ReplyKind.GARBLED, raw)
 
     def test_only_the_first_line_counts(self) -> None:
         """Bytes after the terminator do not change the classification."""
-        self.assertIs(parse_reply(b"stream: OK\0stream: X FOUND\0").kind, ReplyKind.CLEAN)
+        self.assertIs(classify_reply(b"stream: OK\0stream: X FOUND\0").kind, ReplyKind.CLEAN)
 
     @settings(max_examples=300)
     @given(st.binary(max_size=200))
     def test_any_bytes_classify_without_raising(self, raw: bytes) -> None:
         """Every byte string gets a class; a virus always has a non-empty name."""
-        reply = parse_reply(raw)
+        reply = classify_reply(raw)
         self.assertIsInstance(reply.kind, ReplyKind)
         if reply.kind is ReplyKind.VIRUS:
             self.assertTrue(reply.virus)
@@ -190,7 +196,7 @@ class StreamingTests(ClientMixin, SynchronousTestCase):
         self.network.add(ADDR_A, Script.ok())
         data = message(5000)
         result = self.successResultOf(self.scan(client, BytesSource(data)))
-        self.assertEqual((result.status, result.server, result.attempts), (ScanStatus.CLEAN, TCP_A.name, 1))
+        self.assertEqual((result.reply.kind, result.server, result.attempts), (ReplyKind.CLEAN, TCP_A, 1))
         (server,) = self.network.servers(ADDR_A)
         self.assertEqual(server.command, b"zINSTREAM")
         self.assertEqual(bytes(server.received), data)
@@ -237,7 +243,7 @@ class StreamingTests(ClientMixin, SynchronousTestCase):
         self.successResultOf(spool.finish())
         self.assertIsNotNone(spool.path)
         result = self.successResultOf(self.scan(client, spool))
-        self.assertIs(result.status, ScanStatus.CLEAN)
+        self.assertIs(result.reply.kind, ReplyKind.CLEAN)
         (server,) = self.network.servers(ADDR_A)
         self.assertEqual(bytes(server.received), spool.head + body)
         self.assertTrue(all(size <= CHUNK_SIZE for size in server.chunk_sizes))
@@ -266,7 +272,7 @@ class StreamingTests(ClientMixin, SynchronousTestCase):
                 break
             self.network.run()
         result = self.successResultOf(d)
-        self.assertIs(result.status, ScanStatus.CLEAN)
+        self.assertIs(result.reply.kind, ReplyKind.CLEAN)
         self.assertEqual(source.max_outstanding, 1)
         (server,) = self.network.servers(ADDR_A)
         self.assertEqual(bytes(server.received), source.data)
@@ -283,7 +289,7 @@ class StreamingTests(ClientMixin, SynchronousTestCase):
         reads_when_paused = len(source.reads)
         self.assertLess(reads_when_paused, 5)
         self.network.run()
-        self.assertEqual(self.successResultOf(d).status, ScanStatus.CLEAN)
+        self.assertEqual(self.successResultOf(d).reply.kind, ReplyKind.CLEAN)
         self.assertEqual(len(source.reads), 16)
 
     def test_unterminated_reply_before_close_counts(self) -> None:
@@ -291,7 +297,7 @@ class StreamingTests(ClientMixin, SynchronousTestCase):
         client = self.make()
         self.network.add(ADDR_A, Script.exact(b"stream: Some.Virus FOUND"))
         result = self.successResultOf(self.scan(client, BytesSource(b"x" * 10)))
-        self.assertEqual((result.status, result.virus), (ScanStatus.VIRUS, "Some.Virus"))
+        self.assertEqual((result.reply.kind, result.reply.virus), (ReplyKind.VIRUS, "Some.Virus"))
 
 
 class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
@@ -302,14 +308,15 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         client = self.make()
         self.network.add(ADDR_A, Script.found("Harness.Eicar.Body.UNOFFICIAL"))
         result = self.successResultOf(self.scan(client, BytesSource(b"body")))
-        self.assertEqual((result.status, result.virus, result.attempts), (ScanStatus.VIRUS, "Harness.Eicar.Body.UNOFFICIAL", 1))
+        self.assertEqual((result.reply.kind, result.reply.virus, result.attempts),
+                         (ReplyKind.VIRUS, "Harness.Eicar.Body.UNOFFICIAL", 1))
         self.assertEqual(client.upstreams.upstreams[0].errors, 0)
 
     def test_suspected_zip_is_clean(self) -> None:
         """``Suspected.Zip FOUND`` is clean."""
         client = self.make()
         self.network.add(ADDR_A, Script.found("Suspected.Zip"))
-        self.assertIs(self.successResultOf(self.scan(client, BytesSource(b"b"))).status, ScanStatus.CLEAN)
+        self.assertIs(self.successResultOf(self.scan(client, BytesSource(b"b"))).reply.kind, ReplyKind.CLEAN)
 
     def test_error_reply_is_retried_after_pause(self) -> None:
         """An ERROR reply is a failed attempt: the next one starts only after retry_timeout."""
@@ -322,7 +329,7 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.assertEqual(len(self.network.attempts), 1)
         self.advance(0.001)
         result = self.successResultOf(d)
-        self.assertEqual((result.status, result.attempts), (ScanStatus.CLEAN, 2))
+        self.assertEqual((result.reply.kind, result.attempts), (ReplyKind.CLEAN, 2))
         self.assertEqual(client.upstreams.upstreams[0].errors, 0)  # the success reset it
 
     def test_size_limit_error_mid_stream_fails_after_all_attempts(self) -> None:
@@ -332,9 +339,9 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         d = self.scan(client, BytesSource(message(1024 * 1024)))
         self.advance(1.0)
         self.advance(1.0)
-        result = self.successResultOf(d)
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 3))
-        self.assertIn("size limit exceeded", result.error or "")
+        error = self.scan_error(d)
+        self.assertEqual((error.attempts, error.server), (3, TCP_A))
+        self.assertIn("size limit exceeded", error.reason)
         for server in self.network.servers(ADDR_A):
             self.assertTrue(server.replied)
             self.assertLess(server.data_bytes, 100_000 + 2 * CHUNK_SIZE)
@@ -345,25 +352,26 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         """A server that closes without a word after the whole stream: failed, not retried (SPEC §6.9)."""
         client = self.make()
         self.network.add(ADDR_A, Script.exact(b""))
-        result = self.successResultOf(self.scan(client, BytesSource(b"body")))
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 1))
-        self.assertIn("unexpected reply", result.error or "")
+        error = self.scan_error(self.scan(client, BytesSource(b"body")))
+        self.assertEqual(error.attempts, 1)
+        self.assertIn("unexpected reply", error.reason)
         self.assertEqual(client.upstreams.upstreams[0].errors, 1)
 
     def test_garbled_reply_is_not_retried(self) -> None:
         """An unknown reply fails the scan at once."""
         client = self.make()
         self.network.add(ADDR_A, Script.exact(b"PONG\0"), Script.ok())
-        result = self.successResultOf(self.scan(client, BytesSource(b"body")))
-        self.assertEqual((result.status, result.attempts, result.reply), (ScanStatus.FAILED, 1, "PONG"))
+        error = self.scan_error(self.scan(client, BytesSource(b"body")))
+        self.assertEqual((error.attempts, error.reason), (1, "unexpected reply: 'PONG'"))
         self.assertEqual(len(self.network.attempts), 1)
 
     def test_overlong_reply_is_garbled(self) -> None:
         """A reply longer than 4 KiB without terminator ends the attempt as garbled."""
         client = self.make()
         self.network.add(ADDR_A, Script(b"A" * 5000, raw=True, close_after_reply=False))
-        result = self.successResultOf(self.scan(client, BytesSource(b"body")))
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 1))
+        error = self.scan_error(self.scan(client, BytesSource(b"body")))
+        self.assertEqual(error.attempts, 1)
+        self.assertIn("unexpected reply", error.reason)
 
     def test_close_mid_stream_is_retried_on_another_server(self) -> None:
         """A server closing while the message is sent: retried, and the retry avoids that server."""
@@ -374,7 +382,7 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.assertNoResult(d)
         self.advance(1.0)
         result = self.successResultOf(d)
-        self.assertEqual((result.status, result.server, result.attempts), (ScanStatus.CLEAN, TCP_B.name, 2))
+        self.assertEqual((result.reply.kind, result.server, result.attempts), (ReplyKind.CLEAN, TCP_B, 2))
         self.assertEqual(self.network.attempts, [ADDR_A, ADDR_B])
         self.assertEqual(client.upstreams.upstreams[0].errors, 1)
 
@@ -391,10 +399,10 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.advance(19.9)
         self.assertNoResult(d)
         self.advance(0.1)
-        result = self.successResultOf(d)
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 2))
-        self.assertIn("no progress", result.error or "")
-        self.assertAlmostEqual(result.elapsed, 41.0)
+        error = self.scan_error(d)
+        self.assertEqual(error.attempts, 2)
+        self.assertIn("no progress", error.reason)
+        self.assertAlmostEqual(error.elapsed, 41.0)
         for link in self.network.links:
             self.assertFalse(link.open)
 
@@ -411,7 +419,7 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.assertNoResult(d)
         link.server_transport.write(b"OK\0")
         self.network.run()
-        self.assertIs(self.successResultOf(d).status, ScanStatus.CLEAN)
+        self.assertIs(self.successResultOf(d).reply.kind, ReplyKind.CLEAN)
 
     def test_clamd_not_taking_data_times_out(self) -> None:
         """A clamd that accepts the connection but never reads: the stream stalls, results_timeout ends it."""
@@ -422,9 +430,7 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.reactor.advance(19.0)
         self.assertNoResult(d)
         self.reactor.advance(1.0)
-        result = self.successResultOf(d)
-        self.assertEqual(result.status, ScanStatus.FAILED)
-        self.assertIn("take data", result.error or "")
+        self.assertIn("take data", self.scan_error(d).reason)
         self.assertTrue(self.network.links[0].client_transport.disconnected)
 
     def test_connect_timeout(self) -> None:
@@ -435,9 +441,7 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.advance(0.9)
         self.assertNoResult(d)
         self.advance(0.1)
-        result = self.successResultOf(d)
-        self.assertEqual(result.status, ScanStatus.FAILED)
-        self.assertIn("connect timeout", result.error or "")
+        self.assertIn("connect timeout", self.scan_error(d).reason)
         self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
 
     def test_refused_everywhere_fails_after_retry_count_attempts(self) -> None:
@@ -448,10 +452,10 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         d = self.scan(client, BytesSource(b"body"))
         for _ in range(3):
             self.advance(2.0)
-        result = self.successResultOf(d)
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 4))
-        self.assertIn("connect failed", result.error or "")
-        self.assertAlmostEqual(result.elapsed, 6.0)
+        error = self.scan_error(d)
+        self.assertEqual(error.attempts, 4)
+        self.assertIn("connect failed", error.reason)
+        self.assertAlmostEqual(error.elapsed, 6.0)
         self.assertEqual(len(self.network.attempts), 4)
 
     def test_dead_server_is_skipped_until_dead_time_passes(self) -> None:
@@ -462,17 +466,17 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         for _ in range(2):  # each scan: A refused, B after the pause
             d = self.scan(client, BytesSource(b"body"))
             self.advance(1.0)
-            self.assertIs(self.successResultOf(d).status, ScanStatus.CLEAN)
+            self.assertIs(self.successResultOf(d).reply.kind, ReplyKind.CLEAN)
         self.assertEqual(self.network.attempts, [ADDR_A, ADDR_B, ADDR_A, ADDR_B])
         del self.network.attempts[:]
         for _ in range(3):  # A is dead now: straight to B
-            self.assertIs(self.successResultOf(self.scan(client, BytesSource(b"body"))).status, ScanStatus.CLEAN)
+            self.assertIs(self.successResultOf(self.scan(client, BytesSource(b"body"))).reply.kind, ReplyKind.CLEAN)
         self.assertEqual(self.network.attempts, [ADDR_B] * 3)
         self.advance(300.0)
         d = self.scan(client, BytesSource(b"body"))
         self.assertEqual(self.network.attempts[-1], ADDR_A)  # revived
         self.advance(1.0)
-        self.assertIs(self.successResultOf(d).status, ScanStatus.CLEAN)
+        self.assertIs(self.successResultOf(d).reply.kind, ReplyKind.CLEAN)
 
     def test_unreadable_spool_fails_without_blaming_server(self) -> None:
         """A spool read error fails the scan at once; the server's health is untouched."""
@@ -485,9 +489,9 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
             def read(self, offset: int, length: int) -> "Deferred[bytes]":
                 return fail(OSError("disk on fire"))
 
-        result = self.successResultOf(self.scan(client, Broken()))
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 1))
-        self.assertIn("disk on fire", result.error or "")
+        error = self.scan_error(self.scan(client, Broken()))
+        self.assertEqual(error.attempts, 1)
+        self.assertIn("disk on fire", error.reason)
         self.assertEqual(client.upstreams.upstreams[0].errors, 0)
 
     def test_spool_bug_is_logged_with_traceback(self) -> None:
@@ -501,8 +505,7 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
             def read(self, offset: int, length: int) -> "Deferred[bytes]":
                 return fail(ZeroDivisionError("oops"))
 
-        result = self.successResultOf(self.scan(client, Buggy()))
-        self.assertEqual(result.status, ScanStatus.FAILED)
+        self.assertEqual(self.scan_error(self.scan(client, Buggy())).attempts, 1)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_unix_socket_server(self) -> None:
@@ -510,18 +513,18 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         client = self.make([UNIX])
         self.network.add(UNIX_PATH, Script.found("X.Y"))
         result = self.successResultOf(self.scan(client, BytesSource(b"body")))
-        self.assertEqual((result.status, result.virus, result.server), (ScanStatus.VIRUS, "X.Y", UNIX_PATH))
+        self.assertEqual((result.reply.kind, result.reply.virus, result.server), (ReplyKind.VIRUS, "X.Y", UNIX))
         self.assertEqual(self.reactor.unixClients[0][0], UNIX_PATH)
 
     def test_cancel_aborts_the_connection(self) -> None:
-        """Cancelling a scan aborts its connection and yields a failed result."""
+        """Cancelling a scan aborts its connection and fails it with ClamdError "scan cancelled"."""
         client = self.make()
         self.network.add(ADDR_A, Script.silence())
         d = self.scan(client, BytesSource(b"body"))
         d.cancel()
-        result = self.successResultOf(d)
-        self.assertEqual(result.status, ScanStatus.FAILED)
-        self.assertIn("cancelled", result.error or "")
+        error = self.scan_error(d)
+        self.assertEqual((error.reason, error.attempts, error.server), ("scan cancelled", 1, TCP_A))
+        self.assertEqual(client.upstreams.upstreams[0].errors, 0)  # not the server's fault
         self.assertTrue(self.network.links[0].client_transport.disconnected)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -531,19 +534,20 @@ class ReplyHandlingTests(ClientMixin, SynchronousTestCase):
         self.network.add(ADDR_A, REFUSE)
         d = self.scan(client, BytesSource(b"body"))
         d.cancel()
-        self.assertEqual(self.successResultOf(d).status, ScanStatus.FAILED)
+        self.assertEqual(self.scan_error(d).reason, "scan cancelled")
         self.advance(10)
         self.assertEqual(len(self.network.attempts), 1)
 
     def test_stop_aborts_scans_and_refuses_new_ones(self) -> None:
-        """stop() ends scans in flight as failed; later scans fail without connecting."""
+        """stop() fails scans in flight; later scans fail without connecting."""
         client = self.make()
         self.network.add(ADDR_A, Script.silence())
         d = self.scan(client, BytesSource(b"body"))
         self.successResultOf(client.stop())
-        self.assertEqual(self.successResultOf(d).status, ScanStatus.FAILED)
-        later = self.successResultOf(self.scan(client, BytesSource(b"body")))
-        self.assertEqual((later.status, later.attempts), (ScanStatus.FAILED, 0))
+        self.assertEqual(self.scan_error(d).reason, "client stopped")
+        self.assertTrue(self.network.links[0].client_transport.disconnected)
+        later = self.scan_error(self.scan(client, BytesSource(b"body")))
+        self.assertEqual((later.reason, later.attempts, later.server), ("client stopped", 0, None))
         self.assertEqual(len(self.network.attempts), 1)
 
 
@@ -590,7 +594,7 @@ class FromConfigTests(SynchronousTestCase):
         client = clamd.from_config(config, MemoryReactorClock())
         assert client is not None
         self.assertEqual(
-            (client.connect_timeout, client.results_timeout, client.attempts, client.retry_timeout),
+            (client.connect_timeout, client.results_timeout, client.failover.attempts, client.failover.retry_timeout),
             (2.0, 7.0, 7, 0.5),
         )
         ups = client.upstreams

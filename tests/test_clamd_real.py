@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from rmilter.backends import clamd as clamd_backend
-from rmilter.backends.clamd import ClamdClient, ScanStatus
+from rmilter.backends.clamd import ClamdClient, ClamdError, ReplyKind
 from rmilter.config.schema import ClamavConfig, Config, GlobalConfig, ServerSpec, SpamdConfig
 from rmilter.context import ConnectionContext, MessageContext
 from rmilter.deps import Deps
@@ -112,8 +112,8 @@ class ClientTests(RealClamdCase):
             spool = self.spool_of(config, body)
             yield spool.finish()
             result = yield self.client(config).scan(spool)
-            self.assertEqual((result.status, result.virus, result.server, result.attempts),
-                             (ScanStatus.VIRUS, harness.EICAR_NAME, server.name, 1))
+            self.assertEqual((result.reply.kind, result.reply.virus, result.server, result.attempts),
+                             (ReplyKind.VIRUS, harness.EICAR_NAME, server, 1))
 
     @inlineCallbacks
     def test_clean_message_and_harness_string(self):  # type: ignore[no-untyped-def]
@@ -123,11 +123,11 @@ class ClientTests(RealClamdCase):
         clean = self.spool_of(config, mime_with_attachment(b"just a harmless file\n"))
         yield clean.finish()
         result = yield client.scan(clean)
-        self.assertEqual((result.status, result.reply), (ScanStatus.CLEAN, "stream: OK"))
+        self.assertEqual((result.reply.kind, result.reply.text), (ReplyKind.CLEAN, "stream: OK"))
         dirty = self.spool_of(config, b"Subject: x\r\n\r\n" + harness.HARNESS_VIRUS_STRING + b"\r\n")
         yield dirty.finish()
         result = yield client.scan(dirty)
-        self.assertEqual((result.status, result.virus), (ScanStatus.VIRUS, harness.HARNESS_VIRUS_NAME))
+        self.assertEqual((result.reply.kind, result.reply.virus), (ReplyKind.VIRUS, harness.HARNESS_VIRUS_NAME))
 
     @inlineCallbacks
     def test_virus_at_the_end_of_a_large_spool_file(self):  # type: ignore[no-untyped-def]
@@ -137,7 +137,7 @@ class ClientTests(RealClamdCase):
         yield spool.finish()
         self.assertIsNotNone(spool.path)
         result = yield self.client(config).scan(spool)
-        self.assertEqual((result.status, result.virus), (ScanStatus.VIRUS, harness.HARNESS_VIRUS_NAME))
+        self.assertEqual((result.reply.kind, result.reply.virus), (ReplyKind.VIRUS, harness.HARNESS_VIRUS_NAME))
 
     @inlineCallbacks
     def test_above_stream_max_length_fails_after_retries(self):  # type: ignore[no-untyped-def]
@@ -145,9 +145,9 @@ class ClientTests(RealClamdCase):
         config = make_config(server_specs(self.clamd), self.tempdir, retry_count=3)
         spool = self.spool_of(config, text_body(3_000_000))
         yield spool.finish()
-        result = yield self.client(config).scan(spool)
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 3))
-        self.assertIn("size limit exceeded", result.error or "")
+        error = yield self.assertFailure(self.client(config).scan(spool), ClamdError)
+        self.assertEqual(error.attempts, 3)
+        self.assertIn("size limit exceeded", error.reason)
 
     @inlineCallbacks
     def test_stopped_clamd_fails_fast(self):  # type: ignore[no-untyped-def]
@@ -158,9 +158,9 @@ class ClientTests(RealClamdCase):
         yield spool.finish()
         yield run_in_thread(self.clamd.stop)
         started = REACTOR.seconds()
-        result = yield client.scan(spool)
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 4))
-        self.assertIn("connect failed", result.error or "")
+        error = yield self.assertFailure(client.scan(spool), ClamdError)
+        self.assertEqual(error.attempts, 4)
+        self.assertIn("connect failed", error.reason)
         self.assertLess(REACTOR.seconds() - started, 2.0)
 
     @inlineCallbacks
@@ -176,10 +176,9 @@ class ClientTests(RealClamdCase):
         spool = self.spool_of(config, text_body(5_000_000))
         yield spool.finish()
         started = REACTOR.seconds()
-        result = yield self.client(config).scan(spool)
+        error = yield self.assertFailure(self.client(config).scan(spool), ClamdError)
         elapsed = REACTOR.seconds() - started
-        self.assertEqual(result.status, ScanStatus.FAILED)
-        self.assertIn("no progress", result.error or "")
+        self.assertIn("no progress", error.reason)
         self.assertLess(elapsed, 5.0)
 
 
@@ -203,9 +202,9 @@ class FakeClamdOverSocketsTests(TestCase):
         spool.append(text_body(1_000_000))
         self.addCleanup(spool.close)
         yield spool.finish()
-        result = yield client.scan(spool)
-        self.assertEqual((result.status, result.attempts), (ScanStatus.FAILED, 2))
-        self.assertIn("closed while sending", result.error or "")
+        error = yield self.assertFailure(client.scan(spool), ClamdError)
+        self.assertEqual(error.attempts, 2)
+        self.assertIn("closed while sending", error.reason)
         self.assertEqual(len(factory.connections), 2)
         for fake in factory.connections:
             self.assertLess(fake.data_bytes, 1_000_000)
@@ -226,7 +225,7 @@ class FakeClamdOverSocketsTests(TestCase):
         self.addCleanup(spool.close)
         yield spool.finish()
         result = yield client.scan(spool)
-        self.assertEqual((result.status, result.virus), (ScanStatus.VIRUS, "Fake.Virus"))
+        self.assertEqual((result.reply.kind, result.reply.virus), (ReplyKind.VIRUS, "Fake.Virus"))
         (fake,) = factory.connections
         self.assertEqual(fake.data_bytes, spool.size)
         self.assertTrue(fake.chunk_sizes and max(fake.chunk_sizes) <= 65536)

@@ -22,17 +22,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from rmilter.backends import rspamd
 from rmilter.backends.rspamd import (
     BadReply,
-    BytesProducer,
     MessageBody,
     RspamdClient,
-    ScanFailed,
+    RspamdError,
     ScanRequest,
-    SpoolProducer,
     from_config,
-    parse_reply,
+    parse_scan_reply,
     prepare_body,
     server_connector,
 )
+from rmilter.backends.rspamd.http import POOL_IDLE_TIMEOUT
+from rmilter.backends.rspamd.reply import ZSTD_MAGIC
+from rmilter.backends.rspamd import request as rspamd_request
+from rmilter.backends.rspamd.request import BytesProducer, SpoolProducer
 from rmilter.config.schema import Config, ServerSpec, SpamdConfig
 from rmilter.spool import Spool, run_inline
 from rmilter.testing.fake_rspamd import (
@@ -150,7 +152,7 @@ class RequestTests(ClientTestCase):
         [request] = self.fakes["r1"].requests
         self.assertEqual(request.header("Compression"), "zstd")
         self.assertEqual(request.header("Content-Type"), "application/x-compressed")
-        self.assertEqual(request.raw_body[:4], rspamd.ZSTD_MAGIC)
+        self.assertEqual(request.raw_body[:4], ZSTD_MAGIC)
         self.assertLess(len(request.raw_body), 200)
         self.assertEqual(request.body, spool.memory_bytes())
         self.assertEqual(result.reply.action, "add header")
@@ -204,7 +206,7 @@ class BodyTests(SynchronousTestCase):
         self.assertFalse(spool.in_memory)
         body = self.successResultOf(prepare_body(spool, False, run_inline))
         self.assertIsNone(body.data)
-        self.patch(rspamd, "CHUNK_SIZE", 64 * 1024)
+        self.patch(rspamd_request, "CHUNK_SIZE", 64 * 1024)
         reads: List[Tuple[int, int]] = []
         original = spool.read
 
@@ -267,7 +269,7 @@ class ReplyParsingTests(SynchronousTestCase):
                            message_id="<m@x>", dkim_signature="v=1; a=rsa-sha256",
                            rmilter={"remove_headers": {"X-Spam": 1}, "add_headers": {"X-A": "1"}})
         doc["default"]["A"]["options"].append(42)
-        reply = parse_reply(json.dumps(doc).encode())
+        reply = parse_scan_reply(json.dumps(doc).encode())
         self.assertEqual((reply.action, reply.score, reply.required_score), ("rewrite subject", 9.5, 15.0))
         self.assertEqual(reply.subject, "*** SPAM *** hi")
         self.assertEqual([(s.name, s.score, s.options) for s in reply.symbols],
@@ -300,7 +302,7 @@ class ReplyParsingTests(SynchronousTestCase):
                 "unknown_key": {"ignored": True},
             },
         )
-        reply = parse_reply(json.dumps(doc).encode())
+        reply = parse_scan_reply(json.dumps(doc).encode())
         self.assertEqual(reply.header_block, "milter")
         self.assertEqual(
             [(h.name, h.value, h.order) for h in reply.add_headers],
@@ -318,30 +320,30 @@ class ReplyParsingTests(SynchronousTestCase):
     def test_repeated_keys_give_several_headers(self) -> None:
         """UCL allows a key twice; each occurrence is one header (SPEC §6.8.5 (3))."""
         body = b'{"default": {"action": "no action"}, "rmilter": {"add_headers": {"X-A": "1", "X-A": "2"}}}'
-        reply = parse_reply(body)
+        reply = parse_scan_reply(body)
         self.assertEqual([h.value for h in reply.add_headers], ["1", "2"])
 
     def test_unknown_or_missing_action_is_no_action(self) -> None:
-        reply = parse_reply(json.dumps(checkv2_reply(action="quarantine")).encode())
+        reply = parse_scan_reply(json.dumps(checkv2_reply(action="quarantine")).encode())
         self.assertEqual((reply.action, reply.unknown_action), ("no action", "quarantine"))
-        reply = parse_reply(b'{"default": {"score": 1.0}}')
+        reply = parse_scan_reply(b'{"default": {"score": 1.0}}')
         self.assertEqual((reply.action, reply.unknown_action), ("no action", ""))
 
     def test_unparsable_reply(self) -> None:
-        self.assertRaises(BadReply, parse_reply, b"<html>oops</html>")
-        self.assertRaises(BadReply, parse_reply, b"[1, 2]")
-        self.assertRaises(BadReply, parse_reply, b'{"urls": []}')
-        e = self.assertRaises(BadReply, parse_reply, b'{"error": "bad request"}', 400)
+        self.assertRaises(BadReply, parse_scan_reply, b"<html>oops</html>")
+        self.assertRaises(BadReply, parse_scan_reply, b"[1, 2]")
+        self.assertRaises(BadReply, parse_scan_reply, b'{"urls": []}')
+        e = self.assertRaises(BadReply, parse_scan_reply, b'{"error": "bad request"}', 400)
         self.assertEqual(e.status, 400)
         self.assertIn("bad request", str(e))
 
     def test_huge_numbers(self) -> None:
-        reply = parse_reply(b'{"action": "reject", "score": 1' + b"0" * 400 + b'}')
+        reply = parse_scan_reply(b'{"action": "reject", "score": 1' + b"0" * 400 + b'}')
         self.assertEqual((reply.action, reply.score), ("reject", 0.0))
 
     def test_status_not_checked_when_body_is_a_result(self) -> None:
         """SPEC §6.8.2: a scan result counts even with another HTTP status."""
-        self.assertEqual(parse_reply(json.dumps(checkv2_reply(action="reject")).encode(), 500).action, "reject")
+        self.assertEqual(parse_scan_reply(json.dumps(checkv2_reply(action="reject")).encode(), 500).action, "reject")
 
 
 class FailureTests(ClientTestCase):
@@ -360,14 +362,14 @@ class FailureTests(ClientTestCase):
         self.assertEqual(len(self.fakes["r2"].requests), 1)
 
     def test_all_attempts_fail(self) -> None:
-        """retry_count attempts in all, then ScanFailed naming each failure."""
+        """retry_count attempts in all, then RspamdError naming each failure."""
         client = self.make_client(retry_count=3, retry_timeout=0.5)
         self.fakes["r1"].refuse()
         d = self.scan(client)
         self.clock.advance(0.5)
         self.assertNoResult(d)
         self.clock.advance(0.5)
-        failure = self.failureResultOf(d, ScanFailed)
+        failure = self.failureResultOf(d, RspamdError)
         self.assertEqual(len(failure.value.errors), 3)
         self.assertIn("r1: connection refused", failure.value.errors[0])
 
@@ -394,7 +396,7 @@ class FailureTests(ClientTestCase):
         self.fakes["r1"].flush()
         self.assertNoResult(d)
         self.clock.advance(3.0)
-        failure = self.failureResultOf(d, ScanFailed)
+        failure = self.failureResultOf(d, RspamdError)
         self.assertIn("timed out", failure.value.errors[0])
 
     def test_http_500_is_a_failed_attempt(self) -> None:
@@ -409,8 +411,22 @@ class FailureTests(ClientTestCase):
     def test_unparsable_json_is_a_failed_attempt(self) -> None:
         client = self.make_client(retry_count=1)
         self.fakes["r1"].answer(FakeReply(b'{"action": "reject", '))
-        failure = self.failureResultOf(self.scan(client), ScanFailed)
+        failure = self.failureResultOf(self.scan(client), RspamdError)
         self.assertIn("bad reply", failure.value.errors[0])
+
+    def test_cancel_drops_the_exchange_and_fails_the_scan(self) -> None:
+        """Cancelling a scan closes its connection and fails it with RspamdError: no retry, no one blamed."""
+        client = self.make_client(retry_count=3, retry_timeout=1.0)
+        self.fakes["r1"].answer_next(HANG)
+        d = self.scan(client)
+        self.assertEqual(self.fakes["r1"].open_connections, 1)
+        d.cancel()
+        failure = self.failureResultOf(d, RspamdError)
+        self.assertEqual(failure.value.errors, ("scan cancelled",))
+        self.assertEqual(self.fakes["r1"].open_connections, 0)
+        self.clock.advance(100)
+        self.assertEqual(len(self.fakes["r1"].requests), 1)
+        self.assertEqual(client.upstreams.upstreams[0].errors, 0)
 
     def test_dead_server_is_skipped_then_revived(self) -> None:
         """SPEC §6.6/B5: maxerrors failures within error_time make a server dead for dead_time.
@@ -457,7 +473,7 @@ class HTTPTests(ClientTestCase):
         for _ in range(3):
             self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "no action")
         self.assertEqual(self.fakes["r1"].connections, 3)
-        self.assertEqual(client.idle.get(R1, []), [])
+        self.assertEqual(client.http.idle.get(R1, []), [])
         self.assertEqual(self.fakes["r1"].open_connections, 0)
 
     def test_keep_alive_connection_is_reused(self) -> None:
@@ -477,7 +493,7 @@ class HTTPTests(ClientTestCase):
         client = self.make_client()
         self.fakes["r1"].keep_alive = True
         self.successResultOf(self.scan(client))
-        self.clock.advance(rspamd.POOL_IDLE_TIMEOUT + 1)
+        self.clock.advance(POOL_IDLE_TIMEOUT + 1)
         self.successResultOf(self.scan(client))
         self.assertEqual(self.fakes["r1"].connections, 2)
 
@@ -486,7 +502,7 @@ class HTTPTests(ClientTestCase):
         client = self.make_client(retry_count=1)
         self.fakes["r1"].keep_alive = True
         self.successResultOf(self.scan(client))
-        [connection] = client.idle[R1]
+        [connection] = client.http.idle[R1]
         transport: Any = connection.transport
         self.patch(transport, "write", lambda data: transport.loseConnection())
         result = self.successResultOf(self.scan(client))
@@ -545,15 +561,15 @@ class HTTPTests(ClientTestCase):
 
     def test_reply_cut_short(self) -> None:
         reply = b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"action\": "
-        failure = self.failureResultOf(self.exchange_bytes(reply), ScanFailed)
+        failure = self.failureResultOf(self.exchange_bytes(reply), RspamdError)
         self.assertEqual(failure.value.errors, ("r1: reply cut short",))
 
     def test_connection_lost_before_the_reply(self) -> None:
-        failure = self.failureResultOf(self.exchange_bytes(b"HTTP/1.1 200 OK\r\nContent-"), ScanFailed)
+        failure = self.failureResultOf(self.exchange_bytes(b"HTTP/1.1 200 OK\r\nContent-"), RspamdError)
         self.assertEqual(failure.value.errors, ("r1: connection lost before the reply",))
 
     def test_garbage_is_a_bad_reply(self) -> None:
-        failure = self.failureResultOf(self.exchange_bytes(b"SSH-2.0-OpenSSH\r\n\r\n", close=False), ScanFailed)
+        failure = self.failureResultOf(self.exchange_bytes(b"SSH-2.0-OpenSSH\r\n\r\n", close=False), RspamdError)
         self.assertIn("bad reply: not an HTTP reply", failure.value.errors[0])
 
 
@@ -600,7 +616,7 @@ class ConnectTests(SynchronousTestCase):
         d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
         factory = reactor.tcpClients[0][2]
         factory.clientConnectionFailed(cast(Any, None), Failure(net_error.TimeoutError()))
-        failure = self.failureResultOf(d, ScanFailed)
+        failure = self.failureResultOf(d, RspamdError)
         self.assertIn("connect timed out", failure.value.errors[0])
 
     def test_deadline_stops_a_pending_connect(self) -> None:
@@ -611,7 +627,7 @@ class ConnectTests(SynchronousTestCase):
         d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
         connector = reactor.connectors[0]
         reactor.advance(3.0)
-        self.assertIn("timed out", self.failureResultOf(d, ScanFailed).value.errors[0])
+        self.assertIn("timed out", self.failureResultOf(d, RspamdError).value.errors[0])
         self.assertTrue(connector.stoppedConnecting)
 
     def test_real_unix_socket(self) -> None:
@@ -644,7 +660,7 @@ class ReplyRobustnessTests(SynchronousTestCase):
         @given(documents)
         def check(document: Any) -> None:
             try:
-                reply = parse_reply(json.dumps(document).encode())
+                reply = parse_scan_reply(json.dumps(document).encode())
             except BadReply:
                 return
             self.assertIn(reply.action, rspamd.ACTIONS)
@@ -659,6 +675,6 @@ class ReplyRobustnessTests(SynchronousTestCase):
         @given(st.binary(max_size=64))
         def check(body: bytes) -> None:
             with contextlib.suppress(BadReply):
-                parse_reply(body)
+                parse_scan_reply(body)
 
         check()

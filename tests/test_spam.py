@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from rmilter.backends.rspamd import RspamdClient, ScanReply, ScanResult, Symbol
+from rmilter.backends.rspamd import RspamdClient, RspamdScan, ScanReply, Symbol
 from rmilter.checks import spam
 from rmilter.checks.spam import scan_log_line, spamd_result
 from rmilter.config.schema import Config, GlobalConfig, ServerSpec, SpamdConfig
@@ -437,15 +437,15 @@ class LoggingTests(SpamTestCase):
 
     def test_long_scan_lines_are_shortened(self) -> None:
         many = tuple(Symbol("SYMBOL_%02d" % i, 1.0, ("option-%d" % i,) * 5) for i in range(40))
-        result = ScanResult(ScanReply(symbols=many), R1, 0.5)
+        result = RspamdScan(ScanReply(symbols=many), R1, 0.5)
         line = scan_log_line("tag", result)
         self.assertLessEqual(len(line), 900)
         self.assertIn("SYMBOL_00(1.00)[]", line)
         self.assertNotIn("option-", line)
         huge = tuple(Symbol("SYMBOL_%03d_%s" % (i, "X" * 20), 1.0) for i in range(100))
-        line = scan_log_line("tag", ScanResult(ScanReply(symbols=huge), R1, 0.5))
+        line = scan_log_line("tag", RspamdScan(ScanReply(symbols=huge), R1, 0.5))
         self.assertTrue(line.endswith("symbols: "))
-        self.assertEqual(scan_log_line("t", ScanResult(ScanReply(), R1, 0.0)).split("symbols: ")[1], "no symbols")
+        self.assertEqual(scan_log_line("t", RspamdScan(ScanReply(), R1, 0.0)).split("symbols: ")[1], "no symbols")
 
 
 class AlsoCheckTests(SpamTestCase):

@@ -141,6 +141,21 @@ class VirusCheckTests(VirusCheckBase):
         self.assertEqual((result.summary, result.verdict, result.failed), ("ignored, temporary fail", None, True))
         self.assertIn("size limit", dict(result.details)["clamd_error"])
 
+    def test_failure_details_and_log_line(self) -> None:
+        """A scan failing with ClamdError: server, scan time, attempts and the last reason in the
+        details, and one warning naming them."""
+        msg = self.message(make_config(tempfail_on_error=False))
+        self.network.add(ADDR, REFUSE)
+        result = self.scan(msg)
+        details = dict(result.details)
+        self.assertEqual((details["clamd_server"], details["clamd_scan_time"], details["clamd_attempts"]),
+                         (CLAMD.name, 1.0, 2))
+        self.assertIn("connect failed", details["clamd_error"])
+        self.assertNotIn("virus", details)
+        (line,) = self.log.matching("clamscan: failed after")
+        self.assertTrue(line.startswith("%s; clamscan: failed after 2 attempt(s), 127.0.0.1:3310: connect failed"
+                                        % msg.tag), line)
+
     def test_never_fails_on_internal_error(self) -> None:
         """A bug inside the client still gives a result (the configured failure outcome), logged once."""
         msg = self.message(make_config(tempfail_on_error=True))

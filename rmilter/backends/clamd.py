@@ -1,14 +1,19 @@
 """clamd client: stream a message with ``zINSTREAM`` and read the verdict (SPEC §6.9, §7.2).
 
 One scan is up to ``spamd.retry_count`` attempts (B18: clamav retries come from
-the spamd section), each on a fresh connection to a server chosen at random
-among the live ones (SPEC §6.6), with a non-blocking pause of
+the spamd section) through the shared retry loop
+(``rmilter.backends.upstream.Failover``), each on a fresh connection to a server
+chosen at random among the live ones (SPEC §6.6), with a non-blocking pause of
 ``spamd.retry_timeout`` between attempts (B33).  An attempt sends
 ``zINSTREAM\\0``, then the spool in chunks of at most 64 KiB (each a u32
 big-endian length and the bytes), then a zero length, and reads the
 NUL-terminated reply.  The chunks are read from the spool one at a time and
 only while the transport wants more (a push producer), so a 5 MB message never
 sits in memory in one piece.
+
+A scan that finds the message clean or infected fires with a ``ClamdScan``; one
+that gets no verdict fails with ``ClamdError`` (the reason of the last attempt,
+the attempts made, the last server).
 
 Deadlines (SPEC §4.6, B18): ``clamav.connect_timeout`` for the connection;
 ``clamav.results_timeout`` for every wait after it: each read of the reply,
@@ -29,12 +34,11 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, Optional
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import error as neterror
-from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IPushProducer
@@ -43,7 +47,7 @@ from rmilter.log import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from rmilter.backends.upstream import UpstreamList
+from rmilter.backends.upstream import AttemptFailed, Attempted, Exhausted, Failover, UpstreamList
 from rmilter.config.schema import CLAMD_DEFAULT_PORT, Config, ServerSpec
 
 log = Logger(namespace="rmilter.backends.clamd")
@@ -70,6 +74,8 @@ class SpoolSource(TypingProtocol):
 
 # -- replies ---------------------------------------------------------------------------------
 class ReplyKind(enum.Enum):
+    """The classes of SPEC §6.9: a verdict (clean, virus) or a failed attempt (error, garbled)."""
+
     CLEAN = "clean"
     VIRUS = "virus"
     ERROR = "error"  # "<text> ERROR": a failed attempt, retried
@@ -85,7 +91,7 @@ class ClamdReply:
     virus: Optional[str] = None
 
 
-def parse_reply(raw: bytes) -> ClamdReply:
+def classify_reply(raw: bytes) -> ClamdReply:
     """Classify the bytes clamd sent back for one ``INSTREAM`` (SPEC §6.9).
 
     The reply is cut at its terminator (NUL for ``z`` commands, newline for
@@ -119,17 +125,7 @@ def parse_reply(raw: bytes) -> ClamdReply:
     return ClamdReply(ReplyKind.GARBLED, text)
 
 
-# -- attempt failures --------------------------------------------------------------------------
-class AttemptFailed(Exception):
-    """One attempt on one server failed in a way another attempt may not."""
-
-    retry = True
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
+# -- attempt failures (retried and blamed on the server unless said otherwise) -------------------
 class StreamInterrupted(AttemptFailed):
     """The connection ended while the message was still being sent, with no reply."""
 
@@ -141,7 +137,8 @@ class ResultsTimeout(AttemptFailed):
 class SpoolUnreadable(AttemptFailed):
     """Our own spool could not be read: no server is to blame and no retry helps."""
 
-    retry = False
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retry=False, blame=False)
 
 
 # -- one INSTREAM exchange ---------------------------------------------------------------------
@@ -321,23 +318,28 @@ class InstreamProtocol(Protocol):
 
 
 # -- the client ---------------------------------------------------------------------------------
-class ScanStatus(enum.Enum):
-    CLEAN = "clean"
-    VIRUS = "virus"
-    FAILED = "failed"
+#: a scan with a verdict: ``reply.kind`` is CLEAN or VIRUS; the server that gave it, the time spent
+#: (retries included), the attempts made
+ClamdScan = Attempted[ServerSpec, ClamdReply]
 
 
-@dataclass(frozen=True)
-class ScanResult:
-    """The outcome of a whole scan (all attempts)."""
+class ClamdError(Exception):
+    """A scan that got no verdict: the reason of the last attempt, attempts made, last server tried."""
 
-    status: ScanStatus
-    server: Optional[str]  # name of the last server tried (the one that answered, if any)
-    elapsed: float  # seconds from the start of the first attempt
-    attempts: int
-    virus: Optional[str] = None
-    error: Optional[str] = None  # why the last attempt failed
-    reply: Optional[str] = None  # clamd's reply text, when there was one
+    def __init__(self, reason: str, *, attempts: int, server: Optional[ServerSpec], elapsed: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.attempts = attempts
+        #: the last server tried (None when no attempt was made: the client was stopped)
+        self.server = server
+        #: seconds from the start of the first attempt
+        self.elapsed = elapsed
+
+    @classmethod
+    def from_report(cls, report: Exhausted[ServerSpec]) -> "ClamdError":
+        """The retry loop's account of the scan as the clamd failure."""
+        last = report.servers[-1] if report.servers else None
+        return cls(report.reason, attempts=report.attempts, server=last, elapsed=report.elapsed)
 
 
 #: (reactor, server, connect timeout) -> an IStreamClientEndpoint
@@ -360,6 +362,21 @@ def _connect_timed_out(result: Any, timeout: float) -> Failure:
     return Failure(DeferredTimeoutError(timeout, "connect"))
 
 
+def _verdict(raw: bytes) -> ClamdReply:
+    """The reply of one attempt if it is a verdict; an ERROR or garbled reply fails the attempt."""
+    reply = classify_reply(raw)
+    if reply.kind is ReplyKind.ERROR:
+        raise AttemptFailed("error reply: %s" % (reply.text,))
+    if reply.kind is ReplyKind.GARBLED:
+        raise AttemptFailed("unexpected reply: %r" % (reply.text,), retry=False)
+    return reply
+
+
+def _describe(failure: Failure) -> Optional[AttemptFailed]:
+    """Attempts fail with ``AttemptFailed``; anything else is a bug the retry loop logs."""
+    return failure.value if isinstance(failure.value, AttemptFailed) else None
+
+
 class ClamdClient:
     """Scans messages with a list of clamd servers, with failover and health (SPEC §6.6, §6.9)."""
 
@@ -379,99 +396,27 @@ class ClamdClient:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.results_timeout = results_timeout
-        self.attempts = max(1, retry_count)
-        self.retry_timeout = retry_timeout
         self.endpoint_factory = endpoint_factory
         self.chunk_size = chunk_size
-        self._active: Set["Deferred[Any]"] = set()
-        self.stopped = False
+        self.failover: Failover[ServerSpec] = Failover(
+            upstreams,
+            reactor,
+            attempts=retry_count,
+            retry_timeout=retry_timeout,
+            what="clamscan",
+            describe=_describe,
+            give_up=ClamdError.from_report,
+        )
 
     def __repr__(self) -> str:
         return "<ClamdClient %s>" % (", ".join(u.server.name for u in self.upstreams.upstreams),)
 
-    def scan(self, source: SpoolSource, tag: str = "") -> "Deferred[ScanResult]":
-        """Scan the message; the Deferred never fails (a failure is ``ScanStatus.FAILED``).
+    def scan(self, source: SpoolSource, tag: str = "") -> "Deferred[ClamdScan]":
+        """Scan the message: a verdict, or a ``ClamdError`` when no attempt gave one.
 
-        Cancelling it aborts the attempt in progress and fires it with a failed result.
+        Cancelling it aborts the attempt in progress (or the pause) and fails it with a ``ClamdError``.
         """
-        d = self._scan(source, tag)
-        self._active.add(d)
-
-        def forget(result: Any) -> Any:
-            self._active.discard(d)
-            return result
-
-        return d.addBoth(forget)
-
-    @inlineCallbacks
-    def _scan(self, source: SpoolSource, tag: str):  # type: ignore[no-untyped-def]
-        started = self.reactor.seconds()
-        tried: List[ServerSpec] = []
-        server: Optional[ServerSpec] = None
-        error = "no attempt made"
-        reply_text: Optional[str] = None
-        prefix = (tag + "; ") if tag else ""
-
-        def result(status: ScanStatus, **kwargs: Any) -> ScanResult:
-            return ScanResult(
-                status=status,
-                server=server.name if server is not None else None,
-                elapsed=self.reactor.seconds() - started,
-                attempts=len(tried),
-                **kwargs,
-            )
-
-        for attempt in range(1, self.attempts + 1):
-            if self.stopped:
-                error = "client stopped"
-                break
-            if attempt > 1:
-                try:
-                    yield task.deferLater(self.reactor, self.retry_timeout, lambda: None)
-                except CancelledError:
-                    error = "scan cancelled"
-                    break
-            server = self.upstreams.choose_random(exclude=tried)
-            tried.append(server)
-            try:
-                raw = yield self._attempt(server, source)
-            except CancelledError:
-                error = "scan cancelled"
-                break
-            except AttemptFailed as failed:
-                error = failed.reason
-                if not isinstance(failed, SpoolUnreadable):
-                    self.upstreams.failed(server)
-                if not failed.retry:
-                    log.warn("{prefix}clamscan: {error}, {server}, not retried", prefix=prefix, error=error,
-                             server=server.name)
-                    break
-                log.warn("{prefix}clamscan: failed to scan, {error}, {server}, attempt {attempt} of {attempts}",
-                         prefix=prefix, error=error, server=server.name, attempt=attempt, attempts=self.attempts)
-                continue
-            reply = parse_reply(raw)
-            reply_text = reply.text
-            if reply.kind is ReplyKind.CLEAN:
-                self.upstreams.succeeded(server)
-                return result(ScanStatus.CLEAN, reply=reply_text)
-            if reply.kind is ReplyKind.VIRUS:
-                self.upstreams.succeeded(server)
-                return result(ScanStatus.VIRUS, virus=reply.virus, reply=reply_text)
-            self.upstreams.failed(server)
-            if reply.kind is ReplyKind.ERROR:
-                error = "error reply: %s" % (reply.text,)
-                log.warn("{prefix}clamscan: error ({server}) {reply}, attempt {attempt} of {attempts}",
-                         prefix=prefix, server=server.name, reply=reply.text, attempt=attempt,
-                         attempts=self.attempts)
-                continue
-            error = "unexpected reply: %r" % (reply.text,)
-            log.warn("{prefix}clamscan: unexpected reply ({server}) {reply!r}, not retried",
-                     prefix=prefix, server=server.name, reply=reply.text)
-            break
-        else:
-            log.warn("{prefix}clamscan: retry limit exceeded, {server}", prefix=prefix,
-                     server=server.name if server is not None else "none")
-        return result(ScanStatus.FAILED, error=error, reply=reply_text)
+        return self.failover.run(lambda server: self._attempt(server, source).addCallback(_verdict), tag)
 
     def _attempt(self, server: ServerSpec, source: SpoolSource) -> "Deferred[bytes]":
         """Connect (within ``connect_timeout``) and run one INSTREAM exchange."""
@@ -494,21 +439,16 @@ class ClamdClient:
             if cancelled or outcome.called:
                 return
             if failure.check(DeferredTimeoutError, neterror.TimeoutError):
-                reason = "connect timeout after %.3gs" % (self.connect_timeout,)
+                outcome.errback(Failure(AttemptFailed("connect timeout after %.3gs" % (self.connect_timeout,))))
             elif failure.check(neterror.ConnectError, OSError):
-                reason = "connect failed: %s" % (failure.getErrorMessage(),)
+                outcome.errback(Failure(AttemptFailed("connect failed: %s" % (failure.getErrorMessage(),))))
             else:
-                log.failure("clamscan: unexpected error connecting to {server}", failure, server=server.name)
-                reason = "connect failed: %s" % (failure.getErrorMessage(),)
-            outcome.errback(Failure(AttemptFailed(reason)))
+                outcome.errback(failure)  # a bug: the retry loop logs it
 
         def exchange_over(result: Any) -> None:
             if cancelled or outcome.called:
                 return
             if isinstance(result, Failure):
-                if not result.check(AttemptFailed):
-                    log.failure("clamscan: unexpected error talking to {server}", result, server=server.name)
-                    result = Failure(AttemptFailed("internal error: %s" % (result.getErrorMessage(),)))
                 outcome.errback(result)
             else:
                 outcome.callback(result)
@@ -518,10 +458,8 @@ class ClamdClient:
         return outcome
 
     def stop(self) -> "Deferred[None]":
-        """Abort scans in flight (they end as failed) and refuse new attempts."""
-        self.stopped = True
-        for d in list(self._active):
-            d.cancel()
+        """Abort scans in flight (they fail with ``ClamdError``) and make no new attempt."""
+        self.failover.stop()
         return succeed(None)
 
 

@@ -30,10 +30,10 @@ from rmilter.backends.rspamd import (
     DKIM_ONLY_SETTINGS,
     MessageBody,
     RspamdClient,
-    ScanFailed,
+    RspamdError,
+    RspamdScan,
     ScanReply,
     ScanRequest,
-    ScanResult,
     Symbol,
     prepare_body,
 )
@@ -139,7 +139,7 @@ def wants_extended_headers(msg: MessageContext, spamd: SpamdConfig) -> bool:
     return spamd.extended_spam_headers and not msg.authenticated
 
 
-def extended_headers(msg: MessageContext, scan: ScanResult) -> List[Edit]:
+def extended_headers(msg: MessageContext, scan: RspamdScan) -> List[Edit]:
     return [
         AddHeader(name="X-Spamd-Result", value=header_value_safe(spamd_result(scan.reply))),
         AddHeader(name="X-Rspamd-Server", value=header_value_safe(scan.server.name)),
@@ -269,7 +269,7 @@ def _reply_text(preferred: Optional[str], fallback: str) -> str:
     return fallback
 
 
-def full_outcome(msg: MessageContext, spamd: SpamdConfig, scan: ScanResult) -> CheckResult:
+def full_outcome(msg: MessageContext, spamd: SpamdConfig, scan: RspamdScan) -> CheckResult:
     """SPEC §5.9 step 4 (c) and §6.8.3: what Rspamd's action means for this message."""
     reply = scan.reply
     action = reply.action
@@ -315,7 +315,7 @@ def full_outcome(msg: MessageContext, spamd: SpamdConfig, scan: ScanResult) -> C
     return CheckResult(Check.SPAM, summary, verdict=verdict, edits=tuple(edits), details=_details(scan))
 
 
-def dkim_only_outcome(msg: MessageContext, spamd: SpamdConfig, scan: ScanResult) -> CheckResult:
+def dkim_only_outcome(msg: MessageContext, spamd: SpamdConfig, scan: RspamdScan) -> CheckResult:
     """SPEC §6.8.6: headers and requested changes only; the action is ignored."""
     reply = scan.reply
     edits: List[Edit] = []
@@ -336,7 +336,7 @@ def failure_outcome(spamd: SpamdConfig, reason: str) -> CheckResult:
     return CheckResult(Check.SPAM, "ignored, temporary fail", details={"spam_error": reason}, failed=True)
 
 
-def _details(scan: ScanResult) -> Dict[str, object]:
+def _details(scan: RspamdScan) -> Dict[str, object]:
     reply = scan.reply
     details: Dict[str, object] = {
         "spam_server": scan.server.name,
@@ -354,7 +354,7 @@ def _details(scan: ScanResult) -> Dict[str, object]:
 
 
 # -- logging (SPEC §6.8.8) -----------------------------------------------------------------------
-def scan_log_line(tag: str, scan: ScanResult) -> str:
+def scan_log_line(tag: str, scan: RspamdScan) -> str:
     """``spamdscan: scan, ...``; over 900 bytes: without options, then without symbols, then cut."""
     reply = scan.reply
     head = "%s; spamdscan: scan, time: %.3f, server: %s, metric: default: [%.3f / %.3f], symbols: " % (
@@ -372,7 +372,7 @@ def scan_log_line(tag: str, scan: ScanResult) -> str:
     return line.encode("utf-8", "replace")[:MAX_LOG_LINE].decode("utf-8", "ignore")
 
 
-def _log_scan(msg: MessageContext, scan: ScanResult) -> None:
+def _log_scan(msg: MessageContext, scan: RspamdScan) -> None:
     reply = scan.reply
     if reply.unknown_action is not None:
         log.warn("{tag}; rspamd sent no known action ({action!r}), assuming no action",
@@ -383,8 +383,8 @@ def _log_scan(msg: MessageContext, scan: ScanResult) -> None:
 
 
 # -- also_check: a second opinion that never decides ----------------------------------------------
-def _compare(msg: MessageContext, deps: Deps, body: MessageBody, main: Optional[ScanResult],
-             other: Optional[ScanResult]) -> "Deferred[None]":
+def _compare(msg: MessageContext, deps: Deps, body: MessageBody, main: Optional[RspamdScan],
+             other: Optional[RspamdScan]) -> "Deferred[None]":
     """Log the comparison and keep messages whose actions differ in ``diff_dir``."""
     if main is None or other is None:
         return succeed(None)
@@ -443,14 +443,14 @@ def check(message: MessageContext, deps: Deps, *, dkim_only: bool = False) -> "D
         both.addCallback(lambda pair: _compare(message, deps, body, pair[0], pair[1]).addCallback(lambda _: pair[0]))
         return both.addCallback(outcome)
 
-    def scan_failed(failure: Failure) -> Optional[ScanResult]:
-        failure.trap(ScanFailed)
+    def scan_failed(failure: Failure) -> Optional[RspamdScan]:
+        failure.trap(RspamdError)
         reason = failure.getErrorMessage()
         log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=message.tag, reason=reason)
         reasons.append(reason)
         return None
 
-    def outcome(result: Optional[ScanResult]) -> CheckResult:
+    def outcome(result: Optional[RspamdScan]) -> CheckResult:
         if result is None:
             return failure_outcome(spamd, reasons[0] if reasons else "scan failed")
         _log_scan(message, result)

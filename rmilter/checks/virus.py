@@ -13,12 +13,13 @@ orders the results.  ``check`` turns one clamd scan into a ``CheckResult``:
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from rmilter.backends.clamd import ScanResult, ScanStatus
+from rmilter.backends.clamd import ClamdError, ClamdScan, ReplyKind
+from rmilter.config.schema import ServerSpec
 from rmilter.context import MessageContext
 from rmilter.deps import Deps
 from rmilter.log import Logger
@@ -45,52 +46,55 @@ def check(message: MessageContext, deps: Deps) -> "Deferred[CheckResult]":
     if message.spool is None:
         log.error("{tag}; clamscan: no spool to scan", tag=message.tag)
         return succeed(_failed(message, deps, "no spool", details={}))
-    checked: "Deferred[CheckResult]" = client.scan(message.spool, tag=message.tag).addCallback(
-        _to_result, message, deps)
+    checked: "Deferred[CheckResult]" = client.scan(message.spool, tag=message.tag).addCallbacks(
+        _to_result, _scan_failed, callbackArgs=(message, deps), errbackArgs=(message, deps))
     return checked.addErrback(_unexpected, message, deps)
 
 
-def _details(scan_result: ScanResult) -> Dict[str, object]:
-    details: Dict[str, object] = {
-        "clamd_server": scan_result.server,
-        "clamd_scan_time": round(scan_result.elapsed, 6),
-        "clamd_attempts": scan_result.attempts,
+def _details(server: Optional[ServerSpec], elapsed: float, attempts: int) -> Dict[str, object]:
+    return {
+        "clamd_server": server.name if server is not None else None,
+        "clamd_scan_time": round(elapsed, 6),
+        "clamd_attempts": attempts,
     }
-    if scan_result.virus is not None:
-        details["virus_name"] = scan_result.virus
-    if scan_result.error is not None:
-        details["clamd_error"] = scan_result.error
-    return details
 
 
-def _to_result(scan_result: ScanResult, message: MessageContext, deps: Deps) -> CheckResult:
-    details = _details(scan_result)
-    if scan_result.status is ScanStatus.FAILED:
-        log.warn(
-            "{tag}; clamscan: failed after {attempts} attempt(s), {server}: {error}",
-            tag=message.tag,
-            attempts=scan_result.attempts,
-            server=scan_result.server or "none",
-            error=scan_result.error,
-        )
-        return _failed(message, deps, scan_result.error or "failed", details)
-    if scan_result.status is ScanStatus.VIRUS:
+def _to_result(scan: ClamdScan, message: MessageContext, deps: Deps) -> CheckResult:
+    details = _details(scan.server, scan.elapsed, scan.attempts)
+    virus = scan.reply.virus
+    if scan.reply.kind is ReplyKind.VIRUS:
         log.info(
             "{tag}; clamscan: scan {elapsed:.3f}, {server}, found {virus}",
             tag=message.tag,
-            elapsed=scan_result.elapsed,
-            server=scan_result.server,
-            virus=scan_result.virus,
+            elapsed=scan.elapsed,
+            server=scan.server.name,
+            virus=virus,
         )
-        return CheckResult(Check.VIRUS, LOG_VIRUS, verdict=reject("Infected: %s" % (scan_result.virus,)),
-                           details=details)
+        details["virus_name"] = virus
+        return CheckResult(Check.VIRUS, LOG_VIRUS, verdict=reject("Infected: %s" % (virus,)), details=details)
     log.info(
         "{tag}; clamscan: scan {elapsed:.3f}, {server}",
         tag=message.tag,
-        elapsed=scan_result.elapsed,
-        server=scan_result.server,
+        elapsed=scan.elapsed,
+        server=scan.server.name,
     )
     return CheckResult(Check.VIRUS, LOG_CLEAN, details=details)
+
+
+def _scan_failed(failure: Failure, message: MessageContext, deps: Deps) -> CheckResult:
+    """clamd gave no verdict after every attempt (or the scan was cancelled)."""
+    failure.trap(ClamdError)
+    error = cast(ClamdError, failure.value)
+    details = _details(error.server, error.elapsed, error.attempts)
+    details["clamd_error"] = error.reason
+    log.warn(
+        "{tag}; clamscan: failed after {attempts} attempt(s), {server}: {error}",
+        tag=message.tag,
+        attempts=error.attempts,
+        server=error.server.name if error.server is not None else "none",
+        error=error.reason,
+    )
+    return _failed(message, deps, error.reason, details)
 
 
 def _failed(message: MessageContext, deps: Deps, reason: str, details: Dict[str, object]) -> CheckResult:
