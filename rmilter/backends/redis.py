@@ -229,6 +229,86 @@ class TxRedisChannel:
         return factory.disconnect().addBoth(lambda _: None)
 
 
+class SentinelChannel(TxRedisChannel):
+    """The master of a Redis Sentinel group, through txredisapi's Sentinel support (SPEC §11).
+
+    Before every connection txredisapi asks the Sentinels for the master's address and drops
+    the connections to an old master when it changed, so writes follow a failover within the
+    Sentinels' own detection time.  While no master is known, commands wait for a connection
+    and fail at their deadline: the feature fails open as with a dead server (SPEC §6.1).
+    """
+
+    def _connect(self) -> None:
+        import txredisapi  # type: ignore[import-untyped]
+
+        channel = self
+        protocol = _sentinel_protocol_class(txredisapi)
+
+        class Factory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.protocol = protocol
+                self.maxDelay = max(2.0, channel.config.connect_timeout)
+                self.deferred.addCallbacks(lambda _: None, channel._pool_failed)
+                channel._factory = self
+
+        sentinel = txredisapi.Sentinel(list(self.server.sentinels))
+        # a failover takes seconds; a discovery that hears nothing gives up after this long and
+        # the next connection attempt asks again
+        sentinel.discovery_timeout = max(1.0, self.config.connect_timeout)
+        self._sentinel = sentinel
+        assert self.server.master is not None
+        self._handler = sentinel.master_for(
+            self.server.master,
+            factory_class=Factory,
+            dbid=self.dbid,
+            poolsize=self.poolsize,
+            isLazy=True,
+            charset=None,
+            password=self.config.password or None,
+            replyTimeout=None,
+            convertNumbers=False,
+        )
+        self._response_error = txredisapi.ResponseError
+
+    def close(self) -> "Deferred[None]":
+        sentinel = getattr(self, "_sentinel", None)
+        closed = super().close()
+        if sentinel is None:
+            return closed
+        self._sentinel = None
+        return DeferredList([closed, sentinel.disconnect()], consumeErrors=True).addCallback(lambda _: None)
+
+
+def _sentinel_protocol_class(txredisapi: Any) -> Any:
+    """txredisapi's Sentinel protocol with rmilter's changes, and its ROLE check made to work.
+
+    txredisapi 1.6 compares the ROLE reply with the text ``"master"``; with ``charset=None``
+    (binary records must come back as bytes) the reply is ``b"master"`` and every connection
+    to the master was dropped as if it were a replica.
+    """
+    base = _protocol_class(txredisapi.SentinelRedisProtocol)
+
+    class RmilterSentinelProtocol(base):  # type: ignore[misc, valid-type]
+        def connectionMade(self) -> Any:
+            set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
+            if self.password is not None:
+                self.auth(self.password, self.username)
+
+            def check_role(role: Any) -> Any:
+                name = role[0].decode("ascii", "replace") if isinstance(role[0], bytes) else role[0]
+                if self.factory.is_master and name != "master":
+                    self.transport.loseConnection()
+                    return succeed(None)
+                return txredisapi.RedisProtocol.connectionMade(self)
+
+            return self.role().addCallback(check_role)
+
+    return RmilterSentinelProtocol
+
+
 def _protocol_class(base: Any) -> Any:
     """txredisapi's protocol with TCP_NODELAY and a faster encoder for bytes arguments.
 
@@ -601,8 +681,14 @@ def from_config(config: Config, reactor: Any, channel_maker: Optional[ChannelMak
         return None
     dbid = database_number(r)
 
+    def channel(server: RedisServer) -> CommandChannel:
+        kind = SentinelChannel if server.is_sentinel else TxRedisChannel
+        return kind(server, r, reactor, dbid)
+
+    maker = channel_maker or channel
+
     def role(name: str, servers: Sequence[RedisServer]) -> Optional[RedisRole]:
-        return RedisRole(name, servers, r, reactor, channel_maker, dbid) if servers else None
+        return RedisRole(name, servers, r, reactor, maker, dbid) if servers else None
 
     grey = role("grey", r.servers_grey)
     white = role("white", r.servers_white) if r.servers_white else grey

@@ -19,6 +19,7 @@ from rmilter.netlist import NetList, RecipientList
 CLAMD_DEFAULT_PORT = 3310
 RSPAMD_DEFAULT_PORT = 11333
 REDIS_DEFAULT_PORT = 6379
+SENTINEL_DEFAULT_PORT = 26379
 
 #: the listener used when no bind_socket is configured (documented in README)
 DEFAULT_BIND_SOCKET = "inet:11339@127.0.0.1"
@@ -41,11 +42,24 @@ class ServerSpec:
 
 @dataclass(frozen=True)
 class RedisServer:
-    """One Redis server of a role list (``host[:port]``; unix sockets unsupported)."""
+    """One Redis server of a role list: ``host[:port]`` (unix sockets unsupported), or the master
+    of a Redis Sentinel group, ``sentinel:MASTER@host:port,host:port`` (SPEC §11).
+
+    For a Sentinel entry ``host``/``port`` are those of the first Sentinel (for logs); the
+    master's address is asked from the Sentinels before every connection.
+    """
 
     name: str
     host: str
     port: int = REDIS_DEFAULT_PORT
+    #: the Sentinels' master name; None for a plain server
+    master: Optional[str] = None
+    #: (host, port) of every Sentinel of the group
+    sentinels: Tuple[Tuple[str, int], ...] = ()
+
+    @property
+    def is_sentinel(self) -> bool:
+        return self.master is not None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import socket
 from decimal import Decimal
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from rmilter.config.schema import Bucket, RedisServer, ServerSpec, REDIS_DEFAULT_PORT
+from rmilter.config.schema import REDIS_DEFAULT_PORT, SENTINEL_DEFAULT_PORT, Bucket, RedisServer, ServerSpec
 from rmilter.netlist import IPNetwork
 
 #: resolves a host name to its addresses (text); raises OSError when it cannot
@@ -278,6 +278,8 @@ def parse_cache_server(text: str) -> Tuple[RedisServer, bool]:
     """
     if not text:
         raise ValueProblem("empty server name")
+    if text.startswith(SENTINEL_PREFIX):
+        return parse_sentinel_group(text), False
     if text[0] in "/.":
         raise ValueProblem("%r: unix sockets are not supported for Redis (use host:port)" % text)
     host, rest = _split_host(text)
@@ -289,6 +291,37 @@ def parse_cache_server(text: str) -> Tuple[RedisServer, bool]:
     if rewritten:
         port = REDIS_DEFAULT_PORT
     return RedisServer(name=text, host=host, port=port), rewritten
+
+
+SENTINEL_PREFIX = "sentinel:"
+_MASTER_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+
+
+def parse_sentinel_group(text: str) -> RedisServer:
+    """``sentinel:MASTER@host[:port],host[:port]...``: the master of a Redis Sentinel group (SPEC §11).
+
+    Sentinels without a port are on 26379.  The group is one entry of the role's server list,
+    so client-side sharding over several entries works as with plain servers.
+    """
+    master, at, addresses = text[len(SENTINEL_PREFIX):].partition("@")
+    if not at or not master:
+        raise ValueProblem("%r: expected sentinel:MASTER@host:port[,host:port...]" % text)
+    if not _MASTER_NAME.match(master):
+        raise ValueProblem("%r: %r is not a Sentinel master name" % (text, master))
+    sentinels: List[Tuple[str, int]] = []
+    for item in addresses.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueProblem("%r: an empty Sentinel address" % text)
+        host, rest = _split_host(item)
+        if len(rest) > 1:
+            raise ValueProblem("%r: %r is not host or host:port" % (text, item))
+        host = _check_host(host, text).strip("[]")
+        port = _parse_port(rest[0], text) if rest else SENTINEL_DEFAULT_PORT
+        if (host, port) not in sentinels:
+            sentinels.append((host, port))
+    first_host, first_port = sentinels[0]
+    return RedisServer(name=text, host=first_host, port=first_port, master=master, sentinels=tuple(sentinels))
 
 
 def format_cache_server(server: RedisServer) -> str:

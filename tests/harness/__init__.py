@@ -62,7 +62,7 @@ from tests.harness.postfix import (
     SmtpSink,
     SwaksResult,
 )
-from tests.harness.redis import Redis, RedisError, RespClient, Subscription
+from tests.harness.redis import Redis, RedisError, RespClient, SentinelGroup, Subscription
 from tests.harness.rspamd import (
     GTUBE,
     GTUBE_ADD_HEADER,
@@ -84,6 +84,13 @@ def start_redis(testcase: _HasCleanup, **kwargs: Any) -> Redis:
     redis = Redis(**kwargs)
     testcase.addCleanup(redis.stop)
     return redis.start()
+
+
+def start_sentinel_group(testcase: _HasCleanup) -> SentinelGroup:
+    """A Redis master, its replica and three Sentinels for this test, stopped at its end."""
+    group = SentinelGroup()
+    testcase.addCleanup(group.stop)
+    return group.start()
 
 
 def start_clamd(testcase: _HasCleanup, **kwargs: Any) -> Clamd:
@@ -136,6 +143,7 @@ __all__ = [
     "Postfix",
     "REPO_ROOT",
     "Redis",
+    "SentinelGroup",
     "RedisError",
     "RespClient",
     "Rmilter",
@@ -155,6 +163,7 @@ __all__ = [
     "start_clamd",
     "start_postfix",
     "start_redis",
+    "start_sentinel_group",
     "start_rmilter",
     "start_smtp_sink",
     "wait_until",

@@ -215,3 +215,88 @@ class Redis:
 
     def subscribe(self, *channels: str) -> Subscription:
         return Subscription(self.host, self.port, channels)
+
+
+class SentinelGroup:
+    """One master, one replica and three Sentinels on loopback (REAL-SERVICES §11.2).
+
+    ``spec`` is the ``servers_*`` value rmilter takes (``sentinel:mymaster@127.0.0.1:P1,...``).
+    ``start()`` returns once every Sentinel has seen the replica, so that a failover can happen;
+    ``fail_over()`` kills the current master and waits until the Sentinels name the replica.
+    """
+
+    master_name = "mymaster"
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.master = Redis()
+        self.replica = Redis()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.dir = scratch_dir("sentinel")
+        self.sentinels: List[ManagedProcess] = []
+
+    @property
+    def spec(self) -> str:
+        return "sentinel:%s@%s" % (self.master_name, ",".join("%s:%d" % (self.host, p) for p in self.sentinel_ports))
+
+    def start(self, timeout: float = 40.0) -> "SentinelGroup":
+        self.master.start()
+        self.replica.extra_args = ["--replicaof", self.host, str(self.master.port)]
+        self.replica.start()
+        for port in self.sentinel_ports:
+            path = "%s/sentinel-%d.conf" % (self.dir, port)
+            with open(path, "w") as f:
+                f.write(
+                    "port %d\nbind %s\ndir %s\nsentinel monitor %s %s %d 2\n"
+                    "sentinel down-after-milliseconds %s 1000\nsentinel failover-timeout %s 3000\n"
+                    % (port, self.host, self.dir, self.master_name, self.host, self.master.port,
+                       self.master_name, self.master_name)
+                )
+            self.sentinels.append(ManagedProcess([find_program("redis-server"), path, "--sentinel"],
+                                                 "%s/sentinel-%d.log" % (self.dir, port)))
+        wait_until(self._replica_seen, timeout, "Sentinels to see the replica", self.diagnostics)
+        return self
+
+    def _sentinel(self, port: int, *args: str) -> Any:
+        with RespClient(self.host, port) as c:
+            return c.command("SENTINEL", *args)
+
+    def _replica_seen(self) -> bool:
+        for port in self.sentinel_ports:
+            try:
+                replicas = self._sentinel(port, "replicas", self.master_name)
+            except (OSError, RedisError):
+                return False
+            if not replicas:
+                return False
+        return True
+
+    def master_port(self) -> Optional[int]:
+        """The master's port as the first answering Sentinel names it."""
+        for port in self.sentinel_ports:
+            try:
+                reply = self._sentinel(port, "get-master-addr-by-name", self.master_name)
+            except (OSError, RedisError):
+                continue
+            if reply:
+                return int(reply[1])
+        return None
+
+    def fail_over(self, timeout: float = 30.0) -> None:
+        """Kill the master; return once the Sentinels have promoted the replica."""
+        self.master.stop()
+        wait_until(lambda: self.master_port() == self.replica.port, timeout,
+                   "the Sentinels to promote the replica", self.diagnostics)
+
+    def diagnostics(self) -> str:
+        out = []
+        for process in self.sentinels:
+            out.append(process.diagnostics())
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            process.stop()
+        self.sentinels = []
+        self.replica.stop()
+        self.master.stop()
