@@ -2,7 +2,9 @@
 """DKIM signing cost and its effect on other connections (issue 7).
 
     python3 bench/dkim_bench.py micro [--duration 5]
+    python3 bench/dkim_bench.py algorithms [--reps 3]
     python3 bench/dkim_bench.py milter --milterload /tmp/milterload/milterload [--duration 10] [--warmup 2]
+        [--algorithms]
 
 ``micro`` (in-process, no services):
   1. the RSA private-key operation alone: dkimpy's pure-Python RSASSA-PKCS1-v1_5 (what
@@ -14,11 +16,17 @@
      while 8 signatures are always in flight: nothing, rmilter's way (thread pool + OpenSSL),
      dkimpy's pure-Python RSA in the thread pool, and rmilter's signer on the reactor thread.
 
+``algorithms`` (in-process, issue 17): signatures per second of one thread for RSA-2048,
+Ed25519 and both on one message (``compute_signatures``: one body hash shared), with the CPU
+time per signed message, interleaved repetitions.
+
 ``milter`` (twistd rmilter + milterload, ../shared/tools/milterload): one rmilter with a
 wildcard key directory holding a 1024- and a 2048-bit key; a probe connection sends
 unauthenticated (unsigned) 4 KB messages while 8 other connections send authenticated
 (signed) ones.  The probe's p99 is compared with the same background load unauthenticated
 (same traffic, no signing).  Target: signing adds at most 5 ms to the probe's p99.
+``--algorithms`` runs the background as RSA-2048, Ed25519 and both (two signatures per
+message) instead of 1024/2048 (issue 17).
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ sys.path.insert(0, HERE)
 
 import dkim as dkimpy  # type: ignore[import-untyped]  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils  # noqa: E402
 from dkim.crypto import RSASSA_PKCS1_v1_5_sign, parse_pem_private_key  # type: ignore[import-untyped]  # noqa: E402
 
 from rmilter.dkim import keys, signer  # noqa: E402
@@ -86,8 +94,8 @@ def per_op(f: Callable[[], Any], min_time: float = 1.0) -> float:
     return best
 
 
-def request_for(key: rsa.RSAPrivateKey) -> signer.SignatureRequest:
-    signing_key = keys.SigningKey("example.com", "dkim", "bench", key)
+def request_for(key: keys.PrivateKey, selector: str = "dkim") -> signer.SignatureRequest:
+    signing_key = keys.SigningKey("example.com", selector, "bench", key)
     options = signer.SigningOptions("relaxed", "relaxed", "sha256", False)
     return signer.SignatureRequest(signing_key, options, signer.signed_headers(HEADERS), int(time.time()))
 
@@ -218,6 +226,35 @@ def micro_stall(keys: Dict[int, rsa.RSAPrivateKey], duration: float, concurrency
     print()
 
 
+def algorithms(reps: int) -> None:
+    """Signatures/s of one thread for RSA-2048, Ed25519 and both, 4 KB message (issue 17)."""
+    rsa_key, ed_key = make_key(2048), ed25519.Ed25519PrivateKey.generate()
+    cases = {
+        "RSA-2048": [request_for(rsa_key)],
+        "Ed25519": [request_for(ed_key, "ed")],
+        "RSA-2048 + Ed25519": [request_for(rsa_key), request_for(ed_key, "ed")],
+    }
+    runs: Dict[str, List[Tuple[float, float]]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, requests in cases.items():  # interleaved: the machine's noise hits all alike
+            n, wall, cpu = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - wall < 1.0:
+                signer.compute_signatures(requests, BODY)
+                n += 1
+            runs[name].append(((time.perf_counter() - wall) / n, (time.process_time() - cpu) / n))
+    print("## Signatures per second, one thread, 4 KB body, relaxed/relaxed (%d interleaved reps, median)\n" % reps)
+    print("%d cores, load average %.1f, %s (the machine is shared: figures are noisy)\n"
+          % (os.cpu_count() or 0, os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M")))
+    print("| keys | messages/s | signatures/s | µs per message | CPU µs per message |")
+    print("|---|---|---|---|---|")
+    for name, requests in cases.items():
+        seconds = statistics.median(r[0] for r in runs[name])
+        cpu = statistics.median(r[1] for r in runs[name])
+        print("| %s | %.0f | %.0f | %.0f | %.0f |" % (name, 1 / seconds, len(requests) / seconds, seconds * 1e6,
+                                                    cpu * 1e6))
+    print()
+
+
 # -- milter -----------------------------------------------------------------------------------
 CONFIG = """\
 dkim {
@@ -225,6 +262,11 @@ dkim {
     key = "%(keydir)s";
     domain = "*";
     selector = "dkim";
+  };
+  domain {
+    key = "%(eddir)s";
+    domain = "*";
+    selector = "ed";
   };
   header_canon = relaxed;
   body_canon = relaxed;
@@ -247,27 +289,38 @@ def finish(proc: "subprocess.Popen[str]", timeout: float) -> Dict[str, Any]:
     return json.loads(out)
 
 
-def milter(binary: str, duration: float, warmup: float, reps: int) -> None:
+def milter(binary: str, duration: float, warmup: float, reps: int, by_algorithm: bool = False) -> None:
     from common import Rmilter
 
     keydir = tempfile.mkdtemp(prefix="dkim-bench-keys.")
+    eddir = os.path.join(keydir, "ed")
+    os.mkdir(eddir)
+    ed_pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     try:
-        for bits in (1024, 2048):
-            with open(os.path.join(keydir, "k%d.example.dkim.key" % bits), "wb") as f:
-                f.write(pem(make_key(bits)))
-        service = Rmilter(CONFIG % {"keydir": keydir})
+        rsa_2048 = pem(make_key(2048))
+        for name, data in (("k1024.example.dkim.key", pem(make_key(1024))), ("k2048.example.dkim.key", rsa_2048),
+                           ("both.example.dkim.key", rsa_2048), ("ed/ed.example.ed.key", ed_pem),
+                           ("ed/both.example.ed.key", ed_pem)):
+            with open(os.path.join(keydir, name), "wb") as f:
+                f.write(data)
+        service = Rmilter(CONFIG % {"keydir": keydir, "eddir": eddir})
         try:
             phases: List[Tuple[str, Optional[List[str]]]] = [
                 ("probe alone", None),
                 ("8 conns unsigned", ["--from", "sender@k2048.example"]),
-                ("8 conns signing 1024", ["--from", "sender@k1024.example", "--auth", "alice"]),
-                ("8 conns signing 2048", ["--from", "sender@k2048.example", "--auth", "alice"]),
             ]
+            signing = [("1024", "k1024.example"), ("2048", "k2048.example")]
+            if by_algorithm:
+                signing = [("RSA-2048", "k2048.example"), ("Ed25519", "ed.example"),
+                           ("RSA-2048 + Ed25519", "both.example")]
+            phases += [("8 conns signing " + label, ["--from", "sender@" + domain, "--auth", "alice"])
+                       for label, domain in signing]
             print("## Through the milter: unsigned probe (1 connection) while 8 connections run, 4 KB messages\n")
             print("%d cores, load average %.1f at start, %s, %.0f s per run (+%.0f s warm-up), median of %d "
                   "interleaved runs\n" % (os.cpu_count() or 0, os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M"),
                                           duration, warmup, reps))
-            print("| background | background msg/s (= signatures/s when signing) | rmilter CPU µs/msg | probe msg/s "
+            print("| background | background msg/s (signatures/s: x2 for both) | rmilter CPU µs/msg | probe msg/s "
                   "| probe p50 ms | probe p99 ms | probe max ms |")
             print("|---|---|---|---|---|---|---|")
             results: Dict[str, List[Tuple[float, ...]]] = {}
@@ -299,7 +352,7 @@ def milter(binary: str, duration: float, warmup: float, reps: int) -> None:
                     name, "%.0f" % med[0] if med[0] else "-", med[1], med[2], med[3], med[4], med[5]))
             base = statistics.median(r[4] for r in results["8 conns unsigned"])
             print()
-            for name in ("8 conns signing 1024", "8 conns signing 2048"):
+            for name in ["8 conns signing " + label for label, _ in signing]:
                 p99 = statistics.median(r[4] for r in results[name])
                 print("- %s: probe p99 %+.2f ms against the same load unsigned (runs: %s)" % (
                     name, p99 - base, ", ".join("%.1f" % r[4] for r in results[name])))
@@ -322,6 +375,9 @@ def main() -> None:
     f.add_argument("--duration", type=float, default=10.0)
     f.add_argument("--warmup", type=float, default=2.0)
     f.add_argument("--reps", type=int, default=1)
+    f.add_argument("--algorithms", action="store_true", help="background: RSA-2048, Ed25519, both")
+    a = sub.add_parser("algorithms")
+    a.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if args.mode == "micro":
         print("dkimpy %s, cryptography %s, Python %s, %d cores\n" % (
@@ -330,8 +386,10 @@ def main() -> None:
         keys = {bits: make_key(bits) for bits in (1024, 2048)}
         micro_costs(keys)
         micro_stall(keys, args.duration, args.concurrency)
+    elif args.mode == "algorithms":
+        algorithms(args.reps)
     else:
-        milter(args.milterload, args.duration, args.warmup, args.reps)
+        milter(args.milterload, args.duration, args.warmup, args.reps, args.algorithms)
 
 
 if __name__ == "__main__":

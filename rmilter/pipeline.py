@@ -359,7 +359,8 @@ class Pipeline:
                 and ip is not None
                 and config.greylisting_active
             ):
-                grey = yield self._run(txn, checks.greylist, data_hash=True)
+                grey = yield self._run(txn, checks.greylist, data_hash=True,
+                                       sender_spf_pass=spam.sender_spf_pass(spam_result))
                 results.append(grey)
                 if grey.verdict is not None:
                     # the summary shows why Rspamd's verdict did not end the message

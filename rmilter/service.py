@@ -104,7 +104,7 @@ def load_configuration(path: Optional[str]) -> Tuple[Config, Optional[Keyring]]:
     """
     config = rconfig.load(path) if path else rconfig.default()
     try:
-        keyring = load_keyring(config.dkim)
+        keyring = load_keyring(config.dkim, config.origins)
     except KeyringError as e:
         raise rconfig.ConfigError(e.errors) from None
     return config, keyring

@@ -124,6 +124,9 @@ CASES: List[Tuple[str, str, str, Any, Any]] = [
     ("greylisting", "expire_white", "7d", 3 * 86400.0, 7 * 86400.0),
     ("greylisting", "whitelist", "192.0.2.1", NetList(), nets("192.0.2.1/32")),
     ("greylisting", "greylisted_message", '"Later"', "Try again later", "Later"),
+    ("greylisting", "ipv4_mask", "24", None, 24),
+    ("greylisting", "ipv6_mask", "48", 64, 48),
+    ("greylisting", "key_on_spf_domain", "yes", False, True),
     ("limits", "enable", "no", True, False),
     ("limits", "limit_to", "3:0.5", Bucket(), Bucket(3, 0.5)),
     ("limits", "limit_to_ip", "4:1", Bucket(), Bucket(4, 1.0)),
@@ -141,6 +144,10 @@ CASES: List[Tuple[str, str, str, Any, Any]] = [
     ("dkim", "sign_networks", "192.0.2.0/25", NetList(), nets("192.0.2.0/25")),
     ("dkim", "fold_header", "yes", False, True),
     ("dkim", "rspamd_sign", "yes", False, True),
+    ("dkim", "key_table", "/etc/opendkim/KeyTable", None, "/etc/opendkim/KeyTable"),
+    ("dkim", "signing_table", '"refile:/etc/opendkim/SigningTable"', None, "refile:/etc/opendkim/SigningTable"),
+    ("dkim", "multiple_signatures", "yes", False, True),
+    ("dkim", "oversign_headers", "From, Subject", (), ("from", "subject")),
 ]
 
 ATTRIBUTE = {"check_auth": "strict_auth"}

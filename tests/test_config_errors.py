@@ -175,7 +175,7 @@ class DkimErrorTests(ErrorTestCase):
             load_configuration(conf)  # what the service and check-config load: config and keys
         self.assertEqual(len(caught.exception.errors), 1)
         self.assertTrue(caught.exception.errors[0].startswith("%s:2: " % conf), caught.exception.errors)
-        self.assertIn("is not a PEM private key", caught.exception.errors[0])
+        self.assertIn("is not a private key (PEM, DER or base64)", caught.exception.errors[0])
 
 
 class IncludeErrorTests(SynchronousTestCase):

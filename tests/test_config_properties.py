@@ -107,6 +107,11 @@ SCALAR_TEXT: Dict[Any, st.SearchStrategy[str]] = {
     dirs.SOCKET: st.sampled_from(["unix:/run/rmilter/rmilter.sock", "inet:11332@127.0.0.1", "inet:9900",
                                   '"inet6:11332@[::1]"', "fd:3", "/run/rmilter.sock"]),
     dirs.DBNAME: st.integers(0, 15).map('"{}"'.format),
+    dirs.IPV4_PREFIX: st.integers(0, 32).map(str),
+    dirs.IPV6_PREFIX: st.integers(0, 128).map(str),
+    dirs.KEY_TABLE: st.sampled_from(["/etc/opendkim/KeyTable", '"file:/etc/opendkim/key table"']),
+    dirs.SIGNING_TABLE: st.sampled_from(["/etc/opendkim/SigningTable", '"refile:/etc/opendkim/SigningTable"',
+                                         '"file:/etc/opendkim/signing"']),
 }
 
 
@@ -123,6 +128,8 @@ def value_text(directive: dirs.Directive) -> st.SearchStrategy[str]:
         item = server(kind.rspamd)
     elif isinstance(kind, dirs.CacheServerList):
         item = cache_server
+    elif isinstance(kind, dirs.HeaderNameList):
+        item = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,12}", fullmatch=True)
     elif kind.recipients:  # type: ignore[attr-defined]
         item = st.one_of(recipient, recipient.map('"{}"'.format))
     else:

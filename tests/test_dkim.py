@@ -278,11 +278,12 @@ class KeyringTests(SynchronousTestCase):
         self.assertIsInstance(keyring.find("example.org"), keys.SigningKey)
 
     def test_named_key_that_is_no_pem_refuses_the_configuration(self) -> None:
-        """A key file that is not PEM at all is a configuration error with the FILE:LINE of its
-        ``domain { }`` block (as the parser reported it before keys left the config)."""
+        """A key file that is no key at all (not PEM, DER or base64) is a configuration error with the
+        FILE:LINE of its ``domain { }`` block (as the parser reported it before keys left the config)."""
         entry = named(self.files, "example.net", "s", b"garbage")
         e = self.assertRaises(keys.KeyringError, keys.build_keyring, make_config([entry]).dkim)
-        self.assertEqual(e.errors, ["rmilter.conf:7: dkim key %r is not a PEM private key" % (entry.key,)])
+        self.assertEqual(e.errors, ["rmilter.conf:7: dkim key %r is not a private key (PEM, DER or base64)"
+                                    % (entry.key,)])
 
     def test_missing_key_directory_is_reported_at_load(self) -> None:
         """A wildcard entry whose key path does not exist never signs and says so at load."""
@@ -298,14 +299,15 @@ class KeyringTests(SynchronousTestCase):
             key = keys.load_private_key(data, "k")
             self.assertEqual(key.private_numbers(), private_key().private_numbers())
 
-    def test_non_rsa_key_refused(self) -> None:
-        from cryptography.hazmat.primitives.asymmetric import ed25519
+    def test_key_neither_rsa_nor_ed25519_refused(self) -> None:
+        """An EC (P-256) key parses but cannot sign DKIM: a KeyLoadError saying why."""
+        from cryptography.hazmat.primitives.asymmetric import ec
 
-        data = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        data = ec.generate_private_key(ec.SECP256R1()).private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        e = self.assertRaises(keys.KeyLoadError, keys.load_private_key, data, "ed.key")
-        self.assertIn("not an RSA key", str(e))
+        e = self.assertRaises(keys.KeyLoadError, keys.load_private_key, data, "ec.key")
+        self.assertIn("not an RSA or Ed25519 key", str(e))
 
     def test_no_keyring_when_disabled_or_empty(self) -> None:
         """No keyring (so "not signed, disabled") with enable = no or without domain entries."""
@@ -559,7 +561,7 @@ class SignTests(SynchronousTestCase):
         signing = dkim.check(msg, self.deps(run_blocking=pool))
         self.assertNoResult(signing)
         (f, args, d), = calls
-        self.assertIs(f, signer.compute_signature)
+        self.assertIs(f, signer.compute_signatures)
         d.callback(f(*args))
         self.assertEqual(self.successResultOf(signing).summary, "signed")
 

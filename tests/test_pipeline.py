@@ -94,7 +94,7 @@ class Recorder:
         self.record("virus")
         return succeed(self.virus)
 
-    def check_grey(self, message, deps, *, data_hash=False):  # type: ignore[no-untyped-def]
+    def check_grey(self, message, deps, *, data_hash=False, sender_spf_pass=False):  # type: ignore[no-untyped-def]
         self.record("greylist", data_hash)
         return succeed(self.grey)
 

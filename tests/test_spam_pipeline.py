@@ -47,6 +47,7 @@ class PipelineSpamTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.fakes = FakeRspamdCluster({"r1": FakeRspamd()})
         self.grey_calls: List[bool] = []
+        self.grey_spf: List[bool] = []
         self.grey_result = CheckResult(Check.GREYLIST, "passed")
         self.published: List[str] = []
         # the real spam check; the others answer as the tests say
@@ -61,8 +62,10 @@ class PipelineSpamTestCase(SynchronousTestCase):
             replies_record=lambda message, deps: succeed(skipped(Check.REPLIES, "inactive")),
         )
 
-    def check_grey(self, msg: MessageContext, deps: Deps, *, data_hash: bool = False):  # type: ignore[no-untyped-def]
+    def check_grey(self, msg: MessageContext, deps: Deps, *, data_hash: bool = False,  # type: ignore[no-untyped-def]
+                   sender_spf_pass: bool = False):
         self.grey_calls.append(data_hash)
+        self.grey_spf.append(sender_spf_pass)
         return succeed(self.grey_result)
 
     def publish(self, msg: MessageContext, deps: Deps, *, kind: str):  # type: ignore[no-untyped-def]
@@ -180,6 +183,16 @@ class VerdictThroughPipelineTests(PipelineSpamTestCase):
         self.assertEqual(self.grey_calls, [True])
         self.assertEqual(verdict.action, Action.ACCEPT)
         self.assertIn(ChangeHeader(name="X-Spam", index=1, value="yes"), verdict.edits)
+
+    def test_spf_pass_handed_to_greylisting(self) -> None:
+        """EOM greylisting learns from the spam result whether Rspamd saw SPF pass (R_SPF_ALLOW)."""
+        config = self.config(redis=RedisConfig(servers_grey=(RedisServer("r", "127.0.0.1"),)))
+        self.fakes["r1"].answer(checkv2_reply(action="greylist", symbols={"R_SPF_ALLOW": -0.2}))
+        self.run_message(config)
+        self.fakes["r1"].answer(checkv2_reply(action="greylist", symbols={"R_SPF_FAIL": 1.0}))
+        self.run_message(config)
+        self.assertEqual(self.grey_calls, [True, True])
+        self.assertEqual(self.grey_spf, [True, False])
 
     def test_greylisted_after_add_header(self) -> None:
         self.fakes["r1"].answer(checkv2_reply(action="add header"))

@@ -7,6 +7,12 @@ white records ``expire_white``.  Two digests: the data hash (first 10240 body
 bytes, EOM only) and the envelope hash (sender, the client's address block,
 sorted raw recipients).
 
+The address block is C's by default (B17); ``ipv4_mask`` / ``ipv6_mask`` key it on
+a real netblock instead, so a retry from another host of the same pool passes.  With
+``key_on_spf_domain``, a message Rspamd found SPF-authorised for its envelope
+sender's domain (the pipeline hands in ``sender_spf_pass``) is keyed on that domain
+instead of any address: a retry from any host the domain authorises passes.
+
 Round trips per digest: GET white, then one script that reads the grey record
 and writes it when missing (C sends GET and SETEX), then SETEX white once the
 grey record is old enough.  Every command of a check has the check's deadline,
@@ -22,7 +28,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -40,6 +46,7 @@ DATA_HASH_BYTES = 10240
 HEADER_NAME = "X-Rmilter-Greylist"
 TYPE_DATA = "data hash"
 TYPE_ENVELOPE = "sender, IP, recipients"
+TYPE_SPF_ENVELOPE = "sender, SPF domain, recipients"
 
 _TIMEVAL = struct.Struct("<qq")  # struct timeval on x86-64: tv_sec, tv_usec
 
@@ -60,24 +67,59 @@ def decode_time(value: bytes) -> Optional[float]:
     return seconds + micros / 1e6
 
 
-def address_block(client_address: str) -> bytes:
+def _prefix(packed: bytes, bits: int) -> bytes:
+    """The first ``bits`` bits of ``packed``, the rest zeroed."""
+    width = 8 * len(packed)
+    mask = ((1 << width) - 1) ^ ((1 << (width - bits)) - 1)
+    return (int.from_bytes(packed, "big") & mask).to_bytes(len(packed), "big")
+
+
+def address_block(client_address: str, ipv4_mask: Optional[int] = None, ipv6_mask: int = 64) -> bytes:
     """The 16 bytes of the client address that go into the envelope hash (SPEC §6.2).
 
-    IPv4: octets 1-2, the low 3 bits of octet 3, octet 4 zeroed, then 12 zero
-    bytes: what C's "/19" mask really keeps on little-endian hosts (B17, kept for
-    record compatibility).  IPv6: the /64 then 8 zero bytes.
+    IPv4 without ``ipv4_mask``: octets 1-2, the low 3 bits of octet 3, octet 4
+    zeroed, then 12 zero bytes: what C's "/19" mask really keeps on little-endian
+    hosts (B17, kept for record compatibility).  With ``ipv4_mask`` N: the first N
+    bits of the address, then 12 zero bytes.  IPv6: the first ``ipv6_mask`` bits of
+    the 16 address bytes (64, the default, is C's block: the /64 then 8 zero bytes).
     """
     if ":" in client_address:
-        return socket.inet_pton(socket.AF_INET6, client_address)[:8] + bytes(8)
+        return _prefix(socket.inet_pton(socket.AF_INET6, client_address), ipv6_mask)
     packed = socket.inet_pton(socket.AF_INET, client_address)
+    if ipv4_mask is not None:
+        return _prefix(packed, ipv4_mask) + bytes(12)
     return bytes((packed[0], packed[1], packed[2] & 0x07, 0)) + bytes(12)
 
 
-def envelope_data(envelope_from: str, client_address: str, recipients: Iterable[str]) -> bytes:
-    """Normalised sender (``<>`` when null), address block, raw recipients sorted bytewise."""
+def _sender_and_recipients(envelope_from: str, recipients: Iterable[str]) -> Tuple[bytes, bytes]:
     sender = (envelope_from or "<>").encode("utf-8")
-    rcpts = sorted(r.encode("utf-8") for r in recipients)
-    return sender + address_block(client_address) + b"".join(rcpts)
+    return sender, b"".join(sorted(r.encode("utf-8") for r in recipients))
+
+
+def envelope_data(envelope_from: str, client_address: str, recipients: Iterable[str],
+                  ipv4_mask: Optional[int] = None, ipv6_mask: int = 64) -> bytes:
+    """Normalised sender (``<>`` when null), address block, raw recipients sorted bytewise."""
+    sender, rcpts = _sender_and_recipients(envelope_from, recipients)
+    return sender + address_block(client_address, ipv4_mask, ipv6_mask) + rcpts
+
+
+def spf_envelope_data(envelope_from: str, domain: str, recipients: Iterable[str]) -> bytes:
+    """The envelope data keyed on the SPF-authorised sender domain instead of an address block.
+
+    ``NUL "SPF:" domain NUL`` stands where the 16-byte block would be: no address block of
+    a real client reads the same (IPv4 blocks end in 12 zero bytes; an IPv6 block would have to
+    lie in the reserved ::/8), so these records never meet address-keyed ones.
+    """
+    sender, rcpts = _sender_and_recipients(envelope_from, recipients)
+    return sender + b"\0SPF:" + domain.encode("utf-8") + b"\0" + rcpts
+
+
+def spf_domain(envelope_from: str) -> Optional[str]:
+    """The domain Rspamd's SPF check judged: the envelope sender's (lowercase); None for ``<>``."""
+    if "@" not in envelope_from:
+        return None
+    domain = envelope_from.rsplit("@", 1)[1].strip().lower()
+    return domain or None
 
 
 def digest(data: bytes) -> bytes:
@@ -150,6 +192,9 @@ class _Settings:
         self.expire = g.expire
         self.expire_white = g.expire_white
         self.expire_arg = b"%d" % int(g.expire)
+        self.ipv4_mask = g.ipv4_mask
+        self.ipv6_mask = g.ipv6_mask
+        self.key_on_spf_domain = g.key_on_spf_domain
         self.timeout_seconds = config.redis.connect_timeout
         #: every command of the check shares this deadline: the whole check waits at most
         #: connect_timeout for Redis (SPEC §6.10)
@@ -226,12 +271,18 @@ def check_hash(settings: _Settings, digest_bytes: bytes, kind: str) -> "Deferred
     return white.get(white_key, deadline=settings.deadline).addCallback(white_checked)
 
 
-def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool) -> "Deferred[HashOutcome]":
+def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool,
+         sender_spf_pass: bool) -> "Deferred[HashOutcome]":
     """SPEC §6.2 "Overall": the data hash decides when its grey record existed."""
+    spf_keyed = spf_domain(msg.envelope_from) if settings.key_on_spf_domain and sender_spf_pass else None
 
     def envelope_check(_: Any = None) -> "Deferred[HashOutcome]":
+        if spf_keyed is not None:
+            envelope = spf_envelope_data(msg.envelope_from, spf_keyed, msg.recipient_addresses)
+            return check_hash(settings, digest(envelope), TYPE_SPF_ENVELOPE)
         assert msg.client_address is not None
-        envelope = envelope_data(msg.envelope_from, msg.client_address, msg.recipient_addresses)
+        envelope = envelope_data(msg.envelope_from, msg.client_address, msg.recipient_addresses,
+                                 settings.ipv4_mask, settings.ipv6_mask)
         return check_hash(settings, digest(envelope), TYPE_ENVELOPE)
 
     def data_checked(outcome: HashOutcome) -> Any:
@@ -243,13 +294,16 @@ def _run(msg: MessageContext, settings: _Settings, with_data_hash: bool) -> "Def
     return envelope_check()
 
 
-def check(message: MessageContext, deps: Deps, *, data_hash: bool = False) -> "Deferred[CheckResult]":
+def check(message: MessageContext, deps: Deps, *, data_hash: bool = False,
+          sender_spf_pass: bool = False) -> "Deferred[CheckResult]":
     """Greylist the message (DATA: envelope hash only; EOM, ``data_hash``: the data hash too).
 
     The pipeline decides the stage and the authentication rule; this checks that
     greylisting is active, that the client address is known and not in
     ``greylisting.whitelist``.  At EOM the last note is added as the
-    ``X-Rmilter-Greylist`` header whatever the result.
+    ``X-Rmilter-Greylist`` header whatever the result.  ``sender_spf_pass``: Rspamd
+    scanned the message and reports SPF pass for the envelope sender (``R_SPF_ALLOW``);
+    with ``key_on_spf_domain`` the envelope hash is then keyed on the sender's domain.
     """
     config = deps.config
     ip = message.client_address
@@ -272,4 +326,4 @@ def check(message: MessageContext, deps: Deps, *, data_hash: bool = False) -> "D
         log.failure("greylisting failed, message passes", failure)
         return HashOutcome(False, False, "internal error, not greylisted (fail open)", failed=True)
 
-    return _run(message, settings, data_hash).addErrback(broken).addCallback(result)
+    return _run(message, settings, data_hash, sender_spf_pass).addErrback(broken).addCallback(result)

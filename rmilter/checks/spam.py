@@ -90,6 +90,11 @@ def wants_greylist(result: CheckResult) -> bool:
     )
 
 
+def sender_spf_pass(result: CheckResult) -> bool:
+    """Rspamd scanned the message and its SPF check passed for the envelope sender (``R_SPF_ALLOW``)."""
+    return result.check is Check.SPAM and not result.failed and result.details.get("spf_allow") is True
+
+
 def rejected(result: CheckResult) -> bool:
     """Rspamd said reject (whatever ``spamd_never_reject`` made of it): the message is a spam copy."""
     return result.check is Check.SPAM and action_of(result) == "reject" and not result.details.get("spam_dkim_only")
@@ -348,6 +353,8 @@ def _details(scan: RspamdScan) -> Dict[str, object]:
     }
     if reply.no_action:
         details["spam_no_action"] = True
+    if reply.has_symbol("R_SPF_ALLOW"):
+        details["spf_allow"] = True
     if reply.message_id:
         details["message_id"] = reply.message_id
     return details

@@ -139,6 +139,39 @@ def _directory(text: str) -> str:
 DIRECTORY = _Simple("directory", _directory, v.quote)
 
 
+def _prefix_length(bits: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        length = v.parse_number(text)
+        if length > bits:
+            raise v.ValueProblem("%s is not a prefix length of %d bits or fewer" % (text, bits))
+        return length
+
+    return parse
+
+
+IPV4_PREFIX = _Simple("IPv4 prefix length (0-32)", _prefix_length(32), str)
+IPV6_PREFIX = _Simple("IPv6 prefix length (0-128)", _prefix_length(128), str)
+
+
+def _dataset(types: Tuple[str, ...]) -> Callable[[str], str]:
+    """An OpenDKIM data set naming a flat file: ``[type:]PATH`` with one of ``types`` (opendkim(8))."""
+
+    def parse(text: str) -> str:
+        kind, path = v.split_dataset(text)
+        if kind not in types:
+            raise v.ValueProblem(
+                "OpenDKIM data sets of type %s: are not supported here; use %s" % (kind, " or ".join(
+                    "%s:FILE" % t for t in types)))
+        _nonempty(path)
+        return text
+
+    return parse
+
+
+KEY_TABLE = _Simple("KeyTable file ([file:]PATH)", _dataset(("file",)), v.quote)
+SIGNING_TABLE = _Simple("SigningTable file ([file:|refile:]PATH)", _dataset(("file", "refile")), v.quote)
+
+
 def _socket(text: str) -> str:
     endpoint_description(text)
     return text
@@ -286,6 +319,21 @@ class WordList(ListKind):
         return list(value.entries) if self.recipients else list(value)
 
 
+class HeaderNameList(ListKind):
+    """Header field names, stored lowercase (DKIM compares them without case)."""
+
+    description = "header name list"
+
+    def convert_item(self, token: ValueToken, ctx: Context) -> List[Any]:
+        return [v.parse_header_name(_text(token)).lower()]
+
+    def format_item(self, entry: Any) -> str:
+        return v.quote(entry)
+
+    def finish(self, entries: List[Any]) -> Any:
+        return tuple(dict.fromkeys(entries))
+
+
 SERVER_LIMIT = 32
 
 
@@ -318,6 +366,7 @@ def _d(*args: Any, **kwargs: Any) -> Directive:
 IP = IPList()
 RECIPIENTS = WordList(recipients=True)
 WORDS = WordList(recipients=False)
+HEADER_NAMES = HeaderNameList()
 CLAMD_SERVERS = ServerList(CLAMD_DEFAULT_PORT, rspamd=False)
 RSPAMD_SERVERS = ServerList(RSPAMD_DEFAULT_PORT, rspamd=True)
 
@@ -417,6 +466,9 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("expire_white", TIME),
         _d("whitelist", IP, "reset", allow_empty=False),
         _d("greylisted_message", TEXT),
+        _d("ipv4_mask", IPV4_PREFIX),
+        _d("ipv6_mask", IPV6_PREFIX),
+        _d("key_on_spf_domain", FLAG),
     ),
     "limits": (
         _d("enable", FLAG),
@@ -438,6 +490,10 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("sign_networks", IP, "reset"),
         _d("fold_header", FLAG),
         _d("rspamd_sign", FLAG),
+        _d("key_table", KEY_TABLE),
+        _d("signing_table", SIGNING_TABLE),
+        _d("multiple_signatures", FLAG),
+        _d("oversign_headers", HEADER_NAMES, "reset"),
     ),
     "dkim.domain": (
         _d("key", PATH),

@@ -204,6 +204,15 @@ class GreylistingConfig:
     expire_white: float = 3 * 86400.0  # B32: does not follow expire
     whitelist: NetList = field(default_factory=NetList)
     greylisted_message: str = "Try again later"
+    # --- extensions of this implementation (SPEC §11) ---
+    #: unset: the C rmilter's IPv4 address block (B17: what its "/19" really kept), so existing
+    #: records stay valid; N: the first N bits of the IPv4 client address (N = 32: the address)
+    ipv4_mask: Optional[int] = None
+    #: the first N bits of the IPv6 client address; 64 is exactly the C block
+    ipv6_mask: int = 64
+    #: at EOM greylisting, when Rspamd reports SPF pass (R_SPF_ALLOW) for the envelope sender's
+    #: domain, key the triplet on that domain instead of the client address
+    key_on_spf_domain: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,6 +239,15 @@ class DkimConfig:
     sign_networks: NetList = field(default_factory=NetList)
     fold_header: bool = False
     rspamd_sign: bool = False
+    # --- extensions of this implementation (SPEC §11) ---
+    #: OpenDKIM KeyTable (``[file:]PATH``): key name -> domain:selector:key
+    key_table: Optional[str] = None
+    #: OpenDKIM SigningTable (``[file:|refile:]PATH``): From address -> key name[:signer]
+    signing_table: Optional[str] = None
+    #: OpenDKIM's MultipleSignatures: every matching SigningTable entry signs, not only the first
+    multiple_signatures: bool = False
+    #: headers signed once more than they occur (RFC 6376 §8.15 "oversigning"), lowercase
+    oversign_headers: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

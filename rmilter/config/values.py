@@ -415,3 +415,19 @@ def parse_header_name(text: str) -> str:
     if not _HEADER_NAME.match(text):
         raise ValueProblem("%r is not a header field name (printable ASCII, no spaces or ':')" % text)
     return text
+
+
+_DATASET_TYPE = re.compile(r"([a-z]+):(.*)\Z", re.S)
+
+
+def split_dataset(text: str) -> Tuple[str, str]:
+    """An OpenDKIM data set name -> (type, rest): ``refile:/x`` -> ("refile", "/x").
+
+    As opendkim(8) reads them: a leading ``type:`` names the type; a name without one (or one
+    starting with ``/`` or ``.``) is a flat file.
+    """
+    if not text.startswith(("/", ".")):
+        m = _DATASET_TYPE.match(text)
+        if m:
+            return m.group(1), m.group(2)
+    return "file", text

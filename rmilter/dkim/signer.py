@@ -9,6 +9,10 @@ running it in a thread would still stall the reactor for that long.  OpenSSL
 signs in 0.4 ms and releases the GIL, and the remaining Python work
 (canonicalising the body in line-aligned chunks, hashing) runs in the thread
 pool; see bench/dkim_bench.py for figures.  Nothing here does I/O.
+
+Ed25519 keys sign ``ed25519-sha256`` (RFC 8463): the same header hash, signed with
+PureEdDSA by ``cryptography``.  Several signatures of one message (an RSA and an
+Ed25519 key, several SigningTable entries) share one body hash per hash algorithm.
 """
 from __future__ import annotations
 
@@ -16,11 +20,11 @@ import base64
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Sequence, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import dkim as dkimpy  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, utils
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
 from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 
 from rmilter.config.schema import DkimConfig
@@ -63,6 +67,8 @@ class SigningOptions:
     body_canon: str = "simple"
     sign_alg: str = "sha1"
     fold_header: bool = False
+    #: lowercase names signed once more than they occur (RFC 6376 §8.15), so none can be added
+    oversign: Tuple[str, ...] = ()
 
     @classmethod
     def from_section(cls, section: DkimConfig) -> "SigningOptions":
@@ -73,15 +79,20 @@ class SigningOptions:
         ):
             if value not in allowed:
                 raise ValueError("dkim %s must be one of %s, not %r" % (name, ", ".join(allowed), value))
-        return cls(section.header_canon, section.body_canon, section.sign_alg, section.fold_header)
+        return cls(section.header_canon, section.body_canon, section.sign_alg, section.fold_header,
+                   tuple(h.lower() for h in section.oversign_headers))
 
     @property
     def canonicalization(self) -> str:
         return "%s/%s" % (self.header_canon, self.body_canon)
 
-    @property
-    def algorithm(self) -> str:
-        return "rsa-" + self.sign_alg
+    def hash_name(self, key: "SigningKey") -> str:
+        """RSA keys hash with ``sign_alg``; Ed25519 is defined with sha256 only (RFC 8463)."""
+        return "sha256" if key.key_type == "ed25519" else self.sign_alg
+
+    def algorithm(self, key: "SigningKey") -> str:
+        """The a= tag: ``rsa-sha1``, ``rsa-sha256`` or ``ed25519-sha256``."""
+        return "%s-%s" % (key.key_type, self.hash_name(key))
 
 
 # -- signature computation (runs in the thread pool) ------------------------------------------
@@ -96,9 +107,11 @@ class SignatureRequest:
     timestamp: int
 
 
-def signed_headers(headers: Sequence[Tuple[str, str]]) -> Tuple[Tuple[str, str], ...]:
-    """SPEC §6.7: every occurrence, in message order, of the headers in ``SIGNED_HEADERS``."""
-    return tuple((name, value) for name, value in headers if name.lower() in SIGNED_HEADERS)
+def signed_headers(headers: Sequence[Tuple[str, str]],
+                   also: AbstractSet[str] = frozenset()) -> Tuple[Tuple[str, str], ...]:
+    """SPEC §6.7: every occurrence, in message order, of the headers in ``SIGNED_HEADERS`` (and ``also``)."""
+    return tuple((name, value) for name, value in headers
+                 if name.lower() in SIGNED_HEADERS or name.lower() in also)
 
 
 def _wire(text: str) -> bytes:
@@ -221,29 +234,47 @@ def signature_value(tags: Sequence[Tuple[str, str]], fold: bool) -> str:
     return _fold(tags, len(HEADER_NAME) + 2)
 
 
-def compute_signature(request: SignatureRequest, body: bytes) -> str:
-    """The DKIM-Signature header value, "\\r" removed (SPEC §6.7).  Blocking: thread pool only."""
+def compute_signature(request: SignatureRequest, body: bytes,
+                      body_hashes: Optional[Dict[Tuple[str, str], bytes]] = None) -> str:
+    """The DKIM-Signature header value, "\r" removed (SPEC §6.7).  Blocking: thread pool only.
+
+    ``body_hashes`` caches body hashes by (canonicalisation, hash) across the signatures of
+    one message.
+    """
     options = request.options
     key = request.key
+    hash_name = options.hash_name(key)
     policy = CanonicalizationPolicy.from_c_value(options.canonicalization.encode("ascii"))
-    bh = base64.b64encode(body_hash(body, options.body_canon, options.sign_alg)).decode("ascii")
+    cache = body_hashes if body_hashes is not None else {}
+    cached = (options.body_canon, hash_name)
+    if cached not in cache:
+        cache[cached] = body_hash(body, options.body_canon, hash_name)
+    bh = base64.b64encode(cache[cached]).decode("ascii")
     names = [name for name, _ in request.headers]
+    # oversigning: each listed name once more than it occurs (an absent one once), so a header
+    # added later breaks the signature; dkimpy's select_headers hashes nothing for the extra name
+    extra = list(options.oversign)
+    include = [_wire(name.lower()) for name in names] + [_wire(name) for name in extra]
     tags: List[Tuple[str, str]] = [
         ("v", "1"),
-        ("a", options.algorithm),
+        ("a", options.algorithm(key)),
         ("c", options.canonicalization),
         ("d", key.domain),
         ("s", key.selector),
+    ]
+    if key.identity is not None:
+        tags.append(("i", key.identity))
+    tags += [
         ("t", str(request.timestamp)),
         ("bh", bh),
-        ("h", ":".join(names)),
+        ("h", ":".join(names + [_header_spelling(name) for name in extra])),
     ]
     # The layout (and so the hashed value) must not depend on the signature bytes: lay it out
     # with a placeholder of the signature's exact base64 length, then put the signature in.
     placeholder_length = 4 * ((key.signature_length + 2) // 3)
     draft = signature_value(tags + [("b", "A" * placeholder_length)], options.fold_header)
 
-    hash_factory, crypto_hash = _HASHES[options.sign_alg]
+    hash_factory, crypto_hash = _HASHES[hash_name]
     hasher = hash_factory()
     fields = header_fields(request.headers)
     # dkimpy's hash_headers strips the b= value itself (RE_BTAG), as its verifier does
@@ -251,11 +282,16 @@ def compute_signature(request: SignatureRequest, body: bytes) -> str:
         hasher,
         policy,
         policy.canonicalize_headers(fields),
-        [name.lower() for name, _ in fields],
+        include,
         (HEADER_NAME.encode("ascii"), b" " + draft.encode("ascii")),
         None,
     )
-    signature = key.private_key.sign(hasher.digest(), padding.PKCS1v15(), utils.Prehashed(crypto_hash()))
+    private_key = key.private_key
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        # RFC 8463 §3: PureEdDSA over the SHA-256 hash of the header data (what RSA signs too)
+        signature = private_key.sign(hasher.digest())
+    else:
+        signature = private_key.sign(hasher.digest(), padding.PKCS1v15(), utils.Prehashed(crypto_hash()))
     encoded = base64.b64encode(signature).decode("ascii")
     assert len(encoded) == placeholder_length
     b_start = draft.rindex("b=") + 2
@@ -267,3 +303,12 @@ def compute_signature(request: SignatureRequest, body: bytes) -> str:
     return (draft[:b_start] + "\r\n\t".join(lines)).replace("\r", "")
 
 
+def compute_signatures(requests: Sequence[SignatureRequest], body: bytes) -> List[str]:
+    """One DKIM-Signature value per request, in order, sharing body hashes.  Thread pool only."""
+    body_hashes: Dict[Tuple[str, str], bytes] = {}
+    return [compute_signature(request, body, body_hashes) for request in requests]
+
+
+def _header_spelling(lowercase: str) -> str:
+    """How an oversigned name is written in h=: ``from`` -> ``From``, ``message-id`` -> ``Message-Id``."""
+    return "-".join(part.capitalize() for part in lowercase.split("-"))

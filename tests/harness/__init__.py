@@ -31,6 +31,8 @@ Quick reference::
                                                  # .wait_for_log(regex), .reload(), .stop()
     clamd = start_clamd(self)                    # clamd.address, clamd.socket_path, clamd.scan(b"...")
     rspamd = shared_rspamd()                     # rspamd.address, rspamd.checkv2(msg, ...)
+    rspamd, dns = dns_rspamd()                   # (tests.harness.dns) an Rspamd resolving through
+                                                 # dns.publish(name, txt): SPF and DKIM keys
     sink = start_smtp_sink(self)                 # sink.messages()
     postfix = start_postfix(self, sink)          # postfix.set_milters(milter.milter_inet)
     sent = postfix.swaks(data, auth_user="alice")  # sent.status, .queue_id, .server_replies
