@@ -26,6 +26,7 @@ from rmilter.dkim.keys import Keyring, KeyringError, load_keyring
 from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
+from rmilter.spool import SpoolBudget
 
 log = Logger(namespace="rmilter.service")
 
@@ -140,7 +141,10 @@ class RmilterService(service.MultiService):
         self.cli_listen = tuple(listen)
         self.install_signals = install_signals
         self.run_blocking = _run_in_threadpool(reactor)
-        self.runtime = Runtime.build(config, reactor, self.run_blocking, keyring)
+        #: one budget for the in-memory spools of every generation (messages outlive reloads)
+        self.spool_budget = SpoolBudget(config.main.spool_memory_total)
+        self.runtime = Runtime.build(config, reactor, self.run_blocking, keyring,
+                                     spool_budget=self.spool_budget)
         self.pipeline = Pipeline(lambda: self.runtime)
         self.factory = MilterFactory(self.pipeline, reactor, lambda: self.runtime)
         self.pidfile: Optional[PidFile] = None
@@ -270,7 +274,9 @@ class RmilterService(service.MultiService):
     def _apply_reload(self, loaded):  # type: ignore[no-untyped-def]
         config, keyring = loaded
         old = self.runtime
-        new = Runtime.build(config, self.reactor, self.run_blocking, keyring)
+        self.spool_budget.total = config.main.spool_memory_total
+        new = Runtime.build(config, self.reactor, self.run_blocking, keyring,
+                            spool_budget=self.spool_budget)
         self.runtime = new
         old.retire()
         self._announce(config, keyring)
