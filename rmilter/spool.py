@@ -10,11 +10,12 @@ bounded.  The first 10 KiB of the body always stay in memory for the
 greylisting data hash (SPEC §6.2).
 
 Memory across messages is bounded too: every in-memory body draws on one
-``SpoolBudget`` (``spool_memory_total``); a message whose next chunk does not
+``SpoolBudget`` (``spool_memory_total``, 4 MiB); a message whose next chunk does not
 fit moves to its file at once, so 64 concurrent 1 MB messages cost the budget,
 not 64 MB.  Once on disk, body bytes are written in batches of ``WRITE_BATCH``
 (the MTA sends BODY chunks of at most 64 KiB: one thread hop per chunk would
-cost more than the write).
+cost more than the write); the bytes gathered for a batch draw on the budget
+too, so when it is spent every chunk goes to the file as it comes.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ class SpoolBudget:
         self.peak = 0
         #: spools sent to disk because the budget was spent
         self.refused = 0
+        #: spools made since start, and spools not yet closed (messages in flight)
+        self.opened = 0
+        self.open = 0
 
     def reserve(self, size: int) -> bool:
         """Take ``size`` bytes if they fit; False sends the caller to disk."""
@@ -112,6 +116,9 @@ class Spool:
         self._run = run_blocking
         self._budget = budget
         self._reserved = 0  # bytes of _memory taken from the budget
+        if budget is not None:
+            budget.opened += 1
+            budget.open += 1
         self.head = b""
         self.body_prefix = bytearray()  # first DATA_HASH_PREFIX body bytes
         self._memory = bytearray()  # body bytes not yet on disk (all of it while in memory)
@@ -148,9 +155,8 @@ class Spool:
             if len(self._memory) <= self.memory_limit and self._take(len(data)):
                 return None
             self._on_disk = True
-            self._give_back()
-        elif len(self._memory) < WRITE_BATCH:
-            return None
+        elif len(self._memory) < WRITE_BATCH and self._take(len(data)):
+            return None  # gathered for a larger write, within the budget
         return self._flush()
 
     def _take(self, size: int) -> bool:
@@ -170,7 +176,17 @@ class Spool:
         """Queue the gathered body bytes for the file (one thread hop per batch)."""
         chunk = bytes(self._memory)
         self._memory = bytearray()  # a new buffer: the old one's memory goes back at once
-        return self._chain(self._write_blocking, chunk)
+        held, self._reserved = self._reserved, 0
+        written = self._chain(self._write_blocking, chunk)
+        if held and self._budget is not None:
+            budget = self._budget
+
+            def written_out(result: object) -> object:
+                budget.release(held)  # the bytes leave memory only once they are in the file
+                return result
+
+            written.addBoth(written_out)
+        return written
 
     def finish(self) -> "Deferred[None]":
         """Fires when every byte is where ``read`` can find it; fails if a write failed."""
@@ -261,6 +277,8 @@ class Spool:
         self._memory = bytearray()
         self._joined = None
         self._give_back()
+        if self._budget is not None:
+            self._budget.open -= 1
 
         def remove(_: object) -> None:
             fd, path = self._fd, self.path
