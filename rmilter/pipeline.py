@@ -127,7 +127,8 @@ class Pipeline:
         if running.called and isinstance(running.result, CheckResult):
             # answered at once (most checks, most of the time): no callback to run
             result = running.result
-            if result.verdict is not None and result.check in txn.runtime.dry_run:
+            dry_run = txn.runtime.dry_run
+            if dry_run and result.check in dry_run:
                 return succeed(self._keep_result(result, txn))
             txn.results.append(result)
             return running

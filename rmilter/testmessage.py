@@ -263,11 +263,10 @@ def offline_deps(config: Any, keyring: Any, rspamd_reply: Optional[Dict[str, Any
     from rmilter.spool import run_inline
     from rmilter.testing.fake_clamd import MemoryClamdNetwork, Script
     from rmilter.testing.fake_redis import FakeRedisRoles
-    from rmilter.testing.fake_rspamd import FakeRspamd, FakeRspamdCluster, checkv2_reply
+    from rmilter.testing.fake_rspamd import FakeRspamd, checkv2_reply
 
     reactor = MemoryReactorClock()
     fake = FakeRspamd(rspamd_reply if rspamd_reply is not None else checkv2_reply())
-    cluster = FakeRspamdCluster({s.name: fake for s in config.spamd.servers})
     rspamd = RspamdClient(config.spamd, reactor, connector_for=lambda server: fake.connector()) \
         if config.spamd.servers else None
     network = MemoryClamdNetwork(reactor)
@@ -291,7 +290,6 @@ def offline_deps(config: Any, keyring: Any, rspamd_reply: Optional[Dict[str, Any
             network.run()
             reactor.advance(0.01)
 
-    del cluster
     return deps, pump
 
 
@@ -347,6 +345,8 @@ def report(outcome: Outcome) -> Dict[str, Any]:
             "failed": result.failed,
             "skipped": result.skipped,
             "would": result.would,
+            "would_reply": None if result.would_verdict is None else
+            reply_line(result.would_verdict.action, result.would_verdict.reply),
             "demanded": None if result.verdict is None else result.verdict.action.value,
             "time": round(seconds, 6),
             "details": {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v))
@@ -400,6 +400,8 @@ def print_text(doc: Dict[str, Any], out: TextIO) -> None:
         out.write("dkim signature: %s\n" % s)
     for c in doc["checks"]:
         out.write("check %s: %s (%.3f s)\n" % (c["check"], c["result"], c["time"]))
+        if c["would_reply"]:
+            out.write("  would have answered: %s\n" % c["would_reply"])
     for w in doc["redis_writes_held_back"]:
         out.write("redis write held back (no --write): %s\n" % w)
     out.write("summary: %s\n" % doc["summary"])

@@ -165,6 +165,14 @@ class DryRunPipelineTests(PipelineTestCase):
         self.assertIn("dkim", self.rec.names())
         self.assertIn("; virus scan: would reject, virus found;", summary_text(self.fields))
 
+    def test_quarantine_in_dry_run_is_not_applied(self) -> None:
+        self.rec.spam = CheckResult(Check.SPAM, "quarantined, action: reject", edits=(Quarantine(reason="spam"),),
+                                    details={"spam_action": "reject"})
+        _, verdict = self.run_message(make_config(spamd=SpamdConfig(servers=SPAMD, dry_run=True)))
+        self.assertEqual(verdict.action, Action.ACCEPT)
+        self.assertFalse(any(isinstance(e, Quarantine) for e in verdict.edits))
+        self.assertEqual(self.fields["spam"], "would quarantine, action: reject")
+
     def test_observers_see_the_would_result(self) -> None:
         seen = []
         self.rec.spam = GTUBE_REJECT

@@ -32,6 +32,7 @@ SCHEMA = {
     "redis_writes_held_back": list, "exit_status": int,
 }
 CHECK_SCHEMA = {"check": str, "result": str, "failed": bool, "skipped": bool, "would": (str, type(None)),
+                "would_reply": (str, type(None)),
                 "demanded": (str, type(None)), "time": float, "details": dict}
 
 
@@ -135,10 +136,11 @@ class ReplyShapeTests(TestMessageTestCase):
 
     def test_dry_run_accepts_and_the_summary_says_what_it_would_have_done(self) -> None:
         status, doc = self.run_json(config=BACKENDS + "spamd { dry_run = yes; }\n",
-                                    reply=checkv2_reply(action="reject", score=1000))
+                                    reply=checkv2_reply(action="reject", score=1000, smtp_message="Gtube pattern"))
         self.assertEqual(status, testmessage.ACCEPT_STATUS)
         self.assertIn("spam scan: would reject, action: reject", doc["summary"])
         self.assertEqual(self.check_of(doc, "spam")[0]["would"], "reject")
+        self.assertEqual(self.check_of(doc, "spam")[0]["would_reply"], "554 5.7.1 Gtube pattern")
 
     def test_greylisting_in_dry_run_accepts_a_first_triplet(self) -> None:
         status, doc = self.run_json(config=BACKENDS + "greylisting { dry_run = yes; }\n",
