@@ -441,6 +441,9 @@ def add_parser(commands: Any) -> None:
 def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     from rmilter.service import load_configuration
 
+    if (args.rspamd_reply or args.virus) and not args.offline:
+        err.write("test-message: --rspamd-reply and --virus need --offline\n")
+        return USAGE_STATUS
     try:
         config, keyring = load_configuration(args.config)
     except rconfig.ConfigError as e:
@@ -460,9 +463,6 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
     except (OSError, ValueError) as e:
         err.write("test-message: %s\n" % (e,))
         return ERROR_STATUS
-    if (args.rspamd_reply or args.virus) and not args.offline:
-        err.write("test-message: --rspamd-reply and --virus need --offline\n")
-        return USAGE_STATUS
     headers, body = split_message(data)
     sender = args.sender if args.sender is not None else next(iter(_addresses(headers, ("from",))), "")
     recipients = tuple(args.rcpt) or tuple(_addresses(headers, ("to", "cc")))

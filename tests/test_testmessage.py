@@ -173,7 +173,14 @@ class CommandLineTests(TestMessageTestCase):
     def test_rspamd_reply_without_offline_is_a_usage_error(self) -> None:
         out, err = io.StringIO(), io.StringIO()
         status = cli.main(["test-message", "--rspamd-reply", "x.json", self.message], out, err)
-        self.assertIn(status, (testmessage.ERROR_STATUS, testmessage.USAGE_STATUS))
+        self.assertEqual(status, testmessage.USAGE_STATUS)
+        self.assertIn("need --offline", err.getvalue())
+
+    def test_an_unreadable_message_exits_1(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["test-message", "--offline", os.path.join(self.dir, "absent.eml")], out, err)
+        self.assertEqual(status, testmessage.ERROR_STATUS)
+        self.assertIn("absent.eml", err.getvalue())
 
     def test_headers_are_split_and_unfolded(self) -> None:
         headers, body = testmessage.split_message(b"A: 1\nB: two\n  lines\n\nbody\n")
