@@ -12,6 +12,7 @@ from typing import List, Optional, TextIO
 
 from rmilter import __version__
 from rmilter import config as rconfig
+from rmilter import testmessage
 from rmilter.service import load_configuration
 
 #: exit statuses
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         "every error as FILE:LINE: reason to stderr; exit 1.",
     )
     check.add_argument("file", metavar="FILE")
+    testmessage.add_parser(commands)
     return parser
 
 
@@ -64,6 +66,8 @@ def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout, err: TextIO
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file, out, err)
+    if args.command == "test-message":
+        return testmessage.main(args, out, err)
     _parser().print_usage(err)
     return USAGE
 

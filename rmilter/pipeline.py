@@ -41,6 +41,7 @@ from rmilter.verdict import (
     Verdict,
     decide,
     deciding_result,
+    dry_run_result,
     skipped,
 )
 
@@ -114,24 +115,34 @@ class Pipeline:
 
     # -- running one check -------------------------------------------------------------------
     def _run(self, txn: Transaction, check: CheckFunction, **options: Any) -> "Deferred[CheckResult]":
-        """Run one check for the message; its result is kept (and observed) when it arrives."""
+        """Run one check for the message; its result is kept (and observed) when it arrives.
+
+        Every result enters the transaction through ``_keep``/``_keep_result``: there a check in
+        dry run has its demanded verdict turned into a "would" (``verdict.dry_run_result``), so
+        every stage below sees a result that let the message pass.
+        """
         if self.observers:
             return check(txn.message, txn.deps, **options).addCallback(self._ended, txn, txn.deps.clock.seconds())
         running = check(txn.message, txn.deps, **options)
         if running.called and isinstance(running.result, CheckResult):
             # answered at once (most checks, most of the time): no callback to run
-            txn.results.append(running.result)
+            result = running.result
+            dry_run = txn.runtime.dry_run
+            if dry_run and result.check in dry_run:
+                return succeed(self._keep_result(result, txn))
+            txn.results.append(result)
             return running
         return running.addCallback(self._keep_result, txn)
 
     @staticmethod
     def _keep_result(result: CheckResult, txn: Transaction) -> CheckResult:
+        if result.check in txn.runtime.dry_run:
+            result = dry_run_result(result)
         txn.results.append(result)
         return result
 
     def _ended(self, result: CheckResult, txn: Transaction, started: float) -> CheckResult:
-        self._keep(txn, result, txn.deps.clock.seconds() - started)
-        return result
+        return self._keep(txn, result, txn.deps.clock.seconds() - started)
 
     def _run_cancellable(self, txn: Transaction, check: CheckFunction) -> "Deferred[CheckResult]":
         """``_run`` for a check the message may stop needing (clamd while Rspamd decides).
@@ -157,13 +168,15 @@ class Pipeline:
                 outcome.errback(result)
                 return
             if not cancelled:
-                self._keep(txn, result, clock.seconds() - started)
+                result = self._keep(txn, result, clock.seconds() - started)
             outcome.callback(result)
 
         running.addBoth(ended)
         return outcome
 
     def _keep(self, txn: Transaction, result: CheckResult, seconds: float = 0.0) -> CheckResult:
+        if result.check in txn.runtime.dry_run:
+            result = dry_run_result(result)
         txn.results.append(result)
         if not self.observers:
             return result

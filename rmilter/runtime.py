@@ -8,7 +8,7 @@ closes its backend connections once its last message is done.
 from __future__ import annotations
 
 import random
-from typing import Any, List, Optional
+from typing import Any, FrozenSet, List, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
@@ -18,6 +18,7 @@ from rmilter.deps import Deps
 from rmilter.dkim.keys import Keyring
 from rmilter.log import Logger
 from rmilter.spool import BlockingRunner, SpoolBudget
+from rmilter.verdict import Check, dry_run_checks
 
 log = Logger(namespace="rmilter.runtime")
 
@@ -27,6 +28,8 @@ class Runtime:
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
+        #: checks whose demanded verdicts are only reported (``dry_run = yes``), looked up once
+        self.dry_run: FrozenSet[Check] = dry_run_checks(deps.config)
         #: messages currently using this runtime; a retired runtime stops when it reaches 0
         self.in_flight = 0
         self.retired = False

@@ -19,6 +19,8 @@ log = Logger(namespace="rmilter.pipeline")
 
 #: what the line shows for a check of which no result exists (it was never reached)
 _UNKNOWN = {Check.SPAM: "unknown", Check.VIRUS: "unknown", Check.DKIM: "unsigned"}
+#: dry run: checks with no field of their own in the line get a "<label>: would ..." part
+_WOULD_LABEL = {Check.GREYLIST: "greylist", Check.RATELIMIT: "rate limit"}
 
 
 def summary_event(message: MessageContext, results: Iterable[CheckResult], verdict: Verdict) -> Dict[str, Any]:
@@ -27,9 +29,14 @@ def summary_event(message: MessageContext, results: Iterable[CheckResult], verdi
     published: List[str] = []
     reply_to: Optional[str] = None
     details: Dict[str, object] = {}
+    would: List[str] = []
     for result in results:
         check = result.check
         last[check] = result
+        if result.would is not None and check in _WOULD_LABEL:
+            part = "%s: would %s" % (_WOULD_LABEL[check], result.would)
+            if part not in would:
+                would.append(part)
         if result.details:
             details.update(result.details)
             if check is Check.COPIES and copies.published(result):
@@ -58,6 +65,7 @@ def summary_event(message: MessageContext, results: Iterable[CheckResult], verdi
                                                                 verdict.reply.text)),
         greylist=grey.summary if grey is not None and not grey.skipped else None,
         reply_to=reply_to,
+        would="; ".join(would) or None,
         duration=round(time.time() - message.started, 6),
     )
     for name, value in details.items():
@@ -81,6 +89,8 @@ def summary_text(event: Dict[str, Any]) -> str:
         text += "; " + event["published"]
     if event["reply_to"]:
         text += "; reply to our message " + event["reply_to"]
+    if event.get("would"):
+        text += "; " + event["would"]
     text += "; verdict: " + event["verdict"]
     if event["reply"]:
         text += " (%s)" % event["reply"]

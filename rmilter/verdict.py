@@ -7,12 +7,13 @@ the precedence of SPEC §5.9 visible in ``precedence``.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, FrozenSet, Iterable, Mapping, Optional, Tuple, Union
 
 
 class Action(enum.Enum):
@@ -161,6 +162,11 @@ class CheckResult:
     details: Mapping[str, object] = field(default_factory=dict)
     failed: bool = False
     skipped: bool = False
+    #: dry run: what the check demanded and did not get, as "reject", "defer", "discard" or
+    #: "quarantine" (``dry_run_result``); None when the check runs for real or wanted nothing
+    would: Optional[str] = None
+    #: dry run: the verdict it demanded (its reply text is what the MTA would have been told)
+    would_verdict: Optional[Verdict] = None
 
     @property
     def demands_verdict(self) -> bool:
@@ -174,6 +180,59 @@ def skipped(check: Check, reason: str) -> CheckResult:
     The same few reasons come up for every message: each is made once (results are frozen).
     """
     return CheckResult(check, reason, skipped=True)
+
+
+# -- dry run: a check runs and records as usual, the message goes on as if it had passed ---------
+#: what the summary says a demanded verdict would have done
+_WOULD = MappingProxyType({Action.REJECT: "reject", Action.TEMPFAIL: "defer", Action.DISCARD: "discard"})
+#: the first part of a summary that names the action taken; "would ..." replaces it
+_TAKEN = frozenset(("rejected", "delayed", "discarded", "quarantined"))
+
+
+def dry_run_checks(config: Any) -> FrozenSet[Check]:
+    """The checks of ``config`` whose demanded verdicts are only reported (``dry_run = yes``).
+
+    The global ``dry_run`` covers every check that can end a message; each section's its own.
+    Computed once per configuration generation (``rmilter.runtime.Runtime``).
+    """
+    if config.main.dry_run:
+        return frozenset((Check.RATELIMIT, Check.GREYLIST, Check.SPAM, Check.VIRUS))
+    chosen = set()
+    if config.limits.dry_run:
+        chosen.add(Check.RATELIMIT)
+    if config.greylisting.dry_run:
+        chosen.add(Check.GREYLIST)
+    if config.spamd.dry_run:
+        chosen.add(Check.SPAM)
+    if config.clamav.dry_run:
+        chosen.add(Check.VIRUS)
+    return frozenset(chosen)
+
+
+def dry_run_result(result: CheckResult) -> CheckResult:
+    """The result of a check in dry run: what it would have done instead of doing it.
+
+    A demanded reject/tempfail/discard (or a quarantine edit) is dropped and named in
+    ``would``; the summary says ``would reject, action: reject`` where it said ``rejected,
+    action: reject``.  Everything else (the note, the details, the other edits) stays, so the
+    message goes on exactly as if the check had passed.  Results that want nothing pass as they are.
+    """
+    edits = result.edits
+    quarantined = any(isinstance(e, Quarantine) for e in edits)
+    if not result.demands_verdict and not quarantined:
+        return result
+    if result.demands_verdict:
+        assert result.verdict is not None
+        would = _WOULD[result.verdict.action]
+        would_verdict: Optional[Verdict] = result.verdict
+    else:
+        would = "quarantine"
+        edits = tuple(e for e in edits if not isinstance(e, Quarantine))
+        would_verdict = Verdict(Action.ACCEPT, edits=tuple(e for e in result.edits if isinstance(e, Quarantine)))
+    first, comma, rest = result.summary.partition(", ")
+    summary = "would %s, %s" % (would, rest if comma and first in _TAKEN else result.summary)
+    return dataclasses.replace(result, summary=summary, verdict=None, edits=edits, would=would,
+                               would_verdict=would_verdict)
 
 
 #: SPEC §5.9: the order in which a demanded final answer wins.  An Rspamd scan that failed with

@@ -392,6 +392,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("progress_interval", TIME),
         _d("shutdown_timeout", TIME),
         _d("trace_header", HEADER_NAME),
+        _d("dry_run", FLAG),
     ),
     "clamav": (
         _d("servers", CLAMD_SERVERS, "reset", max_items=SERVER_LIMIT),
@@ -402,6 +403,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("dead_time", SECONDS),
         _d("maxerrors", NUMBER),
         _d("whitelist", IP, "append", allow_empty=False),
+        _d("dry_run", FLAG),
     ),
     "spamd": (
         _d("servers", RSPAMD_SERVERS, "reset", max_items=SERVER_LIMIT),
@@ -437,6 +439,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("compression", FLAG),
         _d("spam_bar_char", TEXT),
         _d("protocol", Choice("checkv2", "legacy")),
+        _d("dry_run", FLAG),
     ),
     "redis": (
         _d("servers_grey", CacheServerList(mirrored=True), "reset", max_items=SERVER_LIMIT),
@@ -470,6 +473,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("ipv4_mask", IPV4_PREFIX),
         _d("ipv6_mask", IPV6_PREFIX),
         _d("key_on_spf_domain", FLAG),
+        _d("dry_run", FLAG),
     ),
     "limits": (
         _d("enable", FLAG),
@@ -481,6 +485,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("limit_whitelist", IP, "reset"),
         _d("limit_whitelist_rcpt", RECIPIENTS, "reset"),
         _d("limit_bounce_addrs", WORDS, "reset"),
+        _d("dry_run", FLAG),
     ),
     "dkim": (
         _d("enable", FLAG),

@@ -120,6 +120,8 @@ class GlobalConfig:
     #: when set, accepted messages get this header naming rmilter, the message tag, the client
     #: address and the authenticated user: a trace for administrators (off by default)
     trace_header: Optional[str] = None
+    #: every check that can end a message runs in dry run (see ``dry_run`` of the sections)
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class ClamavConfig:
     dead_time: float = 300.0
     maxerrors: int = 10
     whitelist: NetList = field(default_factory=NetList)
+    #: extension: a virus is logged as "would reject" and the message goes on
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ class SpamdConfig:
     spam_bar_char: str = "x"
     # --- extension: "checkv2" (POST /checkv2, default) or "legacy" (POST /symbols) ---
     protocol: str = "checkv2"
+    #: extension: Rspamd's reject/soft reject/discard/quarantine is logged as "would ..." only
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,8 @@ class GreylistingConfig:
     #: at EOM greylisting, when Rspamd reports SPF pass (R_SPF_ALLOW) for the envelope sender's
     #: domain, key the triplet on that domain instead of the client address
     key_on_spf_domain: bool = False
+    #: records are kept as usual, but a message that would be deferred goes on
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +237,8 @@ class LimitsConfig:
     limit_whitelist: NetList = field(default_factory=NetList)
     limit_whitelist_rcpt: RecipientList = field(default_factory=RecipientList)
     limit_bounce_addrs: Tuple[str, ...] = ()
+    #: extension: a recipient over its limit is logged as "would defer" and accepted
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
