@@ -34,6 +34,8 @@ class ServerSpec:
     port: Optional[int] = None
     path: Optional[str] = None  # unix socket
     priority: int = 0
+    #: rspamd only: ``https://host[:port]``, reached over verified TLS (issue 12)
+    tls: bool = False
 
     @property
     def is_unix(self) -> bool:
@@ -165,6 +167,11 @@ class SpamdConfig:
     spam_bar_char: str = "x"
     # --- extension: "checkv2" (POST /checkv2, default) or "legacy" (POST /symbols) ---
     protocol: str = "checkv2"
+    # --- extension (issue 12): TLS for ``https://`` servers ---
+    tls_ca: Optional[str] = None  # PEM file of trusted CAs; None: the system trust store
+    tls_cert: Optional[str] = None  # PEM client certificate (with tls_key)
+    tls_key: Optional[str] = None
+    tls_verify: bool = True  # "no" only explicitly, with a warning at start
 
 
 @dataclass(frozen=True)
