@@ -54,8 +54,6 @@ POOL_SIZE = 128
 #: idle pooled connections are closed before Rspamd's own keep-alive timer can
 #: close them under a request we are about to send
 POOL_IDLE_TIMEOUT = 30
-#: the port of an ``https://host`` server without one: what every https URL means
-HTTPS_DEFAULT_PORT = 443
 
 #: how one configured server is reached (the test hook: an in-memory endpoint)
 EndpointFor = Callable[[ServerSpec], IStreamClientEndpoint]
