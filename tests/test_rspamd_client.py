@@ -35,6 +35,7 @@ from rmilter.backends.rspamd.transport import POOL_IDLE_TIMEOUT
 from rmilter.backends.rspamd.reply import ZSTD_MAGIC
 from rmilter.backends.rspamd import request as rspamd_request
 from rmilter.backends.rspamd.request import BytesProducer, SpoolProducer
+from rmilter.config import parse_text
 from rmilter.config.schema import Config, ServerSpec, SpamdConfig
 from rmilter.spool import Spool, run_inline
 from rmilter.testing.fake_rspamd import (
@@ -704,3 +705,42 @@ class ReplyRobustnessTests(SynchronousTestCase):
                 parse_scan_reply(body)
 
         check()
+
+
+class TLSConfigTests(SynchronousTestCase):
+    """``https://`` servers: TLS endpoints built with the client; tls_verify = no is said at start."""
+
+    def events(self) -> List[Any]:
+        from twisted.logger import globalLogPublisher
+
+        events: List[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def test_https_server_gets_a_tls_endpoint_plain_one_does_not(self) -> None:
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        reactor = MemoryReactorClock()
+        config = parse_text('spamd { servers = "https://127.0.0.1:8443", "127.0.0.1:11333"; };')
+        client = RspamdClient(config.spamd, reactor)
+        self.assertEqual([s.tls for s in config.spamd.servers], [True, False])
+        endpoints = client.http._endpoints.by_key
+        tls_endpoint = endpoints[(b"https", b"127.0.0.1", 8443)]._endpoint
+        plain_endpoint = endpoints[(b"http", b"127.0.0.1", 11333)]._endpoint
+        self.assertIsInstance(plain_endpoint, TCP4ClientEndpoint)
+        self.assertNotIsInstance(tls_endpoint, TCP4ClientEndpoint)  # wrapClientTLS around it
+        self.assertIsInstance(tls_endpoint._wrappedEndpoint, TCP4ClientEndpoint)
+
+    def test_tls_verify_off_is_warned_at_start(self) -> None:
+        events = self.events()
+        config = parse_text('spamd { servers = "https://rspamd.example:8443"; tls_verify = no; };')
+        RspamdClient(config.spamd, MemoryReactorClock())
+        warnings = [e for e in events if "tls_verify = no" in str(e.get("log_format", ""))]
+        self.assertEqual(len(warnings), 1)
+
+    def test_no_warning_without_https_servers(self) -> None:
+        events = self.events()
+        config = parse_text('spamd { servers = "127.0.0.1:11333"; tls_verify = no; };')
+        RspamdClient(config.spamd, MemoryReactorClock())
+        self.assertEqual([e for e in events if "tls_verify" in str(e.get("log_format", ""))], [])

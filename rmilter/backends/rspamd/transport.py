@@ -72,6 +72,11 @@ def _tls_reason(reasons: Sequence[Failure]) -> Optional[str]:
     for reason in reasons:
         value = reason.value
         module = type(value).__module__ or ""
+        mismatched = [getattr(getattr(e, "mismatched_id", None), "hostname", None)
+                      for e in getattr(value, "errors", ())] if module.startswith("service_identity") else []
+        if mismatched:
+            names = ", ".join(n.decode("idna") if isinstance(n, bytes) else str(n) for n in mismatched if n)
+            return "TLS: the certificate is not for %s (VerificationError)" % (names,)
         if module.startswith(("OpenSSL", "service_identity")):
             return "TLS: %s: %s" % (type(value).__name__, reason.getErrorMessage())
     return None
