@@ -7,7 +7,7 @@ import json
 import os
 import random
 import tempfile
-from typing import Any, List, Tuple, cast
+from typing import Any, List, Tuple
 
 import zstandard
 from twisted.internet import error as net_error

@@ -29,7 +29,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site

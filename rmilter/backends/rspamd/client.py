@@ -11,7 +11,7 @@ reply fails with ``RspamdError``, naming every failed attempt.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
