@@ -30,6 +30,9 @@ setup(
         "dkimpy>=1.1",
         "treq>=22.1",
         "service-identity>=21.1",
+        # TLS to https:// Rspamd servers (issue 12): Twisted's tls extra
+        "pyopenssl>=22.0",
+        "idna>=2.4",
         "cryptography>=3.1",
         "xxhash>=3.0",
         "hiredis>=2.0",

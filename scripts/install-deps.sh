@@ -18,7 +18,7 @@ python=${PYTHON:-python3}
 
 packages=(
   redis-server rspamd clamav-daemon clamav postfix miltertest swaks sasl2-bin libsasl2-modules
-  curl opendkim-tools libmilter-dev make gcc openssl
+  curl opendkim-tools libmilter-dev make gcc openssl stunnel4
 )
 
 if [ "$(id -u)" -ne 0 ]; then

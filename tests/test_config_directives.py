@@ -26,6 +26,11 @@ def nets(*texts: str) -> NetList:
 
 MIB = 1024 * 1024
 
+#: a PEM file for the tls_* directives (they read it when parsed)
+PEM = os.path.join(__import__("tempfile").mkdtemp(prefix="rmilter-pem-"), "ca.pem")
+with open(PEM, "w") as _f:
+    _f.write("-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n")
+
 #: (section, directive, value text, expected default, expected value); attribute = directive
 #: except check_auth (strict_auth)
 CASES: List[Tuple[str, str, str, Any, Any]] = [
@@ -101,6 +106,10 @@ CASES: List[Tuple[str, str, str, Any, Any]] = [
     ("spamd", "spam_bar_char", '"*"', "x", "*"),
     ("spamd", "protocol", "legacy", "checkv2", "legacy"),
     ("spamd", "dry_run", "yes", False, True),
+    ("spamd", "tls_ca", '"%s"' % PEM, None, PEM),
+    ("spamd", "tls_cert", '"%s"' % PEM, None, PEM),
+    ("spamd", "tls_key", '"%s"' % PEM, None, PEM),
+    ("spamd", "tls_verify", "no", True, False),
     ("redis", "servers_grey", 'localhost, "10.0.0.5:6380"', (),
      (RedisServer("localhost", "localhost", 6379), RedisServer("10.0.0.5:6380", "10.0.0.5", 6380))),
     ("redis", "servers_white", "redis-white", (), (RedisServer("redis-white", "redis-white", 6379),)),
@@ -230,6 +239,30 @@ class CopyProbabilityTests(SynchronousTestCase):
 
 
 class ExtendedDefaultsTests(SynchronousTestCase):
+    def test_https_servers(self) -> None:
+        """issue 12: ``https://host[:port[:priority]]`` is TLS, default port 443; plain entries stay plain."""
+        config = parse_text('spamd { servers = "https://rspamd.example.org", "https://[2001:db8::1]:8443:2", '
+                            '"http://r.example:11334", "127.0.0.1"; };')
+        self.assertEqual([(s.host, s.port, s.priority, s.tls) for s in config.spamd.servers], [
+            ("rspamd.example.org", 443, 0, True), ("2001:db8::1", 8443, 2, True),
+            ("r.example", 11334, 0, False), ("127.0.0.1", 11333, 0, False)])
+        self.assertEqual(config.spamd.servers[0].name, "https://rspamd.example.org")
+
+    def test_tls_files_must_be_readable_pem(self) -> None:
+        from rmilter.config import ConfigError
+
+        for text, reason in (('"/nonexistent/ca.pem"', "cannot read"), ('"%s"' % os.devnull, "not a PEM file")):
+            with self.assertRaises(ConfigError) as caught:
+                parse_text("spamd {\n tls_ca = %s;\n};" % text)
+            self.assertIn("<string>:2:", str(caught.exception))
+            self.assertIn(reason, str(caught.exception))
+
+    def test_tls_verify_no_is_warned(self) -> None:
+        config = parse_text("spamd {\n tls_verify = no;\n};")
+        self.assertEqual([w for w in config.warnings if "tls_verify" in w],
+                         ["<string>:2: spamd tls_verify = no: the certificates of https:// Rspamd servers "
+                          "are not verified"])
+
     def test_default_ports(self) -> None:
         """B6: clamav and rspamd servers without a port get 3310 and 11333; Redis 6379."""
         config = parse_text("clamav { servers = c; } spamd { servers = s; } redis { servers_grey = r; }",

@@ -33,6 +33,11 @@ def parse(text: str, name: str = "<generated>") -> Config:
     return parse_text(text, name, resolver=StubResolver())
 
 
+#: a PEM file for the tls_* directives (read when parsed)
+PEM = os.path.join(__import__("tempfile").mkdtemp(prefix="rmilter-pem-"), "ca.pem")
+with open(PEM, "w") as _f:
+    _f.write("-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n")
+
 # --- value strategies, per kind of directive --------------------------------------------------
 
 def cased(words: List[str]) -> st.SearchStrategy[str]:
@@ -104,6 +109,7 @@ SCALAR_TEXT: Dict[Any, st.SearchStrategy[str]] = {
     dirs.TEXT: safe_text.map('"{}"'.format),
     dirs.PATH: safe_text.filter(bool).map('"{}"'.format),
     dirs.DIRECTORY: st.sampled_from(["/", "/tmp", '"/"']),
+    dirs.PEM_FILE: st.just('"%s"' % PEM),
     dirs.SOCKET: st.sampled_from(["unix:/run/rmilter/rmilter.sock", "inet:11332@127.0.0.1", "inet:9900",
                                   '"inet6:11332@[::1]"', "fd:3", "/run/rmilter.sock"]),
     dirs.DBNAME: st.integers(0, 15).map('"{}"'.format),

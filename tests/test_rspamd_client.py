@@ -7,11 +7,11 @@ import json
 import os
 import random
 import tempfile
-from typing import Any, List, Tuple, cast
+from typing import Any, List, Tuple
 
 import zstandard
 from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import Clock
@@ -29,12 +29,13 @@ from rmilter.backends.rspamd import (
     from_config,
     parse_scan_reply,
     prepare_body,
-    server_connector,
+    server_endpoint,
 )
-from rmilter.backends.rspamd.http import POOL_IDLE_TIMEOUT
+from rmilter.backends.rspamd.transport import POOL_IDLE_TIMEOUT
 from rmilter.backends.rspamd.reply import ZSTD_MAGIC
 from rmilter.backends.rspamd import request as rspamd_request
 from rmilter.backends.rspamd.request import BytesProducer, SpoolProducer
+from rmilter.config import parse_text
 from rmilter.config.schema import Config, ServerSpec, SpamdConfig
 from rmilter.spool import Spool, run_inline
 from rmilter.testing.fake_rspamd import (
@@ -68,12 +69,14 @@ FULL_REQUEST = ScanRequest(
 class ClientTestCase(SynchronousTestCase):
     def make_client(self, servers=(R1,), **spamd: Any) -> RspamdClient:
         self.clock = Clock()
-        self.fakes = FakeRspamdCluster({s.name: FakeRspamd() for s in servers})
+        self.fakes = FakeRspamdCluster({s.name: FakeRspamd() for s in servers}, clock=self.clock)
         config = SpamdConfig(servers=tuple(servers), **spamd)
-        return RspamdClient(config, self.clock, connector_for=self.fakes.connector_for, rng=random.Random(1))
+        return RspamdClient(config, self.clock, endpoint_for=self.fakes.endpoint_for, rng=random.Random(1))
 
     def scan(self, client: RspamdClient, request: ScanRequest = FULL_REQUEST, body: bytes = MESSAGE):
-        return client.scan(request, MessageBody(data=body))
+        d = client.scan(request, MessageBody(data=body))
+        self.clock.advance(0)  # the in-memory Rspamd answers from the clock, as a socket would
+        return d
 
 
 class RequestTests(ClientTestCase):
@@ -148,7 +151,9 @@ class RequestTests(ClientTestCase):
         spool.append(b"hello " * 1000)
         body = self.successResultOf(prepare_body(spool, True, run_inline))
         self.assertTrue(body.compressed)
-        result = self.successResultOf(client.scan(FULL_REQUEST, body))
+        d = client.scan(FULL_REQUEST, body)
+        self.clock.advance(0)
+        result = self.successResultOf(d)
         [request] = self.fakes["r1"].requests
         self.assertEqual(request.header("Compression"), "zstd")
         self.assertEqual(request.header("Content-Type"), "application/x-compressed")
@@ -162,7 +167,9 @@ class RequestTests(ClientTestCase):
         self.fakes["r1"].compress_replies = False
         self.fakes["r1"].answer(checkv2_reply(action="reject"))
         body = MessageBody(data=zstandard.ZstdCompressor().compress(MESSAGE), compressed=True)
-        self.assertEqual(self.successResultOf(client.scan(FULL_REQUEST, body)).reply.action, "reject")
+        d = client.scan(FULL_REQUEST, body)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d).reply.action, "reject")
 
 
 class BodyTests(SynchronousTestCase):
@@ -216,9 +223,11 @@ class BodyTests(SynchronousTestCase):
 
         self.patch(spool, "read", counting)
         clock = Clock()
-        fakes = FakeRspamdCluster({"r1": FakeRspamd()})
-        client = RspamdClient(SpamdConfig(servers=(R1,)), clock, connector_for=fakes.connector_for)
-        self.successResultOf(client.scan(FULL_REQUEST, body))
+        fakes = FakeRspamdCluster({"r1": FakeRspamd()}, clock=clock)
+        client = RspamdClient(SpamdConfig(servers=(R1,)), clock, endpoint_for=fakes.endpoint_for)
+        d = client.scan(FULL_REQUEST, body)
+        clock.advance(0)
+        self.successResultOf(d)
         self.assertEqual(fakes["r1"].requests[0].body, spool.head + payload)
         self.assertEqual(len(reads), 4)
         self.assertTrue(all(length <= 64 * 1024 for _, length in reads))
@@ -423,6 +432,7 @@ class FailureTests(ClientTestCase):
         d.cancel()
         failure = self.failureResultOf(d, RspamdError)
         self.assertEqual(failure.value.errors, ("scan cancelled",))
+        self.clock.advance(0)
         self.assertEqual(self.fakes["r1"].open_connections, 0)
         self.clock.advance(100)
         self.assertEqual(len(self.fakes["r1"].requests), 1)
@@ -465,7 +475,7 @@ class FailureTests(ClientTestCase):
 
 
 class HTTPTests(ClientTestCase):
-    """The client's own HTTP/1.1: reply framings, connection reuse, and what a lost connection means."""
+    """treq over the in-memory Rspamd: reply framings, connection reuse, what a lost connection means."""
 
     def test_rspamd_closes_so_every_scan_connects(self) -> None:
         """Rspamd 3.4 answers ``Connection: close``: nothing is pooled, each scan connects anew."""
@@ -473,7 +483,7 @@ class HTTPTests(ClientTestCase):
         for _ in range(3):
             self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "no action")
         self.assertEqual(self.fakes["r1"].connections, 3)
-        self.assertEqual(client.http.idle.get(R1, []), [])
+        self.assertEqual(client.http.pool._connections, {})
         self.assertEqual(self.fakes["r1"].open_connections, 0)
 
     def test_keep_alive_connection_is_reused(self) -> None:
@@ -486,7 +496,9 @@ class HTTPTests(ClientTestCase):
         self.assertEqual(self.fakes["r1"].connections, 1)
         self.assertEqual(len(self.fakes["r1"].requests), 2)
         self.assertEqual(self.fakes["r1"].requests[1].body, MESSAGE)
-        self.successResultOf(client.stop())
+        stopped = client.stop()
+        self.clock.advance(0)
+        self.successResultOf(stopped)
         self.assertEqual(self.fakes["r1"].open_connections, 0)
 
     def test_pooled_connection_older_than_idle_timeout_is_not_used(self) -> None:
@@ -502,9 +514,10 @@ class HTTPTests(ClientTestCase):
         client = self.make_client(retry_count=1)
         self.fakes["r1"].keep_alive = True
         self.successResultOf(self.scan(client))
-        [connection] = client.http.idle[R1]
+        [[connection]] = client.http.pool._connections.values()
         transport: Any = connection.transport
         self.patch(transport, "write", lambda data: transport.loseConnection())
+        self.patch(transport, "writeSequence", lambda data: transport.loseConnection())
         result = self.successResultOf(self.scan(client))
         self.assertEqual((result.attempts, self.fakes["r1"].connections), (1, 2))
         self.assertEqual(client.upstreams.upstreams[0].errors, 0)
@@ -520,22 +533,26 @@ class HTTPTests(ClientTestCase):
 
         protocols: List[Any] = []
 
-        def connector(factory: Any) -> None:
-            protocol = factory.buildProtocol(None)
-            protocol.makeConnection(StringTransport())
-            protocols.append(protocol)
+        class Endpoint:
+            def connect(self, factory: Any) -> "Deferred[Any]":
+                protocol = factory.buildProtocol(None)
+                protocol.makeConnection(StringTransport())
+                protocols.append(protocol)
+                return succeed(protocol)
 
         self.clock = Clock()
         client = RspamdClient(SpamdConfig(servers=(R1,), retry_count=retry_count), self.clock,
-                              connector_for=lambda server: connector)
+                              endpoint_for=lambda server: Endpoint())
         d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
         [protocol] = protocols
         sent = protocol.transport.value()
-        self.assertTrue(sent.startswith(b"POST /checkv2 HTTP/1.1\r\nHost: 127.0.0.1:11333\r\n"))
+        self.assertTrue(sent.startswith(b"POST /checkv2 HTTP/1.1\r\n"), sent[:60])
+        self.assertIn(b"\r\nHost: 127.0.0.1:11333\r\n", sent)
         self.assertTrue(sent.endswith(b"\r\n\r\n" + MESSAGE))
         for i in range(len(reply)):  # byte by byte: every split point of the framing
             protocol.dataReceived(reply[i:i + 1])
         if close:
+            protocol.transport.loseConnection()
             protocol.connectionLost(Failure(net_error.ConnectionDone()))
         return d
 
@@ -575,26 +592,35 @@ class HTTPTests(ClientTestCase):
 
 class ConnectTests(SynchronousTestCase):
     def test_connect_kinds(self) -> None:
-        """IP literals (v4 and v6) connect by TCP without a resolver, paths by unix socket."""
+        """IP literals (v4 and v6) connect by TCP without a resolver, paths by unix socket, names by name."""
         reactor = MemoryReactorClock()
         for server in (R1, ServerSpec("v6", host="::1", port=11334)):
-            server_connector(reactor, server, 1.5)(ClientFactory())
-        server_connector(reactor, ServerSpec("/run/rspamd.sock", path="/run/rspamd.sock"), 1.5)(ClientFactory())
+            server_endpoint(reactor, server, 1.5).connect(ClientFactory())
+        server_endpoint(reactor, ServerSpec("/run/rspamd.sock", path="/run/rspamd.sock"), 1.5).connect(ClientFactory())
         self.assertEqual([c[:2] + (c[3],) for c in reactor.tcpClients],
                          [("127.0.0.1", 11333, 1.5), ("::1", 11334, 1.5)])
         self.assertEqual([c[0] for c in reactor.unixClients], ["/run/rspamd.sock"])
-
-    def test_host_name_goes_through_hostname_endpoint(self) -> None:
-        connects: List[Any] = []
-        def connect(endpoint: Any, factory: Any) -> "Deferred[Any]":
-            connects.append(endpoint)
-            return Deferred()
-
-        self.patch(HostnameEndpoint, "connect", connect)
-        server_connector(MemoryReactorClock(), ServerSpec("name", host="rspamd.example", port=11333), 1.5)(
-            ClientFactory())
-        [endpoint] = connects
+        endpoint = server_endpoint(reactor, ServerSpec("name", host="rspamd.example", port=11333), 1.5)
+        self.assertIsInstance(endpoint, HostnameEndpoint)
         self.assertEqual((endpoint._hostBytes, endpoint._port), (b"rspamd.example", 11333))
+
+    def test_endpoints_are_built_once(self) -> None:
+        """Every configured server (also_check too) gets its endpoint when the client is made, not per scan."""
+        built: List[ServerSpec] = []
+        clock = Clock()
+        fakes = FakeRspamdCluster({"r1": FakeRspamd(), "r2": FakeRspamd()}, clock=clock)
+
+        def endpoint_for(server: ServerSpec) -> Any:
+            built.append(server)
+            return fakes.endpoint_for(server)
+
+        client = RspamdClient(SpamdConfig(servers=(R1,), also_check=(R2,)), clock, endpoint_for=endpoint_for)
+        self.assertEqual(built, [R1, R2])
+        for _ in range(3):
+            d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
+            clock.advance(0)
+            self.successResultOf(d)
+        self.assertEqual(built, [R1, R2])
 
     def test_real_tcp_connect(self) -> None:
         """The default connector: connect with connect_timeout; a stop() leaves no pooled connection."""
@@ -614,8 +640,9 @@ class ConnectTests(SynchronousTestCase):
         client = from_config(Config(spamd=SpamdConfig(servers=(R1,), retry_count=1)), reactor)
         assert client is not None
         d = client.scan(FULL_REQUEST, MessageBody(data=MESSAGE))
+        connector = reactor.connectors[0]
         factory = reactor.tcpClients[0][2]
-        factory.clientConnectionFailed(cast(Any, None), Failure(net_error.TimeoutError()))
+        factory.clientConnectionFailed(connector, Failure(net_error.TimeoutError()))
         failure = self.failureResultOf(d, RspamdError)
         self.assertIn("connect timed out", failure.value.errors[0])
 
@@ -678,3 +705,42 @@ class ReplyRobustnessTests(SynchronousTestCase):
                 parse_scan_reply(body)
 
         check()
+
+
+class TLSConfigTests(SynchronousTestCase):
+    """``https://`` servers: TLS endpoints built with the client; tls_verify = no is said at start."""
+
+    def events(self) -> List[Any]:
+        from twisted.logger import globalLogPublisher
+
+        events: List[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def test_https_server_gets_a_tls_endpoint_plain_one_does_not(self) -> None:
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        reactor = MemoryReactorClock()
+        config = parse_text('spamd { servers = "https://127.0.0.1:8443", "127.0.0.1:11333"; };')
+        client = RspamdClient(config.spamd, reactor)
+        self.assertEqual([s.tls for s in config.spamd.servers], [True, False])
+        endpoints = client.http._endpoints.by_key
+        tls_endpoint = endpoints[(b"https", b"127.0.0.1", 8443)]._endpoint
+        plain_endpoint = endpoints[(b"http", b"127.0.0.1", 11333)]._endpoint
+        self.assertIsInstance(plain_endpoint, TCP4ClientEndpoint)
+        self.assertNotIsInstance(tls_endpoint, TCP4ClientEndpoint)  # wrapClientTLS around it
+        self.assertIsInstance(tls_endpoint._wrappedEndpoint, TCP4ClientEndpoint)
+
+    def test_tls_verify_off_is_warned_at_start(self) -> None:
+        events = self.events()
+        config = parse_text('spamd { servers = "https://rspamd.example:8443"; tls_verify = no; };')
+        RspamdClient(config.spamd, MemoryReactorClock())
+        warnings = [e for e in events if "tls_verify = no" in str(e.get("log_format", ""))]
+        self.assertEqual(len(warnings), 1)
+
+    def test_no_warning_without_https_servers(self) -> None:
+        events = self.events()
+        config = parse_text('spamd { servers = "127.0.0.1:11333"; tls_verify = no; };')
+        RspamdClient(config.spamd, MemoryReactorClock())
+        self.assertEqual([e for e in events if "tls_verify" in str(e.get("log_format", ""))], [])

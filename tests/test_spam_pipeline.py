@@ -81,7 +81,8 @@ class PipelineSpamTestCase(SynchronousTestCase):
     def run_message(self, config: Config, *, auth: Optional[str] = None, ip: str = "192.0.2.10",
                     rcpts: Sequence[str] = ("<bob@example.org>",), body: bytes = b"Hello\r\n"):
         self.clock = Clock()
-        rspamd = RspamdClient(config.spamd, self.clock, connector_for=self.fakes.connector_for, rng=random.Random(0))
+        self.fakes.clock = self.clock
+        rspamd = RspamdClient(config.spamd, self.clock, endpoint_for=self.fakes.endpoint_for, rng=random.Random(0))
         runtime = Runtime(Deps(config=config, clock=self.clock, run_blocking=run_inline, rspamd=rspamd))
         pipeline = Pipeline(lambda: runtime, self.checks)
         txn, _, d = send_until_eom(self, pipeline, ip=ip, auth=auth, rcpts=rcpts, body=body, helo="helo.example.net")

@@ -139,6 +139,22 @@ def _directory(text: str) -> str:
 DIRECTORY = _Simple("directory", _directory, v.quote)
 
 
+def _pem_file(text: str) -> str:
+    """A PEM file read when the runtime is made: it must be readable now (issue 12)."""
+    _nonempty(text)
+    try:
+        with open(text, "rb") as f:
+            head = f.read(65536)
+    except OSError as e:
+        raise v.ValueProblem("cannot read %r: %s" % (text, e.strerror or e)) from None
+    if b"-----BEGIN " not in head:
+        raise v.ValueProblem("%r is not a PEM file" % text)
+    return text
+
+
+PEM_FILE = _Simple("PEM file", _pem_file, v.quote)
+
+
 def _prefix_length(bits: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         length = v.parse_number(text)
@@ -440,6 +456,11 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("spam_bar_char", TEXT),
         _d("protocol", Choice("checkv2", "legacy")),
         _d("dry_run", FLAG),
+        # issue 12: TLS for "https://host[:port]" servers
+        _d("tls_ca", PEM_FILE),
+        _d("tls_cert", PEM_FILE),
+        _d("tls_key", PEM_FILE),
+        _d("tls_verify", FLAG),
     ),
     "redis": (
         _d("servers_grey", CacheServerList(mirrored=True), "reset", max_items=SERVER_LIMIT),

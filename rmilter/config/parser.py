@@ -458,6 +458,11 @@ class Parser:
                 "which this rmilter does not support: greylisting, rate limits, replies check and pub/sub "
                 "copies are disabled; write redis { } or use_redis = yes (B13)" % where
             )
+        if not sections["spamd"].tls_verify:  # issue 12: only ever explicit, and said at every start
+            origin = self.origins.get("spamd.tls_verify") or Origin(files[0] if files else "<string>", 1)
+            self.warnings.append(
+                "%s:%d: spamd tls_verify = no: the certificates of https:// Rspamd servers are not verified"
+                % (origin.file, origin.line))
         return Config(
             main=sections["main"],
             clamav=sections["clamav"],

@@ -34,6 +34,8 @@ class ServerSpec:
     port: Optional[int] = None
     path: Optional[str] = None  # unix socket
     priority: int = 0
+    #: rspamd only: ``https://host[:port]``, reached over verified TLS (issue 12)
+    tls: bool = False
 
     @property
     def is_unix(self) -> bool:
@@ -174,6 +176,11 @@ class SpamdConfig:
     protocol: str = "checkv2"
     #: extension: Rspamd's reject/soft reject/discard/quarantine is logged as "would ..." only
     dry_run: bool = False
+    # --- extension (issue 12): TLS for ``https://`` servers ---
+    tls_ca: Optional[str] = None  # PEM file of trusted CAs; None: the system trust store
+    tls_cert: Optional[str] = None  # PEM client certificate (with tls_key)
+    tls_key: Optional[str] = None
+    tls_verify: bool = True  # "no" only explicitly, with a warning at start
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,10 @@ def _split_host(spec: str) -> Tuple[str, List[str]]:
     return parts[0], parts[1:]
 
 
+#: the port of an ``https://host`` spamd server without one: what every https URL means (issue 12)
+HTTPS_DEFAULT_PORT = 443
+
+
 def parse_server(text: str, default_port: int, allow_rspamd_prefix: bool) -> ServerSpec:
     """A clamav/spamd server: ``host``, ``host:port``, ``host:port:priority``, ``/path``, ``./path``.
 
@@ -240,6 +244,15 @@ def parse_server(text: str, default_port: int, allow_rspamd_prefix: bool) -> Ser
         raise ValueProblem("%r: the r: prefix marks rspamd servers; clamav servers take host:port" % text)
     if not spec:
         raise ValueProblem("empty server name")
+    scheme = ""
+    if allow_rspamd_prefix and spec.lower().startswith(("https://", "http://")):
+        # issue 12: "https://host[:port[:priority]]" is reached over TLS (default port 443)
+        scheme, _, spec = spec.partition("://")
+        scheme = scheme.lower()
+        if not spec or spec[0] in "/.":
+            raise ValueProblem("%r: a URL names a host (unix sockets are written as a path)" % text)
+        if scheme == "https":
+            default_port = HTTPS_DEFAULT_PORT
     if spec[0] in "/.":
         path, _, priority_text = spec.partition(":")
         priority = _parse_priority(priority_text, text) if priority_text else 0
@@ -250,7 +263,8 @@ def parse_server(text: str, default_port: int, allow_rspamd_prefix: bool) -> Ser
     host = _check_host(host, text)
     port = _parse_port(rest[0], text) if rest else default_port
     priority = _parse_priority(rest[1], text) if len(rest) > 1 else 0
-    return ServerSpec(name=spec, host=host, port=port, priority=priority)
+    name = "%s://%s" % (scheme, spec) if scheme else spec
+    return ServerSpec(name=name, host=host, port=port, priority=priority, tls=scheme == "https")
 
 
 def _parse_priority(text: str, spec: str) -> int:

@@ -4,8 +4,8 @@
 arrival order, body - decompressed when the client used ``Compression: zstd``)
 and answers with configured replies: a JSON document, any bytes with any HTTP
 status, "never answer" (to exercise deadlines) or "connection refused".  Its
-``connector()`` is what ``RspamdClient(connector_for=...)`` uses to connect: the
-client's real HTTP protocol gets an in-memory transport whose other end is a
+``endpoint()`` is what ``RspamdClient(endpoint_for=...)`` connects through: the
+client's real treq/Agent HTTP protocol gets an in-memory transport whose other end is a
 twisted.web ``Site`` serving the fake, so the client code runs unchanged; no
 socket and no reactor are involved.  Like Rspamd 3.4's normal worker, the fake
 closes the connection after every reply unless ``keep_alive`` is set.
@@ -15,7 +15,7 @@ Typical use::
     fakes = FakeRspamdCluster({"r1": FakeRspamd(), "r2": FakeRspamd()})
     fakes["r1"].answer(checkv2_reply(action="reject", smtp_message="Gtube pattern"))
     fakes["r2"].refuse()
-    client = RspamdClient(config.spamd, clock, connector_for=fakes.connector_for)
+    client = RspamdClient(config.spamd, clock, endpoint_for=fakes.endpoint_for)
 """
 from __future__ import annotations
 
@@ -26,14 +26,13 @@ from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from twisted.internet import error as net_error
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from rmilter.backends.rspamd import Connector
 from rmilter.config.schema import ServerSpec
 
 
@@ -193,8 +192,12 @@ class FakeRspamd(Resource):
 
     isLeaf = True
 
-    def __init__(self, reply: Union[None, FakeReply, Mapping[str, Any]] = None) -> None:
+    def __init__(self, reply: Union[None, FakeReply, Mapping[str, Any]] = None, clock: Any = None) -> None:
         super().__init__()
+        #: the client's clock: what the client writes is delivered from a call on it (never inside
+        #: the client's own write, which a real socket never does either); None: at once
+        self.clock = clock
+        self._flush_call: Any = None
         self.requests: List[RecordedRequest] = []
         self._default: FakeReply = self._as_reply(reply if reply is not None else checkv2_reply())
         self._queue: Deque[FakeReply] = deque()
@@ -323,29 +326,35 @@ class FakeRspamd(Resource):
         self.flush()
 
     # -- the client side -----------------------------------------------------------------------
-    def connector(self) -> Connector:
-        """Connects a client factory to this fake (refused when it is down)."""
-        return self._connect
+    def endpoint(self) -> "FakeEndpoint":
+        """An endpoint whose connections reach this fake (refused when it is down)."""
+        return FakeEndpoint(self)
 
-    def _connect(self, factory: ClientFactory) -> None:
+    def _connect(self, factory: ClientFactory) -> "Deferred[Any]":
         if self._refuses_next():
             self.refused += 1
-            factory.clientConnectionFailed(cast(Any, None), Failure(net_error.ConnectionRefusedError("fake rspamd is down")))
-            return None
+            return fail(net_error.ConnectionRefusedError("fake rspamd is down"))
         self.connections += 1
         client_address = IPv4Address("TCP", "127.0.0.1", 40000 + self.connections)
         server_address = IPv4Address("TCP", "127.0.0.1", 11333)
         server = self._site.buildProtocol(client_address)
         client = factory.buildProtocol(cast(Any, server_address))
         if client is None:
-            return None
+            return fail(net_error.ConnectError("no protocol"))
         server_io = _Transport(self, server, True, server_address, client_address)
         client_io = _Transport(self, client, False, client_address, server_address)
         self._pumps.append(iosim.IOPump(client, server, client_io, server_io, False, self._reactor))
         server.makeConnection(server_io)
         client.makeConnection(cast(Any, client_io))
-        self.flush()
-        return None
+        self.schedule_flush()
+        return succeed(client)
+
+    def schedule_flush(self) -> None:
+        """Deliver soon (on the clock), not inside the caller's write."""
+        if self.clock is None:
+            self.flush()
+        elif self._flush_call is None or not self._flush_call.active():
+            self._flush_call = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:
         """Move bytes both ways until nothing moves (not re-entered from a write inside it)."""
@@ -369,6 +378,16 @@ class FakeRspamd(Resource):
         return sum(1 for p in self._pumps if not (p.clientIO.disconnected or p.serverIO.disconnected))
 
 
+class FakeEndpoint:
+    """``IStreamClientEndpoint`` of a fake: connects at once, in memory."""
+
+    def __init__(self, fake: FakeRspamd) -> None:
+        self.fake = fake
+
+    def connect(self, factory: Any) -> "Deferred[Any]":
+        return self.fake._connect(factory)
+
+
 class _Transport(iosim.FakeTransport):
     """An in-memory transport that delivers what is written right away (via the fake's pump)."""
 
@@ -376,33 +395,49 @@ class _Transport(iosim.FakeTransport):
         super().__init__(protocol, is_server, hostAddress=host, peerAddress=peer)
         self._fake = fake
 
+    def _delivered(self) -> None:
+        if self.isServer:
+            self._fake.flush()
+        else:
+            self._fake.schedule_flush()
+
     def write(self, data: bytes) -> None:
         super().write(data)
-        self._fake.flush()
+        self._delivered()
+
+    def writeSequence(self, data: Any) -> None:
+        super().writeSequence(data)
+        self._delivered()
 
     def loseConnection(self) -> None:
         super().loseConnection()
-        self._fake.flush()
+        self._delivered()
 
     def abortConnection(self) -> None:
         super().abortConnection()
-        self._fake.flush()
+        self._delivered()
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         """Nothing to tune in memory."""
 
 
 class FakeRspamdCluster(Dict[str, FakeRspamd]):
-    """Fakes by server name, with the ``connector_for`` hook ``RspamdClient`` takes."""
+    """Fakes by server name, with the ``endpoint_for`` hook ``RspamdClient`` takes."""
 
-    def __init__(self, fakes: Optional[Mapping[str, FakeRspamd]] = None) -> None:
+    def __init__(self, fakes: Optional[Mapping[str, FakeRspamd]] = None, clock: Any = None) -> None:
         super().__init__(fakes or {})
+        self.clock = clock
+        for fake in self.values():
+            if fake.clock is None:
+                fake.clock = clock
 
-    def connector_for(self, server: ServerSpec) -> Connector:
+    def endpoint_for(self, server: ServerSpec) -> FakeEndpoint:
         fake = self.get(server.name)
         if fake is None:
-            fake = self[server.name] = FakeRspamd()
-        return fake.connector()
+            fake = self[server.name] = FakeRspamd(clock=self.clock)
+        elif self.clock is not None:
+            fake.clock = self.clock
+        return fake.endpoint()
 
     @property
     def requests(self) -> List[Tuple[str, RecordedRequest]]:

@@ -2,20 +2,19 @@
 
 - ``reply``: the reply model and its parsing (``ScanReply``, ``parse_scan_reply``, §6.8.2);
 - ``request``: the request fields and the message body (``ScanRequest``, ``prepare_body``, §6.8.1);
-- ``http``: the project's own HTTP/1.1 connections and keep-alive pool (``HTTPTransport``);
+- ``transport``: treq over endpoints built once per runtime (``TreqTransport``), plain or TLS;
 - ``client``: ``RspamdClient``, its scans through the shared retry loop, ``from_config``.
 """
 from rmilter.backends.rspamd.client import RspamdClient, RspamdError, RspamdScan, ScanTransport, from_config
-from rmilter.backends.rspamd.http import Connector, HTTPTransport, server_connector
+from rmilter.backends.rspamd.transport import EndpointFor, TreqTransport, server_endpoint
 from rmilter.backends.rspamd.reply import ACTIONS, BadReply, HeaderAddition, ScanReply, Symbol, parse_scan_reply
 from rmilter.backends.rspamd.request import DKIM_ONLY_SETTINGS, MessageBody, ScanRequest, prepare_body
 
 __all__ = [
     "ACTIONS",
     "BadReply",
-    "Connector",
     "DKIM_ONLY_SETTINGS",
-    "HTTPTransport",
+    "EndpointFor",
     "HeaderAddition",
     "MessageBody",
     "RspamdClient",
@@ -25,8 +24,9 @@ __all__ = [
     "ScanRequest",
     "ScanTransport",
     "Symbol",
+    "TreqTransport",
     "from_config",
     "parse_scan_reply",
     "prepare_body",
-    "server_connector",
+    "server_endpoint",
 ]

@@ -11,13 +11,13 @@ reply fails with ``RspamdError``, naming every failed attempt.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from rmilter.backends.rspamd.http import Connector, HTTPTransport, server_connector
+from rmilter.backends.rspamd.transport import EndpointFor, TreqTransport, server_endpoint
 from rmilter.backends.rspamd.reply import ScanReply
 from rmilter.backends.rspamd.request import MessageBody, ScanRequest
 from rmilter.backends.upstream import AttemptFailed, Attempted, Exhausted, Failover, UpstreamList
@@ -40,7 +40,7 @@ def _rspamd_error(report: Exhausted[ServerSpec]) -> RspamdError:
 
 
 class ScanTransport(TypingProtocol):
-    """What the client needs from an HTTP implementation: this package's own now, treq later."""
+    """What the client needs from an HTTP implementation (``TreqTransport``; tests may plug another)."""
 
     def exchange(self, server: ServerSpec, request: ScanRequest, body: MessageBody) -> "Deferred[ScanReply]":
         """One request to one server, within the attempt's deadline."""
@@ -60,17 +60,27 @@ class RspamdClient:
         config: SpamdConfig,
         reactor: Any,
         *,
-        connector_for: Optional[Callable[[ServerSpec], Connector]] = None,
+        endpoint_for: Optional[EndpointFor] = None,
         rng: Optional[random.Random] = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self._rng = rng or random.Random()
-        self.http: ScanTransport = HTTPTransport(
+        if endpoint_for is None:
+            from rmilter.backends.rspamd.tls import client_tls
+
+            tls = client_tls(config) if any(s.tls for s in config.servers + config.also_check) else None
+
+            def endpoint_for(server: ServerSpec) -> Any:
+                return server_endpoint(reactor, server, config.connect_timeout,
+                                       tls(server) if tls is not None and server.tls else None)
+
+        self.http: ScanTransport = TreqTransport(
             reactor,
+            config.servers + config.also_check,
             path="/symbols" if config.protocol == "legacy" else "/checkv2",
             deadline=config.connect_timeout + config.results_timeout,
-            connector_for=connector_for or (lambda server: server_connector(reactor, server, config.connect_timeout)),
+            endpoint_for=endpoint_for,
         )
         self.upstreams: UpstreamList[ServerSpec] = self._upstream_list(config.servers)
         self._scans = self._failover(self.upstreams, config.retry_count, "rspamd")
