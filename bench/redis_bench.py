@@ -155,41 +155,64 @@ TABLE_HEADER = (
 )
 
 
-def table_row(label: str, result: Dict[str, Any]) -> str:
+def table_row(label: str, result: Dict[str, Any], milter_pids: int = 1) -> str:
     lat = result["latency_ms"]
     watched = result.get("watched") or []
-    rmilter = watched[0] if watched else {}
-    redis_cpu = watched[1]["cpu_s"] * 1e6 / max(1, result["messages"]) if len(watched) > 1 else 0.0
+    # the milter's processes come first (the main process, then its workers), Redis last
+    milter = watched[:milter_pids] if watched else []
+    rmilter = {"pct_of_core": sum(w.get("pct_of_core", 0) for w in milter),
+               "cpu_s": sum(w.get("cpu_s", 0) for w in milter)}
+    redis_cpu = (watched[milter_pids]["cpu_s"] * 1e6 / max(1, result["messages"])
+                 if len(watched) > milter_pids else 0.0)
     finals = ",".join("%s=%d" % kv for kv in result.get("final", {}).items() if kv[1])
     return "| %-20s | %8.0f | %7.2f | %7.2f | %10.0f%% | %10.0f | %16.0f | %s |" % (
         label, result["msgs_per_s"], lat["p50"], lat["p99"], rmilter.get("pct_of_core", 0),
-        result.get("watched_cpu_us_per_msg") or (rmilter.get("cpu_s", 0) * 1e6 / max(1, result["messages"])),
+        rmilter.get("cpu_s", 0) * 1e6 / max(1, result["messages"]),
         redis_cpu, finals,
     )
 
 
-def config_for(name: str, redis: Optional[RedisServer]) -> str:
+def config_for(name: str, redis: Optional[RedisServer], workers: int = 1) -> str:
+    head = "workers = %d;\n" % workers if workers != 1 else ""
     if name == "pass" or redis is None:
-        return PASS_CONFIG
-    return REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"}
+        return head + PASS_CONFIG
+    return head + REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"}
 
 
-def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool) -> List[str]:
+def worker_pids(main_pid: int, count: int) -> List[int]:
+    """The worker processes of a main process started with ``workers = count`` (once all run)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-P", str(main_pid), "-f", "rmilter --worker"], capture_output=True,
+                             text=True).stdout
+        pids = [int(p) for p in out.split()]
+        if len(pids) >= count:
+            time.sleep(2.0)  # their imports and listeners
+            return pids
+        time.sleep(0.1)
+    raise RuntimeError("the workers of %d did not start" % main_pid)
+
+
+def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool,
+            workers: int = 1) -> List[str]:
     """One fresh daemon (and a flushed Redis) for one measured run of scenario ``name``."""
     extra = ["--from", SENDER, "--vary-ip", str(args.vary_ip)]
     redis.command("FLUSHALL")
     lines: List[str] = []
-    service = Rmilter(config_for(name, redis))
+    service = Rmilter(config_for(name, redis, workers))
     try:
+        milter = [service.pid] + (worker_pids(service.pid, workers) if workers > 1 else [])
         if name == "steady":
             # every client block meets greylisting once, and passes it on its next visit
             _count_run(args, service, extra, 4096)
             time.sleep(1.1)
             _count_run(args, service, extra, 4096)
-        pids = [service.pid] + ([redis.proc.pid] if name != "pass" else [])
+        pids = milter + ([redis.proc.pid] if name != "pass" else [])
         result = milterload(args.milterload, service.socket, concurrency=args.conc, duration=args.duration,
                             warmup=args.warmup, size=args.size, pids=pids, extra=extra)
-        lines.append(table_row("%s c=%d%s" % (name, args.conc, " #%d" % (rep + 1) if args.reps > 1 else ""), result))
+        label = "%s c=%d%s%s" % (name, args.conc, " w=%d" % workers if args.workers != "1" else "",
+                                 " #%d" % (rep + 1) if args.reps > 1 else "")
+        lines.append(table_row(label, result, milter_pids=len(milter)))
         if count and name != "pass":
             lines.append(commands_per_message(args, service, redis, extra))
     finally:
@@ -235,6 +258,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--count-messages", type=int, default=2000)
     parser.add_argument("--scenarios", default="pass,steady,greylisted")
+    parser.add_argument("--workers", default="1", help="worker counts to compare, e.g. 1,2 (interleaved)")
     args = parser.parse_args()
 
     redis = RedisServer()
@@ -247,9 +271,10 @@ def main() -> None:
         # scenarios interleaved, so that background load hits them alike
         for rep in range(args.reps):
             for name in args.scenarios.split(","):
-                lines = measure(args, name, rep, redis, count=(rep == args.reps - 1))
-                print(lines[0], flush=True)
-                notes.extend("%s: %s" % (name, line.strip()) for line in lines[1:])
+                for workers in (int(w) for w in args.workers.split(",")):
+                    lines = measure(args, name, rep, redis, count=(rep == args.reps - 1), workers=workers)
+                    print(lines[0], flush=True)
+                    notes.extend("%s: %s" % (name, line.strip()) for line in lines[1:])
     finally:
         redis.stop()
     for note in notes:

@@ -10,7 +10,7 @@ import re
 import socket
 from typing import Any
 
-from twisted.internet import endpoints
+from twisted.internet import endpoints, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpointStringParser
 from twisted.plugin import IPlugin
 from zope.interface import implementer  # type: ignore[import-untyped]
@@ -33,7 +33,36 @@ class AdoptedFdParser:
             raise ValueError("adopted-fd takes one descriptor number, e.g. adopted-fd:3")
         fileno = int(args[0])
         family = socket_family(fileno)
-        return endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
+        return InheritedStreamServerEndpoint(reactor, fileno, family)
+
+
+class InheritedStreamServerEndpoint(endpoints.AdoptedStreamServerEndpoint):
+    """An adopted listening socket that stays as its owner made it when this process stops.
+
+    Twisted's ports, adopted or not, ``shutdown()`` the listening socket when they stop
+    listening (which stops it in every process sharing it) and a unix port also unlinks its
+    path; but an inherited socket belongs to whoever created it (systemd's ``rmilter.socket``,
+    or the main process with ``workers = N``), and the other workers go on accepting on it.
+    So this process only closes its own descriptor.  The private pieces used (``_closeSocket``,
+    the unix port's ``connectionLost``) are wrapped here only; tests/test_workers.py fails
+    when they change.
+    """
+
+    def listen(self, factory: Any) -> Any:
+        return super().listen(factory).addCallback(_close_own_descriptor_only)
+
+
+def _close_own_descriptor_only(port: Any) -> Any:
+    close = port._closeSocket
+    port._closeSocket = lambda orderly: close(False)  # close(), never shutdown()
+    if isinstance(port, unix.Port):
+        def connectionLost(reason: Any) -> None:  # unix.Port's, without the unlink
+            if port.lockFile is not None:
+                port.lockFile.unlock()
+            tcp.Port.connectionLost(port, reason)
+
+        port.connectionLost = connectionLost
+    return port
 
 
 def socket_family(fileno: int) -> int:

@@ -135,8 +135,11 @@ class RmilterService(service.MultiService):
         listen: Sequence[str] = (),
         reactor: Any = None,
         install_signals: bool = True,
+        worker: Optional[int] = None,
     ) -> None:
         super().__init__()
+        #: worker number under a main process (``workers = N``): the main process owns the pid file
+        self.worker = worker
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -210,7 +213,7 @@ class RmilterService(service.MultiService):
         if self.listeners:
             return
         main = self.runtime.config.main
-        if main.pidfile and self.pidfile is None:
+        if main.pidfile and self.pidfile is None and self.worker is None:
             self.pidfile = PidFile(main.pidfile)
             self.pidfile.acquire()
         self._guard(self._bind, self.endpoints_for(self.runtime.config))

@@ -16,6 +16,7 @@ from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET
 from rmilter.log import set_debug
 from rmilter.service import RmilterService, load_configuration
+from rmilter.workers import WorkerSupervisor, worker_count
 
 
 #: exit status for a configuration that cannot be used (SPEC §8.1)
@@ -36,6 +37,7 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["config", "c", None, "rmilter.conf to read (default: the embedded default configuration)"],
+        ["worker", None, None, "internal: run as worker process N of a main process (workers = N)", int],
     ]
 
     def __init__(self) -> None:
@@ -80,12 +82,17 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
         print("rmilter: configuration %s is invalid; not starting" % (path,), file=sys.stderr)
         raise SystemExit(EX_CONFIG)
     set_debug(bool(options["debug"]))
+    if options["worker"] is None and worker_count(config.main.workers) > 1:
+        return WorkerSupervisor(  # type: ignore[return-value]
+            config, config_path=path, listen=options["listen"], reactor=reactor, debug=bool(options["debug"]),
+        )
     return RmilterService(  # type: ignore[return-value]
         config,
         keyring=keyring,
         config_path=path,
         listen=options["listen"],
         reactor=reactor,
+        worker=options["worker"],
     )
 
 

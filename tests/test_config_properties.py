@@ -113,6 +113,7 @@ SCALAR_TEXT: Dict[Any, st.SearchStrategy[str]] = {
     dirs.SOCKET: st.sampled_from(["unix:/run/rmilter/rmilter.sock", "inet:11332@127.0.0.1", "inet:9900",
                                   '"inet6:11332@[::1]"', "fd:3", "/run/rmilter.sock"]),
     dirs.DBNAME: st.integers(0, 15).map('"{}"'.format),
+    dirs.WORKERS: st.one_of(st.integers(1, 256).map(str), cased(["auto"])),
     dirs.IPV4_PREFIX: st.integers(0, 32).map(str),
     dirs.IPV6_PREFIX: st.integers(0, 128).map(str),
     dirs.KEY_TABLE: st.sampled_from(["/etc/opendkim/KeyTable", '"file:/etc/opendkim/key table"']),

@@ -125,6 +125,19 @@ def _digits(text: str) -> str:
 DBNAME = _Simple("database number", _digits, v.quote)
 
 
+def _workers(text: str) -> int:
+    """``auto`` (one per core, stored as 0) or a count of worker processes from 1 to 256."""
+    if text.lower() == "auto":
+        return 0
+    count = v.parse_number(text)
+    if not 1 <= count <= 256:
+        raise v.ValueProblem("workers must be auto or 1..256, not %d" % count)
+    return count
+
+
+WORKERS = _Simple("worker count (auto or 1..256)", _workers, lambda n: "auto" if n == 0 else str(n))
+
+
 def _directory(text: str) -> str:
     _nonempty(text)
     try:
@@ -404,6 +417,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("max_frame_size", SIZE),
         _d("spool_memory_limit", SIZE),
         _d("spool_memory_total", SIZE),
+        _d("workers", WORKERS),
         _d("idle_timeout", TIME),
         _d("progress_interval", TIME),
         _d("shutdown_timeout", TIME),

@@ -113,6 +113,8 @@ class GlobalConfig:
     #: message bytes all in-memory spools may hold together; a message that does not fit goes
     #: to tempdir at once (0: no limit across messages)
     spool_memory_total: int = 4 * 1024 * 1024
+    #: worker processes sharing the listeners (0: one per core; 1: this process serves alone)
+    workers: int = 1
     #: a milter connection silent for this long is closed
     idle_timeout: float = 900.0
     #: PROGRESS keep-alive period while a check is still working

@@ -1,0 +1,170 @@
+"""Worker processes (``workers = N``) with real processes: supervision, reload, graceful stop."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from typing import List
+
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from rmilter.config import ConfigError, parse_text
+from rmilter.testing.mta import MessageSpec, MilterClient
+from rmilter.workers import worker_count
+from tests import harness
+
+
+def _sleep(seconds: float) -> defer.Deferred:
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+def worker_pids(milter: harness.Rmilter) -> List[int]:
+    assert milter.process is not None
+    out = subprocess.run(["pgrep", "-P", str(milter.process.pid), "-f", "rmilter --worker"],
+                         capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+class WorkersDirectiveTests(SynchronousTestCase):
+    def test_count_auto_and_bounds(self) -> None:
+        self.assertEqual(parse_text("workers = 3;\n").main.workers, 3)
+        self.assertEqual(parse_text("workers = auto;\n").main.workers, 0)
+        self.assertEqual(worker_count(0), os.cpu_count() or 1)
+        self.assertEqual(parse_text("").main.workers, 1)
+        for bad in ("0", "257", "many"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_text("workers = %s;\n" % bad)
+            self.assertRegex(caught.exception.errors[0], r":1: .*workers")
+
+
+class SilentServer(Protocol):
+    """An Rspamd that never answers: keeps a message in flight at its end of message."""
+
+
+class WorkerProcessTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def send(self, endpoint, queue_id: str):  # type: ignore[no-untyped-def]
+        client = yield MilterClient.connect(reactor, endpoint)
+        try:
+            result = yield client.send_message(MessageSpec(queue_id=queue_id))
+        finally:
+            yield client.close()
+        return result
+
+    def inet(self, milter: harness.Rmilter) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(reactor, "127.0.0.1", milter.inet_port)
+
+    @defer.inlineCallbacks
+    def wait_for_workers(self, milter: harness.Rmilter, count: int, exclude=()):  # type: ignore[no-untyped-def]
+        """The pids of ``count`` workers, once each has logged that it listens."""
+        for _ in range(400):
+            pids = worker_pids(milter)
+            if len(pids) == count and not set(pids) & set(exclude):
+                text = milter.log_text()
+                ready = [p for p in pids if re.search(r"worker \d+ started \(pid %d\)(.|\n)*listening on adopted-fd" % p, text)]
+                if len(ready) == count and len(re.findall(r"worker \d+: .*listening on adopted-fd", text)) >= count:
+                    return pids
+            yield _sleep(0.05)
+        self.fail("expected %d workers, have %r\n%s" % (count, worker_pids(milter), milter.diagnostics()))
+
+    @defer.inlineCallbacks
+    def test_two_workers_share_both_listeners(self):  # type: ignore[no-untyped-def]
+        """Both listeners (TCP and unix) are served; both workers take connections."""
+        milter = harness.start_rmilter(self, 'workers = 2;\ntrace_header = "X-Trace";\n')
+        pids = yield self.wait_for_workers(milter, 2)
+        results = yield defer.gatherResults(
+            [self.send(self.inet(milter), "4W%03d" % i) for i in range(40)]
+            + [self.send(UNIXClientEndpoint(reactor, milter.socket_path), "4U%03d" % i) for i in range(10)])
+        self.assertEqual({r.action for r in results}, {"accept"})
+        text = milter.log_text()
+        self.assertEqual(len(re.findall(r"msg done: queue_id: 4[WU]\d+", text)), 50)
+        served = set(re.findall(r"worker (\d): .*msg done", text))
+        self.assertEqual(len(pids), 2)
+        self.assertTrue(served <= {"1", "2"} and served, served)
+
+    @defer.inlineCallbacks
+    def test_killed_worker_is_replaced_and_messages_still_answered(self):  # type: ignore[no-untyped-def]
+        """SIGKILL to one worker under load: every message is answered (by the other), the dead
+        one is logged and replaced."""
+        milter = harness.start_rmilter(self, "workers = 2;\n")
+        pids = yield self.wait_for_workers(milter, 2)
+        sending = defer.gatherResults([self.send(self.inet(milter), "4K%03d" % i) for i in range(30)])
+        os.kill(pids[0], signal.SIGKILL)
+        more = yield defer.gatherResults([self.send(self.inet(milter), "4L%03d" % i) for i in range(30)])
+        first = yield sending.addErrback(lambda f: f)  # connections the dead worker held may break
+        self.assertEqual({r.action for r in more}, {"accept"})
+        new = yield self.wait_for_workers(milter, 2, exclude=[pids[0]])
+        self.assertIn(pids[1], new)
+        self.assertRegex(milter.log_text(), r"worker \d \(pid %d\) died .*restarting in 1 s" % pids[0])
+        after = yield defer.gatherResults([self.send(self.inet(milter), "4N%03d" % i) for i in range(20)])
+        self.assertEqual({r.action for r in after}, {"accept"})
+        del first
+
+    @defer.inlineCallbacks
+    def test_reload_checked_once_in_main_process(self):  # type: ignore[no-untyped-def]
+        """A broken file is refused by the main process and no worker reloads; a good one
+        reaches every worker."""
+        milter = harness.start_rmilter(self, 'workers = 2;\ntrace_header = "X-Trace-Old";\n')
+        pids = yield self.wait_for_workers(milter, 2)
+        milter.write_config('workers = 2;\nbogus_directive = 1;\n')
+        offset = milter.log_size()
+        yield threads.deferToThread(milter.reload, re.compile(r"reload failed, workers keep"))
+        self.assertNotIn("reloading configuration", milter.log_text(offset))
+        milter.write_config('workers = 2;\ntrace_header = "X-Trace-New";\n')
+        offset = milter.log_size()
+        milter.signal(signal.SIGHUP)
+        for n in (1, 2):
+            yield threads.deferToThread(milter.wait_for_log,
+                                        r"worker %d: .*configuration reloaded" % n, 15.0, offset)
+        results = yield defer.gatherResults([self.send(self.inet(milter), "4R%03d" % i) for i in range(10)])
+        for result in results:
+            self.assertEqual([n for n, _ in result.added_headers if n.startswith("X-Trace")], ["X-Trace-New"])
+        self.assertEqual(worker_pids(milter), pids, "reload restarts no worker")
+
+    @defer.inlineCallbacks
+    def test_sigterm_drains_messages_in_flight(self):  # type: ignore[no-untyped-def]
+        """SIGTERM to the main process: a message waiting for Rspamd still gets its answer, then
+        every process exits and the pid file is gone."""
+        port = reactor.listenTCP(0, Factory.forProtocol(SilentServer), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pidfile = os.path.join(harness.scratch_dir("workers-pid"), "rmilter.pid")
+        milter = harness.start_rmilter(self, (
+            'workers = 2;\npidfile = "%s";\nspamd {\n  servers = 127.0.0.1:%d;\n  results_timeout = 3s;\n'
+            '  connect_timeout = 1s;\n  tempfail_on_error = no;\n};\n')
+            % (pidfile, port.getHost().port))
+        pids = yield self.wait_for_workers(milter, 2)
+        with open(pidfile) as f:
+            self.assertEqual(int(f.read().strip()), milter.process.pid)
+        in_flight = self.send(self.inet(milter), "4TERM1")
+        yield _sleep(1.0)
+        milter.signal(signal.SIGTERM)
+        result = yield in_flight
+        self.assertEqual(result.action, "accept")
+        status = yield threads.deferToThread(milter.wait_exit, 30.0)
+        self.assertIn(status, (0, -signal.SIGTERM), "twistd ends by re-raising the SIGTERM it handled")
+        for pid in pids:
+            self.assertFalse(os.path.exists("/proc/%d/status" % pid) and "zombie" not in open(
+                "/proc/%d/status" % pid).read().lower(), "worker %d still running" % pid)
+        self.assertRegex(milter.log_text(), r"worker \d: .*msg done: queue_id: 4TERM1")
+
+    @defer.inlineCallbacks
+    def test_worker_stopping_keeps_the_shared_unix_socket(self):  # type: ignore[no-untyped-def]
+        """A worker that stops gracefully leaves the unix socket file (it belongs to the main
+        process): the other workers still answer on it, and the stopped one is replaced."""
+        milter = harness.start_rmilter(self, "workers = 2;\n")
+        pids = yield self.wait_for_workers(milter, 2)
+        os.kill(pids[0], signal.SIGTERM)
+        yield self.wait_for_workers(milter, 2, exclude=[pids[0]])
+        self.assertTrue(os.path.exists(milter.socket_path))
+        results = yield defer.gatherResults(
+            [self.send(UNIXClientEndpoint(reactor, milter.socket_path), "4S%03d" % i) for i in range(10)]
+            + [self.send(self.inet(milter), "4T%03d" % i) for i in range(10)])
+        self.assertEqual({r.action for r in results}, {"accept"})
