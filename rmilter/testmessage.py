@@ -266,8 +266,8 @@ def offline_deps(config: Any, keyring: Any, rspamd_reply: Optional[Dict[str, Any
     from rmilter.testing.fake_rspamd import FakeRspamd, checkv2_reply
 
     reactor = MemoryReactorClock()
-    fake = FakeRspamd(rspamd_reply if rspamd_reply is not None else checkv2_reply())
-    rspamd = RspamdClient(config.spamd, reactor, connector_for=lambda server: fake.connector()) \
+    fake = FakeRspamd(rspamd_reply if rspamd_reply is not None else checkv2_reply(), clock=reactor)
+    rspamd = RspamdClient(config.spamd, reactor, endpoint_for=lambda server: fake.endpoint()) \
         if config.spamd.servers else None
     network = MemoryClamdNetwork(reactor)
     for server in config.clamav.servers:
