@@ -68,6 +68,8 @@ class Checks:
 
 #: observes every check result with the seconds it took (metrics)
 ResultObserver = Callable[[CheckResult, float], None]
+#: observes every finished message: its results, its verdict and its summary line (metrics)
+MessageObserver = Callable[[MessageContext, List[CheckResult], Verdict, Optional[str]], None]
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Pipeline:
         self.current_runtime = current_runtime
         self.checks = checks
         self.observers: List[ResultObserver] = []
+        self.message_observers: List[MessageObserver] = []
 
     # -- which stages may answer something else than CONTINUE (for milter negotiation) -----
     def stages_needing_replies(self) -> Tuple[str, ...]:
@@ -454,5 +457,10 @@ class Pipeline:
         if txn.message.spool is not None:
             txn.message.spool.close()
         if verdict is not None:
-            log_summary(txn.message, txn.results, verdict)
+            summary = log_summary(txn.message, txn.results, verdict)
+            for observer in self.message_observers:
+                try:
+                    observer(txn.message, txn.results, verdict, summary)
+                except Exception:
+                    log.failure("{tag}; message observer failed", tag=txn.tag)
         txn.runtime.release()

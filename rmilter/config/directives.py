@@ -391,6 +391,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("progress_interval", TIME),
         _d("shutdown_timeout", TIME),
         _d("trace_header", HEADER_NAME),
+        _d("metrics_socket", SOCKET),
     ),
     "clamav": (
         _d("servers", CLAMD_SERVERS, "reset", max_items=SERVER_LIMIT),

@@ -117,6 +117,8 @@ class GlobalConfig:
     #: when set, accepted messages get this header naming rmilter, the message tag, the client
     #: address and the authenticated user: a trace for administrators (off by default)
     trace_header: Optional[str] = None
+    #: where /metrics, /health and the status page are served (a bind_socket form); off when unset
+    metrics_socket: Optional[str] = None
 
 
 @dataclass(frozen=True)
