@@ -8,6 +8,7 @@ asks the same daemon for its health.
 from __future__ import annotations
 
 import io
+import re
 import socket
 import struct
 import urllib.request
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter import cli
 from tests import harness
+from tests.harness import chromium
 from tests.harness.base import free_port, tcp_accepts, wait_until
 
 
@@ -65,3 +67,28 @@ class PrometheusScrapeTests(SynchronousTestCase):
         err = io.StringIO()
         self.assertEqual(cli.main(["status"], io.StringIO(), err), cli.UNREACHABLE)
         self.assertIn("sets no metrics_socket", err.getvalue())
+
+
+class StatusPageBrowserTests(SynchronousTestCase):
+    """The status page as headless Chromium renders it (Debian's ``chromium``)."""
+
+    def test_chart_backends_and_summaries_in_a_real_browser(self) -> None:
+        metrics_port = free_port()
+        # one clamd server nobody listens on: the page shows it alive until it fails maxerrors times
+        dead_port = free_port()
+        milter = harness.start_rmilter(self, "metrics_socket = inet:%d@127.0.0.1;\n"
+                                       "clamav { servers = 127.0.0.1:%d; maxerrors = 1; "
+                                       "connect_timeout = 1s; };\n" % (metrics_port, dead_port), unix=False)
+        wait_until(lambda: tcp_accepts("127.0.0.1", metrics_port), 20, "metrics listener")
+        result = harness.miltertest(milter.milter_inet, messages=3, queue_id="4BROWSER")
+        self.assertTrue(result.passed, result.output)
+        url = "http://127.0.0.1:%d/" % metrics_port
+        dom = chromium.dump_dom(url)
+        bars = re.findall(r'<rect class="bar" data-action="(\w+)" data-count="(\d+)"', dom)
+        self.assertEqual(sum(int(n) for action, n in bars if action == "accept"), 3, dom)
+        self.assertEqual(len(re.findall(r"msg done: queue_id: 4BROWSER", dom)), 3, dom)
+        self.assertRegex(dom, r'<tr class="backend dead"><td>clamd</td><td>127\.0\.0\.1:%d</td>' % dead_port)
+        self.assertRegex(dom, r'<p id="health" data-code="200">ok')
+        pixels = chromium.png_pixels(chromium.screenshot(url))
+        # a blank (one-colour) page compresses to a handful of byte values; text and bars do not
+        self.assertGreater(len(set(pixels)), 50)
