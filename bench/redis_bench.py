@@ -168,18 +168,21 @@ def table_row(label: str, result: Dict[str, Any]) -> str:
     )
 
 
-def config_for(name: str, redis: Optional[RedisServer]) -> str:
+def config_for(name: str, redis: Optional[RedisServer], metrics: bool = False) -> str:
+    """The scenario's configuration; ``metrics``: with a metrics_socket (issue 14) on a free port."""
+    extra = "metrics_socket = inet:%d@127.0.0.1;\n" % free_port() if metrics else ""
     if name == "pass" or redis is None:
-        return PASS_CONFIG
-    return REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"}
+        return PASS_CONFIG + extra
+    return REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"} + extra
 
 
-def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool) -> List[str]:
+def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool,
+            metrics: bool = False) -> List[str]:
     """One fresh daemon (and a flushed Redis) for one measured run of scenario ``name``."""
     extra = ["--from", SENDER, "--vary-ip", str(args.vary_ip)]
     redis.command("FLUSHALL")
     lines: List[str] = []
-    service = Rmilter(config_for(name, redis))
+    service = Rmilter(config_for(name, redis, metrics))
     try:
         if name == "steady":
             # every client block meets greylisting once, and passes it on its next visit
@@ -189,7 +192,9 @@ def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, c
         pids = [service.pid] + ([redis.proc.pid] if name != "pass" else [])
         result = milterload(args.milterload, service.socket, concurrency=args.conc, duration=args.duration,
                             warmup=args.warmup, size=args.size, pids=pids, extra=extra)
-        lines.append(table_row("%s c=%d%s" % (name, args.conc, " #%d" % (rep + 1) if args.reps > 1 else ""), result))
+        label = "%s%s c=%d%s" % (name, " +metrics" if metrics else "", args.conc,
+                                 " #%d" % (rep + 1) if args.reps > 1 else "")
+        lines.append(table_row(label, result))
         if count and name != "pass":
             lines.append(commands_per_message(args, service, redis, extra))
     finally:
@@ -235,7 +240,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--count-messages", type=int, default=2000)
     parser.add_argument("--scenarios", default="pass,steady,greylisted")
+    parser.add_argument("--metrics", choices=("off", "on", "both"), default="off",
+                        help="run with metrics_socket set (issue 14); both: off and on, interleaved")
     args = parser.parse_args()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.metrics]
 
     redis = RedisServer()
     print("rmilter Redis benchmark, %s, %d cores, load %s, milterload -c %d -d %g -w %g -b %s --vary-ip %d --from %s" % (
@@ -247,9 +255,11 @@ def main() -> None:
         # scenarios interleaved, so that background load hits them alike
         for rep in range(args.reps):
             for name in args.scenarios.split(","):
-                lines = measure(args, name, rep, redis, count=(rep == args.reps - 1))
-                print(lines[0], flush=True)
-                notes.extend("%s: %s" % (name, line.strip()) for line in lines[1:])
+                for metrics in modes:
+                    lines = measure(args, name, rep, redis, count=(rep == args.reps - 1 and not metrics),
+                                    metrics=metrics)
+                    print(lines[0], flush=True)
+                    notes.extend("%s: %s" % (name, line.strip()) for line in lines[1:])
     finally:
         redis.stop()
     for note in notes:

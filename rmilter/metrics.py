@@ -13,21 +13,30 @@ one, so tests and two services in one process do not mix) and is fed from three 
   generation) is read when Prometheus scrapes, by ``StateCollector``: it costs nothing per
   message.
 
-Worker processes (issue 13): counters and histograms are ordinary ``prometheus_client``
-metrics, so under its multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the
-workers start, the registry replaced by a ``MultiProcessCollector`` in the process that
-serves ``/metrics``) every worker writes them to its own file and the scrape sums them;
-``StateCollector``'s values are per process and would be published the same way as
-``livesum`` gauges refreshed once a second.  No label names a process, so one worker or
-many give the same series.
+Counts are plain numbers updated in the reactor thread (``prometheus_client``'s metric
+objects take a lock per update, several per message: more than the 5% budget of issue 14)
+and become Prometheus families at scrape time (``MessageCounts``).
+
+Worker processes (issue 13): every count is a key in a plain dictionary, so a worker can
+hand its ``Metrics``' dictionaries and histograms to the main process as they are (a
+snapshot pickled over the control pipe, on each scrape or once a second), and the main
+process, which alone binds ``metrics_socket``, serves the sum: counters and histogram
+buckets add up, gauges (connections, in flight, spool bytes) add up, the config generation
+and the backends' alive state come from the main process.  No label names a process, so
+one worker or many give the same series.  (``prometheus_client``'s multiprocess mode, with
+its mmap files, would do the same for library metric objects; it cannot run custom
+collectors across processes, which the scrape-time state here relies on.)
 """
 from __future__ import annotations
 
+import bisect
 import collections
+import math
 from typing import Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from rmilter.verdict import Action, Check, CheckResult, Quarantine, Verdict, deciding_result
@@ -99,58 +108,73 @@ class UpstreamMetrics:
         self.metrics.attempt_ended(self.backend, server, seconds, error)
 
     def marked_dead(self, server: str) -> None:
-        self.metrics.server_marked_dead.labels(self.backend, server).inc()
+        self.metrics.marked_dead(self.backend, server)
+
+
+class Histogram:
+    """A histogram kept as plain numbers: one ``bisect`` and two additions per observation.
+
+    ``prometheus_client``'s own metric objects take a lock per update, several per message;
+    the pipeline runs in the reactor thread only, so plain numbers are exact and cost a
+    fraction.  ``MessageCounts`` hands them to the registry at scrape time.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> List[Tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip(self.bounds + (math.inf,), self.counts):
+            running += count
+            out.append((floatToGoString(bound), float(running)))
+        return out
+
+
+def _bump(counts: Dict[Any, int], key: Any, by: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + by
 
 
 class Metrics:
-    """Every metric of the process, and the short history the status page draws."""
+    """Every metric of the process, and the short history the status page draws.
+
+    Counts are plain dictionaries and ``Histogram``\\ s, updated in the reactor thread and read
+    by ``MessageCounts`` when Prometheus scrapes; only the process collector and the reload
+    counter are ``prometheus_client`` objects.
+    """
 
     def __init__(self, clock: Any, registry: Optional[CollectorRegistry] = None, *,
                  process_collector: bool = True) -> None:
         #: IReactorTime: the minute buckets of the status page
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
         if process_collector:
-            ProcessCollector(registry=r)
-        self.messages = Counter("rmilter_messages_total", "Messages finished, by final action and deciding check",
-                                ["action", "check"], registry=r)
-        self.check_results = Counter("rmilter_check_results_total", "Check results by outcome",
-                                     ["check", "outcome"], registry=r)
-        self.check_skips = Counter("rmilter_check_skipped_total", "Checks not run, by reason",
-                                   ["check", "reason"], registry=r)
-        self.check_seconds = Histogram("rmilter_check_duration_seconds", "Time a check took",
-                                       ["check"], buckets=LATENCY_BUCKETS, registry=r)
-        self.backend_seconds = Histogram("rmilter_backend_request_duration_seconds",
-                                         "Time of one attempt on one backend server",
-                                         ["backend", "server"], buckets=LATENCY_BUCKETS, registry=r)
-        self.backend_errors = Counter("rmilter_backend_errors_total", "Failed attempts on a backend server",
-                                      ["backend", "server", "kind"], registry=r)
-        self.server_marked_dead = Counter("rmilter_backend_marked_dead_total",
-                                          "Times a server was marked dead for dead_time",
-                                          ["backend", "server"], registry=r)
-        self.redis_fail_open = Counter("rmilter_redis_fail_open_total",
-                                       "Redis trouble answered by letting the message through",
-                                       ["role"], registry=r)
-        self.rspamd_actions = Counter("rmilter_rspamd_actions_total", "Rspamd's action per scan",
-                                      ["action"], registry=r)
-        self.rspamd_score = Histogram("rmilter_rspamd_score", "Rspamd's score per scan",
-                                      buckets=SCORE_BUCKETS, registry=r)
-        self.viruses = Counter("rmilter_viruses_found_total", "Messages clamd found a virus in", registry=r)
-        self.dkim = Counter("rmilter_dkim_signatures_total", "DKIM signatures made", registry=r)
-        self.dkim_failures = Counter("rmilter_dkim_failures_total", "DKIM signing that failed", registry=r)
-        self.greylist = Counter("rmilter_greylist_total", "Greylisting decisions", ["result"], registry=r)
-        self.ratelimit_refusals = Counter("rmilter_ratelimit_refusals_total", "Recipients refused by a rate limit",
-                                          registry=r)
-        self.reloads = Counter("rmilter_config_reloads_total", "Configuration reloads", ["result"], registry=r)
-        # label children made once: .labels() per message would cost a dict lookup under a lock
-        self._skip_reasons: Dict[Check, Dict[str, Any]] = {}
-        self._outcomes: Dict[Tuple[Check, str], Any] = {}
-        self._durations: Dict[Check, Any] = {}
-        self._message_series: Dict[Tuple[str, str], Any] = {}
-        self._greylist = {name: self.greylist.labels(name) for name in ("deferred", "passed", "failed_open")}
-        for result in ("ok", "failed"):
-            self.reloads.labels(result)
+            ProcessCollector(registry=self.registry)
+        #: (action, deciding check) -> messages
+        self.messages: Dict[Tuple[str, str], int] = {}
+        #: (check, outcome) -> results
+        self.check_results: Dict[Tuple[str, str], int] = {}
+        #: (check, reason) -> skipped results (bounded per check by MAX_SKIP_REASONS)
+        self.skips: Dict[Tuple[Check, str], int] = {}
+        self.check_seconds: Dict[str, Histogram] = {}
+        #: (backend, server) -> attempts' latency; (backend, server, kind) -> errors
+        self.backend_seconds: Dict[Tuple[str, str], Histogram] = {}
+        self.backend_errors: Dict[Tuple[str, str, str], int] = {}
+        self.server_marked_dead: Dict[Tuple[str, str], int] = {}
+        self.redis_fail_open: Dict[str, int] = {}
+        self.rspamd_actions: Dict[str, int] = {}
+        self.rspamd_score = Histogram(SCORE_BUCKETS)
+        self.counts: Dict[str, int] = {"viruses": 0, "dkim": 0, "dkim_failures": 0, "ratelimit_refusals": 0}
+        self.greylist: Dict[str, int] = {"deferred": 0, "passed": 0, "failed_open": 0}
+        self.reloads: Dict[str, int] = {"ok": 0, "failed": 0}
+        self.registry.register(MessageCounts(self))
         #: (minute, {action: count}) for the last hour, oldest first
         self.minutes: Deque[Tuple[int, Dict[str, int]]] = collections.deque()
         #: the last summary lines, oldest first
@@ -160,51 +184,60 @@ class Metrics:
     def observe_result(self, result: CheckResult, seconds: float) -> None:
         """A ``rmilter.pipeline.ResultObserver``: one check's result and the time it took."""
         check = result.check
-        kind = outcome(result)
-        counter = self._outcomes.get((check, kind))
-        if counter is None:
-            counter = self._outcomes[(check, kind)] = self.check_results.labels(check.value, kind)
-        counter.inc()
-        if kind == "skipped":
-            self._skipped(check, result.summary)
+        if result.skipped:  # most results of most messages: one dictionary update
+            skips = self.skips
+            key = (check, result.summary)
+            count = skips.get(key)
+            if count is None:
+                key = self._new_skip_reason(key)
+                count = skips.get(key, 0)
+            skips[key] = count + 1
             return
-        duration = self._durations.get(check)
-        if duration is None:
-            duration = self._durations[check] = self.check_seconds.labels(check.value)
-        duration.observe(seconds)
+        name = check.value
+        key = (name, outcome(result))
+        results = self.check_results
+        results[key] = results.get(key, 0) + 1
+        kind = key[1]
+        histogram = self.check_seconds.get(name)
+        if histogram is None:
+            histogram = self.check_seconds[name] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
         if kind == "failed_open" and check in REDIS_ROLES:
-            self.redis_fail_open.labels(REDIS_ROLES[check]).inc()
+            _bump(self.redis_fail_open, REDIS_ROLES[check])
         if check is Check.SPAM:
             self._spam(result)
         elif check is Check.VIRUS:
             if result.demands_verdict and "virus_name" in result.details:
-                self.viruses.inc()
+                self.counts["viruses"] += 1
         elif check is Check.DKIM:
             signatures = result.details.get("dkim_signatures")
             if signatures:
-                self.dkim.inc(len(signatures))  # type: ignore[arg-type]
+                self.counts["dkim"] += len(signatures)  # type: ignore[arg-type]
             elif result.summary.endswith("internal failure"):
-                self.dkim_failures.inc()
+                self.counts["dkim_failures"] += 1
         elif check is Check.GREYLIST:
             if result.failed:
-                self._greylist["failed_open"].inc()
+                self.greylist["failed_open"] += 1
             elif result.demands_verdict:
-                self._greylist["deferred"].inc()
+                self.greylist["deferred"] += 1
             else:
-                self._greylist["passed"].inc()
+                self.greylist["passed"] += 1
         elif check is Check.RATELIMIT and result.demands_verdict:
-            self.ratelimit_refusals.inc()
+            self.counts["ratelimit_refusals"] += 1
 
-    def _skipped(self, check: Check, reason: str) -> None:
-        reasons = self._skip_reasons.setdefault(check, {})
-        counter = reasons.get(reason)
-        if counter is None:
-            if len(reasons) >= MAX_SKIP_REASONS:
-                reason = "other"
-                counter = reasons.get(reason)
-            if counter is None:
-                counter = reasons[reason] = self.check_skips.labels(check.value, reason)
-        counter.inc()
+    def _new_skip_reason(self, key: Tuple[Check, str]) -> Tuple[Check, str]:
+        """A reason not seen before: itself, or "other" once the check has MAX_SKIP_REASONS."""
+        check = key[0]
+        if sum(1 for c, _ in self.skips if c is check) >= MAX_SKIP_REASONS:
+            return (check, "other")
+        return key
+
+    def skipped_by_check(self) -> Dict[str, Dict[str, int]]:
+        """check -> {reason: results} (for the scrape)."""
+        out: Dict[str, Dict[str, int]] = {}
+        for (check, reason), count in self.skips.items():
+            out.setdefault(check.value, {})[reason] = count
+        return out
 
     def _spam(self, result: CheckResult) -> None:
         action = result.details.get("spam_action")
@@ -212,7 +245,10 @@ class Metrics:
             return
         if result.details.get("spam_dkim_only"):
             return  # a signing request, not a verdict on the message
-        self.rspamd_actions.labels(str(action)).inc()
+        action = str(action)
+        if action not in self.rspamd_actions and len(self.rspamd_actions) >= MAX_SKIP_REASONS:
+            action = "other"
+        _bump(self.rspamd_actions, action)
         score = result.details.get("spam_score")
         if isinstance(score, (int, float)):
             self.rspamd_score.observe(score)
@@ -222,11 +258,9 @@ class Metrics:
         """A ``rmilter.pipeline.MessageObserver``: the message ended with ``verdict``."""
         action = final_action(verdict)
         decider = deciding_result(results) if verdict.action is not Action.ACCEPT else None
-        check = decider.check.value if decider is not None else "none"
-        series = self._message_series.get((action, check))
-        if series is None:
-            series = self._message_series[(action, check)] = self.messages.labels(action, check)
-        series.inc()
+        key = (action, decider.check.value if decider is not None else "none")
+        messages = self.messages
+        messages[key] = messages.get(key, 0) + 1
         minute = int(self.clock.seconds() // 60)
         minutes = self.minutes
         if not minutes or minutes[-1][0] != minute:
@@ -240,9 +274,15 @@ class Metrics:
 
     # -- backends ------------------------------------------------------------------------------
     def attempt_ended(self, backend: str, server: str, seconds: float, error: Optional[str]) -> None:
-        self.backend_seconds.labels(backend, server).observe(seconds)
+        histogram = self.backend_seconds.get((backend, server))
+        if histogram is None:
+            histogram = self.backend_seconds[(backend, server)] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
         if error is not None:
-            self.backend_errors.labels(backend, server, "timeout" if is_timeout(error) else "error").inc()
+            _bump(self.backend_errors, (backend, server, "timeout" if is_timeout(error) else "error"))
+
+    def marked_dead(self, backend: str, server: str) -> None:
+        _bump(self.server_marked_dead, (backend, server))
 
     def watch_runtime(self, deps: Any) -> None:
         """Hook an observer onto every server list of a configuration generation's clients."""
@@ -251,13 +291,70 @@ class Metrics:
 
     # -- the service ---------------------------------------------------------------------------
     def reload_done(self, ok: bool) -> None:
-        self.reloads.labels("ok" if ok else "failed").inc()
+        self.reloads["ok" if ok else "failed"] += 1
 
     def per_minute(self, minutes: int = HISTORY_MINUTES) -> List[Tuple[int, Dict[str, int]]]:
         """Messages by action for each of the last ``minutes`` minutes, oldest first (gaps as zeros)."""
         now = int(self.clock.seconds() // 60)
         known = dict(self.minutes)
         return [(m, dict(known.get(m, {}))) for m in range(now - minutes + 1, now + 1)]
+
+
+def _counter(name: str, documentation: str, labels: Sequence[str], values: Mapping[Any, int]) -> Any:
+    family = CounterMetricFamily(name, documentation, labels=list(labels))
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else ([key] if labels else []), value)
+    return family
+
+
+def _histogram(name: str, documentation: str, labels: Sequence[str], values: Mapping[Any, Histogram]) -> Any:
+    family = HistogramMetricFamily(name, documentation, labels=list(labels))
+    for key, histogram in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else ([key] if labels else []),
+                          histogram.cumulative(), histogram.total)
+    return family
+
+
+class MessageCounts(Collector):
+    """``Metrics``' plain counts as Prometheus families, built when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        m = self.metrics
+        messages = {(a, "none"): 0 for a in ACTIONS}
+        messages.update(m.messages)
+        yield _counter("rmilter_messages", "Messages finished, by final action and deciding check",
+                       ("action", "check"), messages)
+        skipped = m.skipped_by_check()
+        results = dict(m.check_results)
+        for check, reasons in skipped.items():
+            results[(check, "skipped")] = sum(reasons.values())
+        yield _counter("rmilter_check_results", "Check results by outcome", ("check", "outcome"), results)
+        yield _counter("rmilter_check_skipped", "Checks not run, by reason", ("check", "reason"),
+                       {(c, r): n for c, reasons in skipped.items() for r, n in reasons.items()})
+        yield _histogram("rmilter_check_duration_seconds", "Time a check took", ("check",), m.check_seconds)
+        yield _histogram("rmilter_backend_request_duration_seconds", "Time of one attempt on one backend server",
+                         ("backend", "server"), m.backend_seconds)
+        yield _counter("rmilter_backend_errors", "Failed attempts on a backend server",
+                       ("backend", "server", "kind"), m.backend_errors)
+        yield _counter("rmilter_backend_marked_dead", "Times a server was marked dead for dead_time",
+                       ("backend", "server"), m.server_marked_dead)
+        yield _counter("rmilter_redis_fail_open", "Redis trouble answered by letting the message through",
+                       ("role",), {role: m.redis_fail_open.get(role, 0) for role in REDIS_ROLES.values()})
+        yield _counter("rmilter_rspamd_actions", "Rspamd's action per scan", ("action",), m.rspamd_actions)
+        yield _histogram("rmilter_rspamd_score", "Rspamd's score per scan", (), {(): m.rspamd_score})
+        yield _counter("rmilter_viruses_found", "Messages clamd found a virus in", (), {(): m.counts["viruses"]})
+        yield _counter("rmilter_dkim_signatures", "DKIM signatures made", (), {(): m.counts["dkim"]})
+        yield _counter("rmilter_dkim_failures", "DKIM signing that failed", (), {(): m.counts["dkim_failures"]})
+        yield _counter("rmilter_greylist", "Greylisting decisions", ("result",), m.greylist)
+        yield _counter("rmilter_ratelimit_refusals", "Recipients refused by a rate limit", (),
+                       {(): m.counts["ratelimit_refusals"]})
+        yield _counter("rmilter_config_reloads", "Configuration reloads", ("result",), m.reloads)
 
 
 def server_lists(deps: Any) -> Iterator[Tuple[str, Any]]:

@@ -118,13 +118,18 @@ class Pipeline:
     # -- running one check -------------------------------------------------------------------
     def _run(self, txn: Transaction, check: CheckFunction, **options: Any) -> "Deferred[CheckResult]":
         """Run one check for the message; its result is kept (and observed) when it arrives."""
-        if self.observers:
-            return check(txn.message, txn.deps, **options).addCallback(self._ended, txn, txn.deps.clock.seconds())
+        observed = bool(self.observers)
+        started = txn.deps.clock.seconds() if observed else 0.0
         running = check(txn.message, txn.deps, **options)
         if running.called and isinstance(running.result, CheckResult):
             # answered at once (most checks, most of the time): no callback to run
-            txn.results.append(running.result)
+            if observed:
+                self._keep(txn, running.result, txn.deps.clock.seconds() - started)
+            else:
+                txn.results.append(running.result)
             return running
+        if observed:
+            return running.addCallback(self._ended, txn, started)
         return running.addCallback(self._keep_result, txn)
 
     @staticmethod
