@@ -371,3 +371,44 @@ class ConfigTests(SynchronousTestCase):
         self.assertTrue(caught.exception.errors[0].startswith("r.conf:2: metrics_socket: /run/r.sock is the milter socket"))
         with self.assertRaises(rconfig.ConfigError):
             rconfig.parse_text("metrics_socket = inet:11339@127.0.0.1;\n", "r.conf")
+
+
+class ServiceTests(SynchronousTestCase):
+    """The service binds the metrics listener beside the milter's, never on it (MemoryReactor)."""
+
+    def service(self, text: str, listen: Any = ()) -> Any:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from rmilter.service import RmilterService
+
+        self.reactor = MemoryReactorClock()
+        return RmilterService(rconfig.parse_text(text), config_path=None, listen=listen, reactor=self.reactor,
+                              install_signals=False)
+
+    def test_listener_health_and_shutdown(self) -> None:
+        service = self.service("bind_socket = inet:11339@127.0.0.1;\nmetrics_socket = inet:11340@127.0.0.1;\n")
+        service.startService()
+        ports = sorted((port, type(factory).__name__) for port, factory, _, _ in self.reactor.tcpServers)
+        self.assertEqual(ports, [(11339, "MilterFactory"), (11340, "Site")])
+        code, document = status.health(service)
+        self.assertEqual((code, document["config_generation"], document["listeners"]),
+                         (200, 1, ["tcp:11339:interface=127.0.0.1"]))
+        self.assertIn(service.pipeline.observers[0].__self__, [service.metrics])  # type: ignore[attr-defined]
+        stopping = service.stopService()
+        self.assertEqual(status.health(service)[0], 503)
+        self.successResultOf(stopping)
+
+    def test_off_by_default(self) -> None:
+        service = self.service("bind_socket = inet:11339@127.0.0.1;\n")
+        service.startService()
+        self.assertEqual([port for port, _, _, _ in self.reactor.tcpServers], [11339])
+        self.assertEqual((service.pipeline.observers, service.metrics), ([], None))
+        self.successResultOf(service.stopService())
+
+    def test_listen_option_on_the_metrics_socket_is_refused(self) -> None:
+        from rmilter.service import StartupError
+
+        service = self.service("metrics_socket = inet:11340@127.0.0.1;\n", listen=["inet:11340@127.0.0.1"])
+        with self.assertRaises(StartupError) as caught:
+            service.startService()
+        self.assertIn("metrics_socket inet:11340@127.0.0.1 is a milter listener", str(caught.exception))
