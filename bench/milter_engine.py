@@ -71,8 +71,8 @@ def main() -> None:
     reps = int(_option("--reps", "1"))
     if len(modes) > 1 or reps > 1:
         print("load %s" % " ".join("%.2f" % x for x in os.getloadavg()))
-    for _ in range(reps):
-        for metrics in modes:
+    for rep in range(reps):
+        for metrics in (modes if rep % 2 == 0 else modes[::-1]):  # alternate which goes first
             run(count, metrics)
 
 
