@@ -63,6 +63,21 @@ class PrometheusScrapeTests(SynchronousTestCase):
         self.assertEqual(cli.main(["status", "--socket", self.spec], io.StringIO(), err), cli.UNREACHABLE)
         self.assertIn("cannot ask %s" % self.spec, err.getvalue())
 
+    def test_reloads_counted_and_generation_follows(self) -> None:
+        """A good reload: generation 2 in /health and the metrics; a broken file: counted as failed."""
+        milter = self.start()
+        milter.reload("configuration reloaded")
+        milter.write_config("metrics_socket = %s;\nmax_size = ;\n" % self.spec)
+        milter.reload("reload failed")
+        code, document = cli.fetch_health(self.spec)
+        self.assertEqual((code, document["config_generation"]), (200, 2))
+        url = "http://127.0.0.1:%d/metrics" % self.metrics_port
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        self.assertIn("rmilter_config_generation 2.0\n", text)
+        self.assertIn('rmilter_config_reloads_total{result="ok"} 1.0\n', text)
+        self.assertIn('rmilter_config_reloads_total{result="failed"} 1.0\n', text)
+
     def test_status_without_metrics_socket(self) -> None:
         err = io.StringIO()
         self.assertEqual(cli.main(["status"], io.StringIO(), err), cli.UNREACHABLE)
