@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from rmilter.config.schema import Config
-from rmilter.spool import BlockingRunner, Spool
+from rmilter.spool import BlockingRunner, Spool, SpoolBudget
 
 if TYPE_CHECKING:
     from rmilter.backends.clamd import ClamdClient
@@ -36,7 +36,10 @@ class Deps:
     keyring: Optional["Keyring"] = None
     #: sampling for copy_probability (seeded in tests)
     rng: random.Random = field(default_factory=random.Random, compare=False)
+    #: what all in-memory spools of the process may hold together (shared across reloads)
+    spool_budget: Optional[SpoolBudget] = field(default=None, compare=False)
 
     def new_spool(self) -> Spool:
         main = self.config.main
-        return Spool(main.tempdir, main.tempfiles_mode, main.spool_memory_limit, self.run_blocking)
+        return Spool(main.tempdir, main.tempfiles_mode, main.spool_memory_limit, self.run_blocking,
+                     self.spool_budget)

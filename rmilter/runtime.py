@@ -17,7 +17,7 @@ from rmilter.config.schema import Config
 from rmilter.deps import Deps
 from rmilter.dkim.keys import Keyring
 from rmilter.log import Logger
-from rmilter.spool import BlockingRunner
+from rmilter.spool import BlockingRunner, SpoolBudget
 
 log = Logger(namespace="rmilter.runtime")
 
@@ -44,6 +44,7 @@ class Runtime:
         run_blocking: BlockingRunner,
         keyring: Optional[Keyring] = None,
         rng: Optional[random.Random] = None,
+        spool_budget: Optional[SpoolBudget] = None,
     ) -> "Runtime":
         """Create the backend clients the configuration asks for (no network I/O happens here).
 
@@ -60,6 +61,7 @@ class Runtime:
                 redis=redis.from_config(config, reactor),
                 keyring=keyring,
                 rng=rng or random.Random(),
+                spool_budget=spool_budget,
             )
         )
 

@@ -15,6 +15,7 @@ import stat
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from rmilter.log import Logger
@@ -28,6 +29,11 @@ from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
 from rmilter import status
+from rmilter.memory import BurstTrimmer
+from rmilter.spool import SpoolBudget
+
+#: seconds between looks at whether a burst of messages has ended (then freed memory is returned)
+TRIM_INTERVAL = 5.0
 
 log = Logger(namespace="rmilter.service")
 
@@ -142,7 +148,15 @@ class RmilterService(service.MultiService):
         self.cli_listen = tuple(listen)
         self.install_signals = install_signals
         self.run_blocking = _run_in_threadpool(reactor)
-        self.runtime = Runtime.build(config, reactor, self.run_blocking, keyring)
+        #: one budget for the in-memory spools of every generation (messages outlive reloads)
+        self.spool_budget = SpoolBudget(config.main.spool_memory_total)
+        self.runtime = Runtime.build(config, reactor, self.run_blocking, keyring,
+                                     spool_budget=self.spool_budget)
+        #: after a burst of messages, freed buffers go back to the system (RSS returns to its floor)
+        self.trimmer = BurstTrimmer(lambda: self.spool_budget.open, lambda: self.spool_budget.opened)
+        trim_timer = TimerService(TRIM_INTERVAL, self.trimmer.tick)
+        trim_timer.clock = reactor
+        trim_timer.setServiceParent(self)
         self.pipeline = Pipeline(lambda: self.runtime)
         self.factory = MilterFactory(self.pipeline, reactor, lambda: self.runtime)
         self.pidfile: Optional[PidFile] = None
@@ -344,7 +358,9 @@ class RmilterService(service.MultiService):
     def _apply_reload(self, loaded):  # type: ignore[no-untyped-def]
         config, keyring = loaded
         old = self.runtime
-        new = Runtime.build(config, self.reactor, self.run_blocking, keyring)
+        self.spool_budget.total = config.main.spool_memory_total
+        new = Runtime.build(config, self.reactor, self.run_blocking, keyring,
+                            spool_budget=self.spool_budget)
         self.runtime = new
         self.generation += 1
         old.retire()

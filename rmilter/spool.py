@@ -8,6 +8,14 @@ until ``memory_limit``; past it they go to ``tempdir/msg.XXXXXXXX`` through a
 thread pool, so the reactor never waits on the disk and memory per message is
 bounded.  The first 10 KiB of the body always stay in memory for the
 greylisting data hash (SPEC §6.2).
+
+Memory across messages is bounded too: every in-memory body draws on one
+``SpoolBudget`` (``spool_memory_total``, 4 MiB); a message whose next chunk does not
+fit moves to its file at once, so 64 concurrent 1 MB messages cost the budget,
+not 64 MB.  Once on disk, body bytes are written in batches of ``WRITE_BATCH``
+(the MTA sends BODY chunks of at most 64 KiB: one thread hop per chunk would
+cost more than the write); the bytes gathered for a batch draw on the budget
+too, so when it is spent every chunk goes to the file as it comes.
 """
 from __future__ import annotations
 
@@ -23,6 +31,39 @@ T = TypeVar("T")
 BlockingRunner = Callable[..., "Deferred[T]"]
 
 DATA_HASH_PREFIX = 10240
+#: body bytes gathered before one write to the spool file
+WRITE_BATCH = 256 * 1024
+
+
+class SpoolBudget:
+    """Bytes of message bodies all in-memory spools may hold together (one per process).
+
+    A plain counter: the reactor thread is the only one that reserves and releases.
+    """
+
+    def __init__(self, total: int) -> None:
+        #: 0 means no budget across messages (only the per-message limit applies)
+        self.total = total
+        self.in_use = 0
+        self.peak = 0
+        #: spools sent to disk because the budget was spent
+        self.refused = 0
+        #: spools made since start, and spools not yet closed (messages in flight)
+        self.opened = 0
+        self.open = 0
+
+    def reserve(self, size: int) -> bool:
+        """Take ``size`` bytes if they fit; False sends the caller to disk."""
+        if self.total and self.in_use + size > self.total:
+            self.refused += 1
+            return False
+        self.in_use += size
+        if self.in_use > self.peak:
+            self.peak = self.in_use
+        return True
+
+    def release(self, size: int) -> None:
+        self.in_use -= size
 
 
 def run_inline(f: Callable[..., T], *args: object) -> "Deferred[T]":
@@ -67,11 +108,17 @@ class Spool:
         mode: int,
         memory_limit: int,
         run_blocking: BlockingRunner,
+        budget: Optional[SpoolBudget] = None,
     ) -> None:
         self.tempdir = tempdir
         self.mode = mode
         self.memory_limit = memory_limit
         self._run = run_blocking
+        self._budget = budget
+        self._reserved = 0  # bytes of _memory taken from the budget
+        if budget is not None:
+            budget.opened += 1
+            budget.open += 1
         self.head = b""
         self.body_prefix = bytearray()  # first DATA_HASH_PREFIX body bytes
         self._memory = bytearray()  # body bytes not yet on disk (all of it while in memory)
@@ -104,17 +151,49 @@ class Spool:
             self.body_prefix += data[: DATA_HASH_PREFIX - len(self.body_prefix)]
         self.body_size += len(data)
         self._memory += data
-        if not self._on_disk and len(self._memory) <= self.memory_limit:
-            return None
-        self._on_disk = True
+        if not self._on_disk:
+            if len(self._memory) <= self.memory_limit and self._take(len(data)):
+                return None
+            self._on_disk = True
+        elif len(self._memory) < WRITE_BATCH and self._take(len(data)):
+            return None  # gathered for a larger write, within the budget
+        return self._flush()
+
+    def _take(self, size: int) -> bool:
+        if self._budget is None:
+            return True
+        if not self._budget.reserve(size):
+            return False
+        self._reserved += size
+        return True
+
+    def _give_back(self) -> None:
+        if self._budget is not None and self._reserved:
+            self._budget.release(self._reserved)
+        self._reserved = 0
+
+    def _flush(self) -> "Deferred[None]":
+        """Queue the gathered body bytes for the file (one thread hop per batch)."""
         chunk = bytes(self._memory)
-        self._memory.clear()
-        return self._chain(self._write_blocking, chunk)
+        self._memory = bytearray()  # a new buffer: the old one's memory goes back at once
+        held, self._reserved = self._reserved, 0
+        written = self._chain(self._write_blocking, chunk)
+        if held and self._budget is not None:
+            budget = self._budget
+
+            def written_out(result: object) -> object:
+                budget.release(held)  # the bytes leave memory only once they are in the file
+                return result
+
+            written.addBoth(written_out)
+        return written
 
     def finish(self) -> "Deferred[None]":
         """Fires when every byte is where ``read`` can find it; fails if a write failed."""
         if not self._on_disk:
             return succeed(None)  # nothing was ever written: no thread round trip
+        if self._memory:
+            self._flush()
         return self._chain(lambda: None)
 
     def _chain(self, f: Callable[..., T], *args: object) -> "Deferred[T]":
@@ -165,6 +244,8 @@ class Spool:
             if length <= 0:
                 return succeed(head)
         body_offset = offset - head_len
+        if self._on_disk and self._memory:
+            self._flush()  # a read before finish(): the file must hold every byte
         if not self._on_disk:
             return succeed(head + bytes(self._memory[body_offset : body_offset + length]))
         if body_offset + length <= len(self.body_prefix):
@@ -195,6 +276,9 @@ class Spool:
         self.closed = True
         self._memory = bytearray()
         self._joined = None
+        self._give_back()
+        if self._budget is not None:
+            self._budget.open -= 1
 
         def remove(_: object) -> None:
             fd, path = self._fd, self.path

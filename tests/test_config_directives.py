@@ -45,6 +45,7 @@ CASES: List[Tuple[str, str, str, Any, Any]] = [
     ("main", "spf_domains", "example.com, mail.ru", (), ("example.com", "mail.ru")),
     ("main", "max_frame_size", "4M", 2 * MIB, 4 * MIB),
     ("main", "spool_memory_limit", "512k", MIB, 512 * 1024),
+    ("main", "spool_memory_total", "64M", 4 * MIB, 64 * MIB),
     ("main", "idle_timeout", "10m", 900.0, 600.0),
     ("main", "progress_interval", "5s", 10.0, 5.0),
     ("main", "shutdown_timeout", "1m", 30.0, 60.0),

@@ -7,7 +7,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rmilter.spool import DATA_HASH_PREFIX, Spool, run_inline, spool_head
+from rmilter.spool import DATA_HASH_PREFIX, WRITE_BATCH, Spool, SpoolBudget, run_inline, spool_head
 
 
 class SpoolHeadTests(SynchronousTestCase):
@@ -143,12 +143,12 @@ class SlowDiskTests(SynchronousTestCase):
         spool.set_head(b"H\r\n")
         first = spool.append(b"aaaaa")
         second = spool.append(b"bb")
+        self.assertIsNone(second, "a small chunk on disk waits for a batch")
         finished = spool.finish()
         self.assertNoResult(first)
         self.assertNoResult(finished)
         runner.run_all()
         self.successResultOf(first)
-        self.successResultOf(second)
         self.successResultOf(finished)
         read = spool.read_all()
         runner.run_all()
@@ -170,3 +170,130 @@ class MemoryBytesTests(SynchronousTestCase):
         spool.append(b"two")
         self.assertEqual(spool.memory_bytes(), b"H\r\n\r\nonetwo")
         spool.close()
+
+
+class BatchedWriteTests(SynchronousTestCase):
+    def test_body_on_disk_is_written_in_batches(self) -> None:
+        """64 KiB BODY chunks past the limit cost one thread hop per WRITE_BATCH, not per chunk."""
+        tempdir = tempfile.mkdtemp()
+        calls: list = []
+
+        def counting(f, *args):  # type: ignore[no-untyped-def]
+            calls.append(f)
+            return run_inline(f, *args)
+
+        spool = Spool(tempdir, 0o600, 1024, counting)
+        spool.set_head(b"H\r\n\r\n")
+        chunk = b"x" * 65536
+        for _ in range(32):  # 2 MiB
+            spool.append(chunk)
+        self.successResultOf(spool.finish())
+        writes = [f for f in calls if getattr(f, "__name__", "") == "_write_blocking"]
+        self.assertLessEqual(len(writes), 2 * 1024 * 1024 // WRITE_BATCH + 2)
+        self.assertEqual(self.successResultOf(spool.read(len(b"H\r\n\r\n"), 3)), b"xxx")
+        self.assertEqual(len(self.successResultOf(spool.read_all())), 2 * 1024 * 1024 + 5)
+        spool.close()
+        self.assertEqual(os.listdir(tempdir), [])
+        os.rmdir(tempdir)
+
+    def test_read_before_finish_sees_gathered_bytes(self) -> None:
+        """Bytes gathered for the next batch are flushed before a read from the file."""
+        tempdir = tempfile.mkdtemp()
+        spool = Spool(tempdir, 0o600, 4, run_inline)
+        spool.set_head(b"H")
+        spool.append(b"abcdef")
+        spool.append(b"gh")
+        self.assertEqual(self.successResultOf(spool.read(0, 100)), b"Habcdefgh")
+        spool.close()
+        os.rmdir(tempdir)
+
+
+class SpoolBudgetTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tempdir = tempfile.mkdtemp()
+        self.addCleanup(lambda: os.rmdir(self.tempdir))
+
+    def test_message_that_does_not_fit_goes_to_disk_at_once(self) -> None:
+        """Two messages share a 1000-byte budget: the second one's body does not fit and is spooled."""
+        budget = SpoolBudget(1000)
+        first = Spool(self.tempdir, 0o600, 10000, run_inline, budget)
+        second = Spool(self.tempdir, 0o600, 10000, run_inline, budget)
+        self.assertIsNone(first.append(b"a" * 800))
+        self.assertTrue(first.in_memory)
+        self.assertEqual(budget.in_use, 800)
+        self.successResultOf(second.append(b"b" * 300))
+        self.assertFalse(second.in_memory)
+        self.assertEqual(budget.in_use, 800, "a spool on disk holds nothing of the budget")
+        self.assertEqual(budget.refused, 1)
+        self.successResultOf(second.finish())
+        self.assertEqual(self.successResultOf(second.read_all()), b"b" * 300)
+        first.close()
+        second.close()
+        self.assertEqual(budget.in_use, 0)
+        self.assertEqual(budget.peak, 800)
+
+    def test_budget_is_given_back_when_a_message_moves_to_disk(self) -> None:
+        """Past its own limit a message frees what it held, so the next message fits in memory."""
+        budget = SpoolBudget(1000)
+        big = Spool(self.tempdir, 0o600, 500, run_inline, budget)
+        big.append(b"a" * 400)
+        self.assertEqual(budget.in_use, 400)
+        self.successResultOf(big.append(b"a" * 200))
+        self.assertFalse(big.in_memory)
+        self.assertEqual(budget.in_use, 0)
+        small = Spool(self.tempdir, 0o600, 500, run_inline, budget)
+        self.assertIsNone(small.append(b"c" * 400))
+        self.assertTrue(small.in_memory)
+        big.close()
+        small.close()
+        self.assertEqual(budget.in_use, 0)
+
+    def test_zero_total_means_no_budget(self) -> None:
+        budget = SpoolBudget(0)
+        spool = Spool(self.tempdir, 0o600, 10 ** 6, run_inline, budget)
+        self.assertIsNone(spool.append(b"z" * 10 ** 5))
+        self.assertTrue(spool.in_memory)
+        spool.close()
+        self.assertEqual(budget.in_use, 0)
+
+    def test_close_twice_gives_back_once(self) -> None:
+        budget = SpoolBudget(100)
+        spool = Spool(self.tempdir, 0o600, 1000, run_inline, budget)
+        spool.append(b"q" * 50)
+        spool.close()
+        spool.close()
+        self.assertEqual(budget.in_use, 0)
+
+
+class PipelineBudgetTests(SynchronousTestCase):
+    def test_messages_in_flight_share_the_budget_through_deps(self) -> None:
+        """Through the real pipeline: the second of two concurrent messages does not fit the
+        budget and spools to tempdir; both are read back whole; finishing them frees the budget."""
+        import dataclasses
+
+        from twisted.internet.task import Clock
+
+        from rmilter.config.schema import Config, GlobalConfig
+        from rmilter.deps import Deps
+        from rmilter.pipeline import Pipeline
+        from rmilter.runtime import Runtime
+        from tests.pipeline_support import send_until_eom
+
+        tempdir = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, tempdir)
+        config = Config(main=dataclasses.replace(GlobalConfig(), tempdir=tempdir))
+        budget = SpoolBudget(3000)
+        runtime = Runtime(Deps(config=config, clock=Clock(), run_blocking=run_inline, spool_budget=budget))
+        pipeline = Pipeline(lambda: runtime)
+        first, _, d1 = send_until_eom(self, pipeline, body=b"a" * 2000, queue_id="QA")
+        second, _, d2 = send_until_eom(self, pipeline, body=b"b" * 2000, queue_id="QB")
+        v1, v2 = self.successResultOf(d1), self.successResultOf(d2)
+        self.assertTrue(first.message.spool.in_memory)
+        self.assertFalse(second.message.spool.in_memory)
+        self.assertEqual(len(os.listdir(tempdir)), 1)
+        whole = self.successResultOf(second.message.spool.read_all())
+        self.assertTrue(whole.endswith(b"\r\n\r\n" + b"b" * 2000))
+        pipeline.finish(first, v1)
+        pipeline.finish(second, v2)
+        self.assertEqual(budget.in_use, 0)
+        self.assertEqual(os.listdir(tempdir), [])

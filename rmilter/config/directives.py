@@ -387,6 +387,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("spf_domains", WORDS, "reset", ignored_note="spf support is removed from rmilter; spf_domains ignored"),
         _d("max_frame_size", SIZE),
         _d("spool_memory_limit", SIZE),
+        _d("spool_memory_total", SIZE),
         _d("idle_timeout", TIME),
         _d("progress_interval", TIME),
         _d("shutdown_timeout", TIME),

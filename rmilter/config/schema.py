@@ -108,6 +108,9 @@ class GlobalConfig:
     max_frame_size: int = 2 * 1024 * 1024
     #: message bytes kept in memory before the spool moves to a file in tempdir
     spool_memory_limit: int = 1024 * 1024
+    #: message bytes all in-memory spools may hold together; a message that does not fit goes
+    #: to tempdir at once (0: no limit across messages)
+    spool_memory_total: int = 4 * 1024 * 1024
     #: a milter connection silent for this long is closed
     idle_timeout: float = 900.0
     #: PROGRESS keep-alive period while a check is still working

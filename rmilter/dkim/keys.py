@@ -599,6 +599,7 @@ def load_keyring(section: DkimConfig, origins: Mapping[str, Origin] = MappingPro
     if not section.enable or not (section.domains or section.key_table or section.signing_table):
         return None
     keyring, _problems = build_keyring(section, origins)
+    import dkim  # noqa: F401  # type: ignore[import-untyped]  # signing is on: load dkimpy now, not in the first signature
     return keyring
 
 

@@ -22,10 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AbstractSet, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import dkim as dkimpy  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
-from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
 
 from rmilter.config.schema import DkimConfig
 
@@ -244,6 +242,11 @@ def compute_signature(request: SignatureRequest, body: bytes,
     options = request.options
     key = request.key
     hash_name = options.hash_name(key)
+    # dkimpy (and the dnspython it pulls in, ~5 MB) is loaded by the first signature, so a
+    # configuration without DKIM never pays for it
+    import dkim as dkimpy  # type: ignore[import-untyped]
+    from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
+
     policy = CanonicalizationPolicy.from_c_value(options.canonicalization.encode("ascii"))
     cache = body_hashes if body_hashes is not None else {}
     cached = (options.body_canon, hash_name)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Memory against message size and concurrency (issue 19): idle floor, peak and after-burst RSS.
+
+    python3 bench/memory_bench.py --milterload /tmp/milterload/milterload \
+        [--sizes 4k,100k,1M,5M] [--conc 8,64] [--duration 10] [--rspamd] [--settle 5] \
+        [--config FILE] [--ref NAME=SOCKET,PID]
+
+For every (size, concurrency) cell a fresh ``twistd -n rmilter`` is started (pass-through: no
+backends; with ``--rspamd`` also a cell per size scanning on the test harness's Rspamd), its
+idle RSS read after start-up (the floor), a burst of ``--duration`` seconds sent with milterload
+(the C load generator of ../shared/tools/milterload; ``make -C <copy> O=/tmp/milterload``), the
+peak RSS taken from milterload's own sampling, and the RSS read again ``--settle`` seconds after
+the burst (memory given back?).  CPU per message is the milter's CPU seconds over the messages.
+``--ref`` measures another milter (e.g. the C rmilter) on the same cells for comparison.
+
+Printed: one markdown row per cell and, at the end, the targets of issue 19 with the figures
+that meet or miss them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import Rmilter, milterload, rss_mb  # noqa: E402
+
+PASS_THROUGH = "# no backends: every message is accepted\n"
+WITH_RSPAMD = """\
+spamd {
+  servers = %(server)s;
+  connect_timeout = 1s;
+  results_timeout = 30s;
+}
+"""
+
+HEADER = ("| run | msg/s | CPU ms/msg | p99 ms | idle MB | peak MB | after MB | errors |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def watched(result: Dict[str, Any]) -> Dict[str, Any]:
+    rows = result.get("watched") or [{}]
+    return rows[0]
+
+
+def cpu_ms_per_message(result: Dict[str, Any]) -> float:
+    w = watched(result)
+    cpu = w.get("cpu_s")
+    if cpu is None:
+        cpu = (w.get("utime_s", 0.0) or 0.0) + (w.get("stime_s", 0.0) or 0.0)
+    messages = result.get("messages") or 0
+    return 1000.0 * cpu / messages if messages else 0.0
+
+
+def run_cell(args: argparse.Namespace, config: str, size: str, conc: int) -> Tuple[Dict[str, Any], float, float]:
+    """One fresh rmilter: (milterload result, idle RSS MB, after-burst RSS MB)."""
+    milter = Rmilter(config)
+    try:
+        time.sleep(2.0)  # start-up finished (imports, reactor running): the floor
+        idle = rss_mb(milter.pid)
+        result = milterload(args.milterload, milter.socket, concurrency=conc, duration=args.duration,
+                            warmup=args.warmup, size=size, pids=[milter.pid])
+        time.sleep(args.settle)
+        after = rss_mb(milter.pid)
+        return result, idle, after
+    finally:
+        milter.stop()
+
+
+def row(label: str, result: Dict[str, Any], idle: Optional[float], after: Optional[float]) -> str:
+    peak = watched(result).get("rss_max_kb", 0) / 1024.0
+    return "| %s | %.0f | %.2f | %.1f | %s | %.1f | %s | %d |" % (
+        label, result["msgs_per_s"], cpu_ms_per_message(result), result["latency_ms"]["p99"],
+        "%.1f" % idle if idle is not None else "-", peak, "%.1f" % after if after is not None else "-",
+        result.get("errors", 0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--milterload", required=True)
+    parser.add_argument("--sizes", default="4k,100k,1M,5M")
+    parser.add_argument("--conc", default="8,64")
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=1)
+    parser.add_argument("--settle", type=float, default=5, help="seconds idle after a burst before RSS is read")
+    parser.add_argument("--rspamd", action="store_true", help="also scan on the harness's Rspamd")
+    parser.add_argument("--config", help="rmilter config text file instead of the pass-through one")
+    parser.add_argument("--ref", help="NAME=SOCKET,PID: another milter measured on the same cells")
+    args = parser.parse_args()
+
+    modes: List[Tuple[str, str]] = [("pass", open(args.config).read() if args.config else PASS_THROUGH)]
+    rspamd = None
+    if args.rspamd:
+        from tests.harness.rspamd import Rspamd
+
+        rspamd = Rspamd(log_level="error").start()
+        modes.append(("rspamd", WITH_RSPAMD % {"server": rspamd.address}))
+    ref = None
+    if args.ref:
+        name, _, rest = args.ref.partition("=")
+        socket_spec, _, pid = rest.rpartition(",")
+        ref = (name, socket_spec, int(pid))
+
+    print("rmilter memory benchmark, %s, %d cores, load %s" % (
+        time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, " ".join("%.2f" % x for x in os.getloadavg())))
+    print(HEADER)
+    peaks: List[Tuple[str, float]] = []
+    afters: List[Tuple[str, float, float]] = []
+    speeds: Dict[Tuple[str, int], Dict[str, float]] = {}
+    try:
+        for size in args.sizes.split(","):
+            for conc in (int(c) for c in args.conc.split(",")):
+                for mode, config in modes:
+                    result, idle, after = run_cell(args, config, size, conc)
+                    label = "rmilter %s %s c=%d" % (mode, size, conc)
+                    print(row(label, result, idle, after), flush=True)
+                    peaks.append((label, watched(result).get("rss_max_kb", 0) / 1024.0))
+                    afters.append((label, idle, after))
+                    if mode == "pass":
+                        speeds.setdefault((size, conc), {})["rmilter"] = result["msgs_per_s"]
+                if ref is not None:
+                    name, socket_spec, pid = ref
+                    result = milterload(args.milterload, socket_spec, concurrency=conc, duration=args.duration,
+                                        warmup=args.warmup, size=size, pids=[pid])
+                    print(row("%s %s c=%d" % (name, size, conc), result, None, None), flush=True)
+                    speeds.setdefault((size, conc), {})["ref"] = result["msgs_per_s"]
+    finally:
+        if rspamd is not None:
+            rspamd.stop()
+
+    print()
+    print("targets (issue 19):")
+    worst = max(peaks, key=lambda p: p[1])
+    print("- peak RSS <= 64 MB at every cell: worst %.1f MB (%s)" % (worst[1], worst[0]))
+    grown = max(afters, key=lambda a: a[2] / a[1] if a[1] else 0)
+    print("- RSS after a burst within 10%% of the idle floor: worst %+.0f%% (%s: %.1f -> %.1f MB)" % (
+        100.0 * (grown[2] / grown[1] - 1) if grown[1] else 0, grown[0], grown[1], grown[2]))
+    floor = min(a[1] for a in afters)
+    print("- idle floor <= 40 MB with no backends: %.1f MB" % floor)
+    if ref is not None:
+        for (size, conc), pair in speeds.items():
+            if "ref" in pair and pair["ref"]:
+                print("- %s c=%d: rmilter/%s msg/s = %.2fx" % (size, conc, ref[0], pair["rmilter"] / pair["ref"]))
+
+
+if __name__ == "__main__":
+    main()
