@@ -37,6 +37,7 @@ setup(
         "xxhash>=3.0",
         "hiredis>=2.0",
         "zstandard>=0.19",
+        "prometheus_client>=0.16",
     ],
     # pynacl: dkimpy's Ed25519 verifier, the tests' second opinion on ed25519-sha256 signatures
     extras_require={"test": ["hypothesis>=6.0", "pynacl>=1.4"], "dev": ["hypothesis>=6.0", "pynacl>=1.4", "mypy"]},

@@ -172,11 +172,13 @@ def table_row(label: str, result: Dict[str, Any], milter_pids: int = 1) -> str:
     )
 
 
-def config_for(name: str, redis: Optional[RedisServer], workers: int = 1) -> str:
+def config_for(name: str, redis: Optional[RedisServer], workers: int = 1, metrics: bool = False) -> str:
+    """The scenario's configuration; ``metrics``: with a metrics_socket (issue 14) on a free port."""
     head = "workers = %d;\n" % workers if workers != 1 else ""
+    extra = "metrics_socket = inet:%d@127.0.0.1;\n" % free_port() if metrics else ""
     if name == "pass" or redis is None:
-        return head + PASS_CONFIG
-    return head + REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"}
+        return head + PASS_CONFIG + extra
+    return head + REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"} + extra
 
 
 def worker_pids(main_pid: int, count: int) -> List[int]:
@@ -194,12 +196,12 @@ def worker_pids(main_pid: int, count: int) -> List[int]:
 
 
 def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool,
-            workers: int = 1) -> List[str]:
+            workers: int = 1, metrics: bool = False) -> List[str]:
     """One fresh daemon (and a flushed Redis) for one measured run of scenario ``name``."""
     extra = ["--from", SENDER, "--vary-ip", str(args.vary_ip)]
     redis.command("FLUSHALL")
     lines: List[str] = []
-    service = Rmilter(config_for(name, redis, workers))
+    service = Rmilter(config_for(name, redis, workers, metrics))
     try:
         milter = [service.pid] + (worker_pids(service.pid, workers) if workers > 1 else [])
         if name == "steady":
@@ -210,8 +212,9 @@ def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, c
         pids = milter + ([redis.proc.pid] if name != "pass" else [])
         result = milterload(args.milterload, service.socket, concurrency=args.conc, duration=args.duration,
                             warmup=args.warmup, size=args.size, pids=pids, extra=extra)
-        label = "%s c=%d%s%s" % (name, args.conc, " w=%d" % workers if args.workers != "1" else "",
-                                 " #%d" % (rep + 1) if args.reps > 1 else "")
+        label = "%s%s c=%d%s%s" % (name, " +metrics" if metrics else "", args.conc,
+                                   " w=%d" % workers if args.workers != "1" else "",
+                                   " #%d" % (rep + 1) if args.reps > 1 else "")
         lines.append(table_row(label, result, milter_pids=len(milter)))
         if count and name != "pass":
             lines.append(commands_per_message(args, service, redis, extra))
@@ -259,7 +262,10 @@ def main() -> None:
     parser.add_argument("--count-messages", type=int, default=2000)
     parser.add_argument("--scenarios", default="pass,steady,greylisted")
     parser.add_argument("--workers", default="1", help="worker counts to compare, e.g. 1,2 (interleaved)")
+    parser.add_argument("--metrics", choices=("off", "on", "both"), default="off",
+                        help="run with metrics_socket set (issue 14); both: off and on, interleaved")
     args = parser.parse_args()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.metrics]
 
     redis = RedisServer()
     print("rmilter Redis benchmark, %s, %d cores, load %s, milterload -c %d -d %g -w %g -b %s --vary-ip %d --from %s" % (
@@ -271,8 +277,10 @@ def main() -> None:
         # scenarios interleaved, so that background load hits them alike
         for rep in range(args.reps):
             for name in args.scenarios.split(","):
-                for workers in (int(w) for w in args.workers.split(",")):
-                    lines = measure(args, name, rep, redis, count=(rep == args.reps - 1), workers=workers)
+                runs = [(metrics, workers) for metrics in modes for workers in (int(w) for w in args.workers.split(","))]
+                for metrics, workers in runs:
+                    lines = measure(args, name, rep, redis, count=(rep == args.reps - 1 and not metrics),
+                                    workers=workers, metrics=metrics)
                     print(lines[0], flush=True)
                     notes.extend("%s: %s" % (name, line.strip()) for line in lines[1:])
     finally:

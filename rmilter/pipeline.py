@@ -69,6 +69,8 @@ class Checks:
 
 #: observes every check result with the seconds it took (metrics)
 ResultObserver = Callable[[CheckResult, float], None]
+#: observes every finished message: its results, its verdict and its summary line (metrics)
+MessageObserver = Callable[[MessageContext, List[CheckResult], Verdict, Optional[str]], None]
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Pipeline:
         self.current_runtime = current_runtime
         self.checks = checks
         self.observers: List[ResultObserver] = []
+        self.message_observers: List[MessageObserver] = []
 
     # -- which stages may answer something else than CONTINUE (for milter negotiation) -----
     def stages_needing_replies(self) -> Tuple[str, ...]:
@@ -121,17 +124,22 @@ class Pipeline:
         dry run has its demanded verdict turned into a "would" (``verdict.dry_run_result``), so
         every stage below sees a result that let the message pass.
         """
-        if self.observers:
-            return check(txn.message, txn.deps, **options).addCallback(self._ended, txn, txn.deps.clock.seconds())
+        observed = bool(self.observers)
+        started = txn.deps.clock.seconds() if observed else 0.0
         running = check(txn.message, txn.deps, **options)
         if running.called and isinstance(running.result, CheckResult):
             # answered at once (most checks, most of the time): no callback to run
             result = running.result
+            if observed:
+                kept = self._keep(txn, result, txn.deps.clock.seconds() - started)
+                return running if kept is result else succeed(kept)
             dry_run = txn.runtime.dry_run
             if dry_run and result.check in dry_run:
                 return succeed(self._keep_result(result, txn))
             txn.results.append(result)
             return running
+        if observed:
+            return running.addCallback(self._ended, txn, started)
         return running.addCallback(self._keep_result, txn)
 
     @staticmethod
@@ -467,5 +475,10 @@ class Pipeline:
         if txn.message.spool is not None:
             txn.message.spool.close()
         if verdict is not None:
-            log_summary(txn.message, txn.results, verdict)
+            summary = log_summary(txn.message, txn.results, verdict)
+            for observer in self.message_observers:
+                try:
+                    observer(txn.message, txn.results, verdict, summary)
+                except Exception:
+                    log.failure("{tag}; message observer failed", tag=txn.tag)
         txn.runtime.release()

@@ -24,9 +24,11 @@ from rmilter import __version__
 from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET, Config
 from rmilter.dkim.keys import Keyring, KeyringError, load_keyring
+from rmilter.metrics import Metrics, StateCollector
 from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
+from rmilter import status
 from rmilter.memory import BurstTrimmer
 from rmilter.spool import SpoolBudget
 
@@ -165,6 +167,16 @@ class RmilterService(service.MultiService):
         self.listen_endpoints: List[str] = []
         self._reloading: Optional[Deferred] = None
         self._previous_handlers: dict = {}
+        #: for /health and the metrics: 1 at start, +1 per successful reload
+        self.generation = 1
+        self.shutting_down = False
+        self.clock = reactor
+        #: the metrics of issue 14, made when metrics_socket is first configured
+        self.metrics: Optional[Metrics] = None
+        self.metrics_listener: Optional[service.Service] = None
+        self.metrics_endpoint: Optional[str] = None
+        if config.main.metrics_socket:
+            self._enable_metrics()
         self._announce(config, keyring)
 
     # -- listeners ---------------------------------------------------------------------------
@@ -184,6 +196,64 @@ class RmilterService(service.MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
             self.listen_endpoints.append(endpoint)
+
+    # -- metrics (issue 14) ------------------------------------------------------------------
+    def _enable_metrics(self) -> Metrics:
+        """Count from now on: the pipeline's observers, this generation's server lists, the state."""
+        if self.metrics is None:
+            self.metrics = Metrics(self.reactor)
+            self.metrics.registry.register(StateCollector(self))
+        metrics = self.metrics
+        if metrics.observe_result not in self.pipeline.observers:
+            self.pipeline.observers.append(metrics.observe_result)
+            self.pipeline.message_observers.append(metrics.message_done)
+        metrics.watch_runtime(self.runtime.deps)
+        return metrics
+
+    def _disable_metrics(self) -> None:
+        """metrics_socket removed on reload: stop paying for the observers (counts are kept)."""
+        if self.metrics is not None and self.metrics.observe_result in self.pipeline.observers:
+            self.pipeline.observers.remove(self.metrics.observe_result)
+            self.pipeline.message_observers.remove(self.metrics.message_done)
+
+    def _bind_metrics(self, spec: Optional[str]) -> None:
+        if spec is None or self.metrics_listener is not None:
+            return
+        endpoint = _endpoint_for(spec)
+        if endpoint in self.listen_endpoints:
+            raise StartupError("metrics_socket %s is a milter listener; give the metrics a socket of their own"
+                               % (spec,))
+        path = unix_socket_path(endpoint)
+        if path is not None:
+            clear_stale_socket(path)
+        listener = strports.service(endpoint, status.site(self._enable_metrics(), self), reactor=self.reactor)
+        listener._raiseSynchronously = True  # type: ignore[attr-defined]
+        try:
+            listener.setServiceParent(self)
+        except Exception as e:
+            raise StartupError("cannot listen on metrics_socket %s: %s" % (spec, e)) from e
+        self.metrics_listener = listener
+        self.metrics_endpoint = endpoint
+
+    @inlineCallbacks
+    def _unbind_metrics(self):  # type: ignore[no-untyped-def]
+        listener, self.metrics_listener, self.metrics_endpoint = self.metrics_listener, None, None
+        if listener is not None:
+            yield defer.maybeDeferred(listener.disownServiceParent)
+
+    def health(self) -> dict:
+        """What /health and ``rmilter status`` show (``rmilter.status.health`` adds the verdict)."""
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "config_file": self.config_path,
+            "config_generation": self.generation,
+            "listeners": list(self.listen_endpoints),
+            "metrics_listener": self.metrics_endpoint,
+            "shutting_down": self.shutting_down,
+            "connections": len(self.factory.connections),
+            "messages_in_flight": self.factory.messages_in_flight,
+        }
 
     @inlineCallbacks
     def _unbind(self):  # type: ignore[no-untyped-def]
@@ -208,6 +278,8 @@ class RmilterService(service.MultiService):
             version=__version__,
             endpoints=", ".join(self.listen_endpoints),
         )
+        if self.metrics_endpoint is not None:
+            log.info("metrics, health and status page on {endpoint}", endpoint=self.metrics_endpoint)
 
     def _open_listeners(self) -> None:
         if self.listeners:
@@ -217,6 +289,7 @@ class RmilterService(service.MultiService):
             self.pidfile = PidFile(main.pidfile)
             self.pidfile.acquire()
         self._guard(self._bind, self.endpoints_for(self.runtime.config))
+        self._bind_metrics(main.metrics_socket)
 
     def _guard(self, f: Callable[..., Any], *args: Any) -> Any:
         """Turn a bind failure into a StartupError naming the listeners."""
@@ -235,6 +308,7 @@ class RmilterService(service.MultiService):
 
     @inlineCallbacks
     def _stop(self):  # type: ignore[no-untyped-def]
+        self.shutting_down = True  # /health answers 503 while messages drain
         yield self._unbind()
         timeout = self.runtime.config.main.shutdown_timeout
         waiting = self.factory.wait_for_messages()
@@ -291,6 +365,7 @@ class RmilterService(service.MultiService):
         new = Runtime.build(config, self.reactor, self.run_blocking, keyring,
                             spool_budget=self.spool_budget)
         self.runtime = new
+        self.generation += 1
         old.retire()
         self._announce(config, keyring)
         endpoints = self.endpoints_for(config)
@@ -298,10 +373,24 @@ class RmilterService(service.MultiService):
             log.info("listeners changed: re-binding {endpoints}", endpoints=", ".join(endpoints))
             yield self._unbind()
             self._bind(endpoints)
+        spec = config.main.metrics_socket
+        wanted = _endpoint_for(spec) if spec else None
+        if wanted != self.metrics_endpoint:
+            yield self._unbind_metrics()
+            if wanted is None:
+                self._disable_metrics()
+            elif self.running:
+                self._bind_metrics(spec)
+        elif self.metrics is not None and wanted is not None:
+            self.metrics.watch_runtime(new.deps)
+        if self.metrics is not None:
+            self.metrics.reload_done(True)
         log.info("configuration reloaded from {path}", path=self.config_path)
         return True
 
     def _reload_failed(self, failure):  # type: ignore[no-untyped-def]
+        if self.metrics is not None:
+            self.metrics.reload_done(False)
         if failure.check(rconfig.ConfigError):
             for line in failure.value.errors:
                 log.error("reload failed, keeping the running configuration: {error}", error=line)

@@ -57,6 +57,7 @@ CASES: List[Tuple[str, str, str, Any, Any]] = [
     ("main", "shutdown_timeout", "1m", 30.0, 60.0),
     ("main", "trace_header", '"X-Rmilter-Trace"', None, "X-Rmilter-Trace"),
     ("main", "dry_run", "yes", False, True),
+    ("main", "metrics_socket", "inet:11340@127.0.0.1", None, "inet:11340@127.0.0.1"),
     ("clamav", "servers", 'clamd, /var/run/clamav/clamd.ctl, 127.0.0.1:3311, "host:3310:5"', (), (
         ServerSpec("clamd", host="clamd", port=3310),
         ServerSpec("/var/run/clamav/clamd.ctl", path="/var/run/clamav/clamd.ctl"),

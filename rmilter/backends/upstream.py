@@ -63,8 +63,19 @@ class Upstream(Generic[S]):
         return self.dead_until is None or now >= self.dead_until
 
 
+class UpstreamObserver(TypingProtocol):
+    """Told of every attempt and every server marked dead (``rmilter.metrics``); optional."""
+
+    def attempt_ended(self, server: str, seconds: float, error: Optional[str]) -> None: ...
+
+    def marked_dead(self, server: str) -> None: ...
+
+
 class UpstreamList(Generic[S]):
     """A feature's servers in configuration order, with health and selection."""
+
+    #: set by whoever watches this list's health (metrics); None costs one attribute test
+    observer: Optional[UpstreamObserver] = None
 
     def __init__(
         self,
@@ -141,6 +152,8 @@ class UpstreamList(Generic[S]):
             u.dead_until = now + self.dead_time
             u.errors = 0
             u.first_error = None
+            if self.observer is not None:
+                self.observer.marked_dead(str(getattr(server, "name", server)))
 
     def succeeded(self, server: S) -> None:
         u = self._find(server)
@@ -266,7 +279,8 @@ class Failover(Generic[N]):
 class _Scan(Generic[N, T]):
     """The state of one scan: the servers tried, the errors so far, what it is waiting for."""
 
-    __slots__ = ("failover", "attempt", "tag", "started", "servers", "errors", "pending", "ended", "result")
+    __slots__ = ("failover", "attempt", "tag", "started", "servers", "errors", "pending", "ended", "result",
+                 "attempt_started")
 
     def __init__(self, failover: Failover[N], attempt: Callable[[N], "Deferred[T]"], tag: str) -> None:
         self.failover = failover
@@ -279,6 +293,7 @@ class _Scan(Generic[N, T]):
         self.pending: Optional["Deferred[Any]"] = None
         self.ended = False
         self.result: "Deferred[Attempted[N, T]]" = Deferred(self._cancel)
+        self.attempt_started = self.started
 
     def try_next(self, _: object = None) -> None:
         self.pending = None
@@ -288,6 +303,8 @@ class _Scan(Generic[N, T]):
             return
         server = failover.upstreams.choose_random(exclude=self.servers)
         self.servers.append(server)
+        if failover.upstreams.observer is not None:
+            self.attempt_started = failover.clock.seconds()
         try:
             attempt = self.attempt(server)
         except Exception:
@@ -303,7 +320,11 @@ class _Scan(Generic[N, T]):
         failover = self.failover
         failover._scans.discard(self)
         failover.upstreams.succeeded(server)
-        elapsed = failover.clock.seconds() - self.started
+        now = failover.clock.seconds()
+        elapsed = now - self.started
+        observer = failover.upstreams.observer
+        if observer is not None:
+            observer.attempt_ended(server.name, now - self.attempt_started, None)
         self.result.callback(Attempted(reply, server, elapsed, len(self.servers)))
 
     def _failed(self, failure: Failure, server: N) -> None:
@@ -316,6 +337,9 @@ class _Scan(Generic[N, T]):
             failed = AttemptFailed("unexpected error: %s" % (failure.getErrorMessage() or failure.type.__name__,))
             log.failure("{tag}; {what}: unexpected error on {server}", failure,
                         tag=self.tag, what=failover.what, server=server.name)
+        observer = failover.upstreams.observer
+        if observer is not None:
+            observer.attempt_ended(server.name, failover.clock.seconds() - self.attempt_started, failed.reason)
         if failed.blame:
             failover.upstreams.failed(server)
         self.errors.append("%s: %s" % (server.name, failed.reason))

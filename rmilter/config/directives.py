@@ -423,6 +423,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("shutdown_timeout", TIME),
         _d("trace_header", HEADER_NAME),
         _d("dry_run", FLAG),
+        _d("metrics_socket", SOCKET),
     ),
     "clamav": (
         _d("servers", CLAMD_SERVERS, "reset", max_items=SERVER_LIMIT),

@@ -17,8 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from rmilter.config import directives as dirs
 from rmilter.config import values as v
 from rmilter.config.directives import Context, Group, ValueToken
+from rmilter.config.endpoints import endpoint_description
 from rmilter.config.lexer import COMMA, EOF, EQ, LBRACE, PLUSEQ, QUOTED, RBRACE, SEMI, WORD, Token
 from rmilter.config.schema import (
+    DEFAULT_BIND_SOCKET,
     ClamavConfig,
     Config,
     DkimConfig,
@@ -441,6 +443,7 @@ class Parser:
             if table_name == "dkim":
                 kwargs["domains"] = tuple(self.dkim_domains)
             sections[table_name] = cls(**kwargs)
+        self._check_metrics_socket(sections["main"])
         redis: RedisConfig = sections["redis"]
         use_redis = sections["main"].use_redis
         has_servers = any(
@@ -476,6 +479,17 @@ class Parser:
             warnings=tuple(self.warnings),
             files=tuple(files),
         )
+
+
+    def _check_metrics_socket(self, main: Any) -> None:
+        """The metrics listener is never the milter's socket (issue 14)."""
+        if main.metrics_socket is None:
+            return
+        milter = main.bind_socket or DEFAULT_BIND_SOCKET
+        if endpoint_description(main.metrics_socket) == endpoint_description(milter):
+            at = self.origins["main.metrics_socket"]
+            self.errors.append("%s:%d: metrics_socket: %s is the milter socket (bind_socket); give the "
+                               "metrics a listener of their own" % (at.file, at.line, main.metrics_socket))
 
 
 def default_tempdir() -> str:

@@ -126,6 +126,8 @@ class GlobalConfig:
     trace_header: Optional[str] = None
     #: every check that can end a message runs in dry run (see ``dry_run`` of the sections)
     dry_run: bool = False
+    #: where /metrics, /health and the status page are served (a bind_socket form); off when unset
+    metrics_socket: Optional[str] = None
 
 
 @dataclass(frozen=True)

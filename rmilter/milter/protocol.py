@@ -14,7 +14,7 @@ the hooks a graceful stop needs (``wait_for_messages``, ``close_idle_connections
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
@@ -172,6 +172,9 @@ class MilterProtocol(Protocol):
     def _protocol_error(self, error: ProtocolError) -> None:
         """A malformed frame ends this connection, with one log line (SPEC §3.8)."""
         log.error("{peer}: milter protocol error: {error}; closing the connection", peer=self.peer, error=str(error))
+        errors = self.factory.protocol_errors
+        kind = type(error).__name__
+        errors[kind] = errors.get(kind, 0) + 1
         self.close("protocol error")
 
     # -- waiting for the pipeline ------------------------------------------------------------
@@ -212,6 +215,7 @@ class MilterProtocol(Protocol):
         if self._pending is None or self._closing:
             return
         self.transport.write(codec.PROGRESS_PACKET)
+        self.factory.progress_sent += 1
         self._progress_call = self.clock.callLater(self.progress_interval, self._progress)
 
     # -- timers and socket options -----------------------------------------------------------
@@ -283,6 +287,9 @@ class MilterFactory(Factory):
         self.connections: Set[MilterProtocol] = set()
         self.messages_in_flight = 0
         self._waiters: List[Deferred] = []
+        #: plain counts read by the metrics at scrape time (``rmilter.metrics.StateCollector``)
+        self.progress_sent = 0
+        self.protocol_errors: Dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> MilterProtocol:  # type: ignore[override]
         return MilterProtocol(self)

@@ -55,6 +55,7 @@ from tests.harness.base import (
 )
 from tests.harness.clamd import EICAR, EICAR_NAME, HARNESS_VIRUS_NAME, HARNESS_VIRUS_STRING, Clamd
 from tests.harness.miltertest import BASIC_LUA, MiltertestResult, miltertest
+from tests.harness.prometheus import Prometheus
 from tests.harness.postfix import (
     MYHOSTNAME,
     SASL_PASSWORD,
@@ -121,6 +122,13 @@ def start_postfix(testcase: _HasCleanup, sink: Optional[SmtpSink] = None, **kwar
     return postfix.start()
 
 
+def start_prometheus(testcase: _HasCleanup, target: str) -> Prometheus:
+    """A private Prometheus scraping ``target`` (``HOST:PORT``) every second, stopped at the end."""
+    prometheus = Prometheus(target)
+    testcase.addCleanup(prometheus.stop)
+    return prometheus.start()
+
+
 def start_rmilter(testcase: _HasCleanup, config_text: str = "", **kwargs: Any) -> Rmilter:
     """``twistd rmilter`` with this config text, listening on inet and unix; stopped at the end."""
     milter = Rmilter(config_text, **kwargs)
@@ -142,6 +150,7 @@ __all__ = [
     "HARNESS_VIRUS_STRING",
     "MYHOSTNAME",
     "MiltertestResult",
+    "Prometheus",
     "Postfix",
     "REPO_ROOT",
     "Redis",
@@ -164,6 +173,7 @@ __all__ = [
     "shared_rspamd",
     "start_clamd",
     "start_postfix",
+    "start_prometheus",
     "start_redis",
     "start_sentinel_group",
     "start_rmilter",
