@@ -217,6 +217,8 @@ class RmilterService(service.MultiService):
             self.pipeline.message_observers.remove(self.metrics.message_done)
 
     def _bind_metrics(self, spec: Optional[str]) -> None:
+        if self.worker is not None:
+            return  # workers = N: one metrics listener for N processes is not built yet (README)
         if spec is None or self.metrics_listener is not None:
             return
         endpoint = _endpoint_for(spec)

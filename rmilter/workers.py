@@ -195,6 +195,10 @@ class WorkerSupervisor(service.Service):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_reload_signal)
         log.info("rmilter main process supervising {count} workers on {endpoints}",
                  count=self.count, endpoints=", ".join(self.listen_endpoints))
+        if self.config.main.metrics_socket:
+            log.warn("metrics_socket {spec} is not served with workers = {count}: metrics are per process "
+                     "and not yet summed across workers; use workers = 1 to have them",
+                     spec=self.config.main.metrics_socket, count=self.count)
         for number in range(1, self.count + 1):
             self._spawn(number)
 

@@ -168,3 +168,17 @@ class WorkerProcessTests(TestCase):
             [self.send(UNIXClientEndpoint(reactor, milter.socket_path), "4S%03d" % i) for i in range(10)]
             + [self.send(self.inet(milter), "4T%03d" % i) for i in range(10)])
         self.assertEqual({r.action for r in results}, {"accept"})
+
+    @defer.inlineCallbacks
+    def test_metrics_socket_with_workers_is_refused_with_a_warning(self):  # type: ignore[no-untyped-def]
+        """Workers never fight over the metrics socket: none binds it, the main process says why."""
+        from tests.harness.base import free_port, tcp_accepts
+
+        port = free_port()
+        milter = harness.start_rmilter(self, "workers = 2;\nmetrics_socket = inet:%d@127.0.0.1;\n" % port)
+        yield self.wait_for_workers(milter, 2)
+        self.assertRegex(milter.log_text(), r"metrics_socket inet:%d@127.0.0.1 is not served with workers = 2" % port)
+        self.assertFalse(tcp_accepts("127.0.0.1", port))
+        self.assertNotRegex(milter.log_text(), r"died")
+        result = yield self.send(self.inet(milter), "4M001")
+        self.assertEqual(result.action, "accept")
