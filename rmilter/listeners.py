@@ -115,8 +115,10 @@ class OwnedUnixPort(unix.Port):
 
     def connectionLost(self, reason: Any) -> None:
         if self.identity is not None and _identity(self._bindPath) == self.identity:
-            unix.Port.connectionLost(self, reason)
-            return
+            try:
+                os.unlink(self._bindPath)
+            except OSError:
+                pass  # e.g. the directory is not writable after dropping root: the file stays
         if self.lockFile is not None:
             self.lockFile.unlock()
         tcp.Port.connectionLost(self, reason)

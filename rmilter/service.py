@@ -60,6 +60,17 @@ def _where(config: Config, key: str) -> str:
     return " (%s:%d)" % (origin.file, origin.line) if origin is not None else ""
 
 
+def _openlog(name: str) -> None:
+    """``twistd --syslog``: ident ``syslog_name`` with the pid, facility mail (SPEC §8.4).
+
+    twistd opened syslog as ``twisted`` with facility user before the service starts; opening it
+    again here changes both for every later line (nothing is sent when --syslog is not used).
+    """
+    import syslog
+
+    syslog.openlog(name or "rmilter", syslog.LOG_PID, syslog.LOG_MAIL)
+
+
 def _socket_access(config: Config) -> Tuple[Any, ...]:
     """What a unix socket is given besides its path: a change means re-binding at reload."""
     main = config.main
@@ -209,6 +220,7 @@ class RmilterService(service.MultiService):
         twistd has opened its log before this; ``twistd --uid/--gid`` switch after it, too.
         A failure is one line and exit status 69 (SPEC §8.1), not a traceback.
         """
+        _openlog(self.runtime.config.main.syslog_name)
         try:
             self._open_listeners()
             self._start_children(super().privilegedStartService)
