@@ -4,7 +4,8 @@
 #   sudo scripts/install-deps.sh
 #
 # - Debian packages: the real peers the integration tests run on loopback (Redis, Rspamd,
-#   clamd, Postfix + smtp-sink, Cyrus SASL tools, miltertest, swaks) and the C toolchain for
+#   clamd, Postfix + smtp-sink, Cyrus SASL tools, miltertest, swaks; systemd for
+#   systemd-analyze and systemd-socket-activate) and the C toolchain for
 #   shared/tools/milterload.  No service is started: a policy-rc.d that exits 101 stops the
 #   packages' init scripts, and Postfix is preconfigured as "No configuration" so the system
 #   instance has no main.cf.  The tests run private instances of everything.
@@ -19,6 +20,7 @@ python=${PYTHON:-python3}
 packages=(
   redis-server rspamd clamav-daemon clamav postfix miltertest swaks sasl2-bin libsasl2-modules
   curl opendkim-tools libmilter-dev make gcc openssl
+  systemd
 )
 
 if [ "$(id -u)" -ne 0 ]; then
