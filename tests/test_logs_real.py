@@ -113,3 +113,24 @@ class JsonLogTests(SynchronousTestCase):
         self.assertTrue(event["summary_text"].startswith("<%s>; msg done: queue_id: <4JSON1>; message id: <undef>;"
                                                          % event["tag"]), event["summary_text"])
         self.assertEqual(event["log_level"]["name"], "info")
+
+
+class TwistdSyslogPriorityTests(SynchronousTestCase):
+    def test_events_carry_their_syslog_priority(self) -> None:
+        """``twistd --syslog`` sends every line as LOG_INFO unless the event names its priority:
+        rmilter's events do (the facility comes from openlog(syslog_name, LOG_PID, LOG_MAIL))."""
+        import syslog as pysyslog
+
+        from twisted.logger import LogLevel
+
+        from rmilter.log import Logger
+
+        events: List[dict] = []
+        log = Logger(namespace="rmilter.test", observer=events.append)
+        log.warn("w")
+        log.error("e")
+        log.info("i")
+        log.critical("c")
+        self.assertEqual([e["syslogPriority"] for e in events],
+                         [pysyslog.LOG_WARNING, pysyslog.LOG_ERR, pysyslog.LOG_INFO, pysyslog.LOG_CRIT])
+        self.assertEqual(events[0]["log_level"], LogLevel.warn)

@@ -187,3 +187,23 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertOneLine(run_failing(second), "pidfile (%s:1)" % second.config_path, "is locked")
         with open(pidfile) as f:
             self.assertEqual(f.read().strip(), str(first.process.pid))
+
+
+class ReloadRebindTests(SynchronousTestCase):
+    def test_rebind_keeps_owner_group_mode(self) -> None:
+        """A bind_socket changed at reload is created with bind_socket_group/mode again; the old
+        socket file is removed."""
+        milter = Rmilter("", inet=False, unix=False)
+        first = os.path.join(milter.dir, "first.sock")
+        second = os.path.join(milter.dir, "second.sock")
+        config = "bind_socket = unix:%s;\nbind_socket_group = postfix;\nbind_socket_mode = 0640;\n"
+        milter.write_config(config % first)
+        self.addCleanup(milter.stop)
+        milter.start()
+        wait_until(lambda: unix_accepts(first), 20, "first socket", milter.diagnostics)
+        milter.write_config(config % second)
+        milter.reload(wait_for="configuration reloaded")
+        self.assertTrue(unix_accepts(second))
+        st = os.stat(second)
+        self.assertEqual((grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o777), ("postfix", 0o640))
+        self.assertFalse(os.path.exists(first))
