@@ -55,6 +55,8 @@ class PostfixAsPostfixTests(SynchronousTestCase):
         os.chown(milter.dir, pwd.getpwnam(USER).pw_uid, -1)  # what RuntimeDirectory= gives
         self.addCleanup(milter.stop)
         milter.start()
+        # the socket accepts (backlog) from bind on; the switch follows right after it
+        milter.wait_for_log(r"running as uid %d, gid %d" % (pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid))
         st = os.stat(milter.socket_path)
         self.assertEqual((pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o777),
                          (USER, "postfix", 0o660))
