@@ -42,7 +42,10 @@ setup(
     # pynacl: dkimpy's Ed25519 verifier, the tests' second opinion on ed25519-sha256 signatures
     extras_require={"test": ["hypothesis>=6.0", "pynacl>=1.4"], "dev": ["hypothesis>=6.0", "pynacl>=1.4", "mypy"]},
     entry_points={"console_scripts": ["rmilter=rmilter.cli:main"]},
-    data_files=[("share/rmilter", ["rmilter.conf.sample", "rmilter.tac"])],
+    data_files=[
+        ("share/rmilter", ["rmilter.conf.sample", "rmilter.tac"]),
+        ("share/rmilter/systemd", ["systemd/rmilter.service", "systemd/rmilter.socket", "systemd/rmilter.tmpfiles"]),
+    ],
     classifiers=[
         "Framework :: Twisted",
         "Topic :: Communications :: Email :: Filters",

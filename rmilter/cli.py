@@ -27,7 +27,7 @@ UNHEALTHY = 1
 UNREACHABLE = 69
 
 
-def check_config(path: str, out: TextIO, err: TextIO) -> int:
+def check_config(path: str, out: TextIO, err: TextIO, show_secrets: bool = False) -> int:
     """Print the effective configuration and exit 0, or print every error to ``err`` and exit 1."""
     try:
         config, keyring = load_configuration(path)
@@ -37,7 +37,7 @@ def check_config(path: str, out: TextIO, err: TextIO) -> int:
         err.write("%s: configuration is invalid (%d error%s)\n"
                   % (path, len(e.errors), "" if len(e.errors) == 1 else "s"))
         return INVALID
-    out.write(rconfig.format_effective(config))
+    out.write(rconfig.format_effective(config, show_secrets))
     for warning in config.warnings:
         out.write("# warning: %s\n" % warning)
     for problem in keyring.problems if keyring is not None else ():
@@ -135,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         "every error as FILE:LINE: reason to stderr; exit 1.",
     )
     check.add_argument("file", metavar="FILE")
+    check.add_argument("--show-secrets", action="store_true",
+                       help='print secrets such as the Redis password instead of "***"')
     testmessage.add_parser(commands)
     state = commands.add_parser(
         "status",
@@ -151,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.file, out, err)
+        return check_config(args.file, out, err, args.show_secrets)
     if args.command == "test-message":
         return testmessage.main(args, out, err)
     if args.command == "status":

@@ -26,4 +26,12 @@ class Logger(_TwistedLogger):
     def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
         if level is LogLevel.debug and not _debug:
             return
+        # for ``twistd --syslog``: Twisted's syslog observer sends every line as LOG_INFO (errors
+        # as LOG_ALERT) unless the event names its priority (issue 13; facility from openlog)
+        kwargs.setdefault("syslogPriority", _SYSLOG_PRIORITY.get(level, 6))
         super().emit(level, format, **kwargs)
+
+
+#: syslog severities of the levels (LOG_CRIT, LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG)
+_SYSLOG_PRIORITY = {LogLevel.critical: 2, LogLevel.error: 3, LogLevel.warn: 4, LogLevel.info: 6,
+                    LogLevel.debug: 7}

@@ -11,7 +11,6 @@ import errno
 import fcntl
 import os
 import signal
-import stat
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application import service, strports
@@ -22,6 +21,9 @@ from rmilter.log import Logger
 
 from rmilter import __version__
 from rmilter import config as rconfig
+from rmilter import listeners, privileges
+from rmilter.config.endpoints import UNIX_SOCKET_MODE, _parse_description
+from rmilter.startup import EX_UNAVAILABLE, StartupError, fail, os_reason
 from rmilter.config.schema import DEFAULT_BIND_SOCKET, Config
 from rmilter.dkim.keys import Keyring, KeyringError, load_keyring
 from rmilter.metrics import Metrics, StateCollector
@@ -36,18 +38,6 @@ from rmilter.spool import SpoolBudget
 TRIM_INTERVAL = 5.0
 
 log = Logger(namespace="rmilter.service")
-
-#: exit status when the listener or the pid file cannot be set up (SPEC §8.1)
-EX_UNAVAILABLE = 69
-
-
-class StartupError(Exception):
-    """The service cannot start (listener, pid file); carries the SPEC §8.1 exit status."""
-
-    def __init__(self, message: str, status: int = EX_UNAVAILABLE) -> None:
-        super().__init__(message)
-        self.status = status
-
 
 def _endpoint_for(spec: str) -> str:
     """A bind_socket spec or a Twisted endpoint string -> a Twisted endpoint description."""
@@ -65,14 +55,35 @@ def unix_socket_path(endpoint: str) -> Optional[str]:
 
 
 def clear_stale_socket(path: str) -> None:
-    """Remove a stale unix socket file; refuse to touch anything else (SPEC §8.1)."""
+    """Remove a stale unix socket file; refuse a live socket or anything else (SPEC §8.1, issue 18.8)."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError("%s exists and is not a socket; refusing to replace it" % (path,))
-    os.unlink(path)
+        listeners.clear_stale_socket(path)
+    except listeners.ListenError as e:
+        raise StartupError(str(e)) from None
+
+
+def _where(config: Config, key: str) -> str:
+    """`` (FILE:LINE)`` of a directive set in the file, else nothing."""
+    origin = config.origins.get(key)
+    return " (%s:%d)" % (origin.file, origin.line) if origin is not None else ""
+
+
+def _openlog(name: str) -> None:
+    """``twistd --syslog``: ident ``syslog_name`` with the pid, facility mail (SPEC §8.4).
+
+    twistd opened syslog as ``twisted`` with facility user before the service starts; opening it
+    again here changes both for every later line (nothing is sent when --syslog is not used).
+    """
+    import syslog
+
+    syslog.openlog(name or "rmilter", syslog.LOG_PID, syslog.LOG_MAIL)
+
+
+def _socket_access(config: Config) -> Tuple[Any, ...]:
+    """What a unix socket is given besides its path: a change means re-binding at reload."""
+    main = config.main
+    return (main.bind_socket_owner or main.user, main.bind_socket_group or main.group,
+            main.bind_socket_mode if "main.bind_socket_mode" in config.origins else None)
 
 
 class PidFile:
@@ -116,6 +127,21 @@ def load_configuration(path: Optional[str]) -> Tuple[Config, Optional[Keyring]]:
     except KeyringError as e:
         raise rconfig.ConfigError(e.errors) from None
     return config, keyring
+
+
+def unix_endpoint(reactor: Any, config: Config, endpoint: str, path: str) -> listeners.OwnedUnixEndpoint:
+    """A unix listener with the socket's owner, group and mode: ``bind_socket_*``, owner/group
+    defaulting to ``user``/``group``; an explicit ``mode=`` of a Twisted string yields to
+    ``bind_socket_mode`` only when that directive is set."""
+    main = config.main
+    _args, kwargs = _parse_description(endpoint)
+    if "main.bind_socket_mode" in config.origins:
+        mode = main.bind_socket_mode
+    else:
+        mode = int(kwargs.get("mode", UNIX_SOCKET_MODE), 8)
+    uid, gid = privileges.socket_owner(main.bind_socket_owner or main.user, main.bind_socket_group or main.group)
+    backlog = int(kwargs.get("backlog", 50))
+    return listeners.OwnedUnixEndpoint(reactor, path, mode, uid, gid, backlog)
 
 
 def _run_in_threadpool(reactor: Any) -> Callable[..., Deferred]:
@@ -166,6 +192,7 @@ class RmilterService(service.MultiService):
         self.listeners: List[service.Service] = []
         self.listen_endpoints: List[str] = []
         self._reloading: Optional[Deferred] = None
+        self._dropped = False
         self._previous_handlers: dict = {}
         #: for /health and the metrics: 1 at start, +1 per successful reload
         self.generation = 1
@@ -182,17 +209,32 @@ class RmilterService(service.MultiService):
     # -- listeners ---------------------------------------------------------------------------
     def endpoints_for(self, config: Config) -> List[str]:
         """--listen wins over bind_socket; with neither, the documented default socket."""
-        specs = self.cli_listen or (config.main.bind_socket or DEFAULT_BIND_SOCKET,)
-        return [_endpoint_for(s) for s in specs]
+        return [endpoint for endpoint, _label in self._listen_specs(config)]
 
-    def _bind(self, endpoints: List[str]) -> None:
-        for endpoint in endpoints:
+    def _listen_specs(self, config: Config) -> List[Tuple[str, str]]:
+        """(endpoint description, where it came from) for every listener, for one-line errors."""
+        if self.cli_listen:
+            return [(_endpoint_for(s), "--listen %s" % s) for s in self.cli_listen]
+        spec = config.main.bind_socket
+        if not spec:
+            return [(_endpoint_for(DEFAULT_BIND_SOCKET), "default listener %s" % DEFAULT_BIND_SOCKET)]
+        return [(_endpoint_for(spec), "bind_socket = %s%s" % (spec, _where(config, "main.bind_socket")))]
+
+    def _unix_endpoint(self, config: Config, endpoint: str, path: str) -> listeners.OwnedUnixEndpoint:
+        return unix_endpoint(self.reactor, config, endpoint, path)
+
+    def _bind(self, config: Config) -> None:
+        from twisted.application.internet import StreamServerEndpointService
+
+        for endpoint, label in self._listen_specs(config):
             path = unix_socket_path(endpoint)
             if path is not None:
-                clear_stale_socket(path)
-            listener = strports.service(endpoint, self.factory, reactor=self.reactor)  # type: ignore[arg-type]
+                listener = StreamServerEndpointService(self._unix_endpoint(config, endpoint, path), self.factory)
+            else:
+                listener = strports.service(endpoint, self.factory, reactor=self.reactor)  # type: ignore[arg-type]
             # make a bind failure raise from startService instead of only being logged
             listener._raiseSynchronously = True  # type: ignore[attr-defined]
+            listener._rmilter_label = label  # type: ignore[attr-defined]
             listener.setServiceParent(self)
             self.listeners.append(listener)
             self.listen_endpoints.append(endpoint)
@@ -266,13 +308,26 @@ class RmilterService(service.MultiService):
 
     # -- lifetime ----------------------------------------------------------------------------
     def privilegedStartService(self) -> None:
-        """Pid file and listeners come first, before twistd drops privileges (SPEC §8.1)."""
-        self._open_listeners()
-        self._guard(super().privilegedStartService)
+        """Pid file and listeners come first, then the switch to ``user``/``group`` (issue 13).
+
+        twistd has opened its log before this; ``twistd --uid/--gid`` switch after it, too.
+        A failure is one line and exit status 69 (SPEC §8.1), not a traceback.
+        """
+        _openlog(self.runtime.config.main.syslog_name)
+        try:
+            self._open_listeners()
+            self._start_children(super().privilegedStartService)
+            self._drop_privileges()
+        except StartupError as e:
+            fail(e)
 
     def startService(self) -> None:
-        self._open_listeners()
-        self._guard(super().startService)
+        try:
+            self._open_listeners()
+            self._start_children(super().startService)
+            self._drop_privileges()
+        except StartupError as e:
+            fail(e)
         if self.install_signals:
             self._install_signal_handlers()
         log.info(
@@ -283,24 +338,55 @@ class RmilterService(service.MultiService):
         if self.metrics_endpoint is not None:
             log.info("metrics, health and status page on {endpoint}", endpoint=self.metrics_endpoint)
 
+    def _drop_privileges(self) -> None:
+        main = self.runtime.config.main
+        if self._dropped or not (main.user or main.group):
+            return
+        where = _where(self.runtime.config, "main.user") or _where(self.runtime.config, "main.group")
+        done = privileges.drop(main.user, main.group, "user = %s, group = %s%s: " % (
+            main.user or "(unset)", main.group or "(unset)", where))
+        self._dropped = True
+        if done:
+            log.info("{done} (user = {user}, group = {group})", done=done, user=main.user, group=main.group)
+
     def _open_listeners(self) -> None:
         if self.listeners:
             return
-        main = self.runtime.config.main
+        config = self.runtime.config
+        main = config.main
         if main.pidfile and self.pidfile is None and self.worker is None:
             self.pidfile = PidFile(main.pidfile)
-            self.pidfile.acquire()
-        self._guard(self._bind, self.endpoints_for(self.runtime.config))
+            try:
+                self.pidfile.acquire()
+            except StartupError as e:
+                self.pidfile = None
+                raise StartupError("pidfile%s: %s" % (_where(config, "main.pidfile"), e)) from None
+        self._bind(config)
         self._bind_metrics(main.metrics_socket)
 
-    def _guard(self, f: Callable[..., Any], *args: Any) -> Any:
-        """Turn a bind failure into a StartupError naming the listeners."""
+    def _start_children(self, f: Callable[[], Any]) -> Any:
+        """Start the listeners; turn a bind failure into a StartupError naming the listener."""
         try:
-            return f(*args)
+            return f()
         except StartupError:
             raise
         except Exception as e:
-            raise StartupError("cannot listen on %s: %s" % (", ".join(self.listen_endpoints), e)) from e
+            raise StartupError(self._listen_failure(e)) from None
+
+    def _listen_failure(self, error: BaseException) -> str:
+        """``bind_socket = inet:25@127.0.0.1 (FILE:LINE): cannot listen: Address already in use``."""
+        label = None
+        for listener in self.listeners:
+            waiting = getattr(listener, "_waitingForPort", None)
+            # not started yet, or started and failed (its errback left None as the result)
+            if waiting is None or (waiting.called and getattr(waiting, "result", None) is None):
+                label = getattr(listener, "_rmilter_label", None)
+                break
+        if isinstance(error, listeners.ListenError):
+            reason = str(error)
+        else:
+            reason = "cannot listen: %s" % os_reason(error)
+        return "%s: %s" % (label or ", ".join(self.listen_endpoints), reason)
 
     def stopService(self) -> Deferred:
         """Stop accepting, let messages in flight finish up to shutdown_timeout, then stop."""
@@ -371,10 +457,12 @@ class RmilterService(service.MultiService):
         old.retire()
         self._announce(config, keyring)
         endpoints = self.endpoints_for(config)
-        if endpoints != self.listen_endpoints:
+        if (config.main.user, config.main.group) != (old.config.main.user, old.config.main.group):
+            log.warn("config: user/group changed; the running process keeps its user until a restart")
+        if endpoints != self.listen_endpoints or _socket_access(config) != _socket_access(old.config):
             log.info("listeners changed: re-binding {endpoints}", endpoints=", ".join(endpoints))
             yield self._unbind()
-            self._bind(endpoints)
+            self._start_children(lambda: self._bind(config))
         spec = config.main.metrics_socket
         wanted = _endpoint_for(spec) if spec else None
         if wanted != self.metrics_endpoint:
@@ -393,7 +481,9 @@ class RmilterService(service.MultiService):
     def _reload_failed(self, failure):  # type: ignore[no-untyped-def]
         if self.metrics is not None:
             self.metrics.reload_done(False)
-        if failure.check(rconfig.ConfigError):
+        if failure.check(StartupError):
+            log.error("reload: {error}", error=str(failure.value))
+        elif failure.check(rconfig.ConfigError):
             for line in failure.value.errors:
                 log.error("reload failed, keeping the running configuration: {error}", error=line)
         else:

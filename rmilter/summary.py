@@ -79,9 +79,10 @@ def _value(last: Dict[Check, CheckResult], check: Check) -> str:
 
 
 def summary_text(event: Dict[str, Any]) -> str:
-    """SPEC §8.4: ``<tag>; msg done: queue_id: ...; spam scan: ...; virus scan: ...; dkim: ...``."""
+    """SPEC §8.4 byte for byte (the C format's angle brackets are literal), then this
+    implementation's fields: ``<tag>; msg done: queue_id: <QID>; message id: <ID>; ...``."""
     text = (
-        "%(tag)s; msg done: queue_id: %(queue_id)s; message id: %(message_id)s; ip: %(ip)s; "
+        "<%(tag)s>; msg done: queue_id: <%(queue_id)s>; message id: <%(message_id)s>; ip: %(ip)s; "
         "from: <%(sender)s>; rcpt: %(rcpt)s (%(rcpt_count)d total); user: %(user)s; "
         "spam scan: %(spam)s; virus scan: %(virus)s; dkim: %(dkim)s" % event
     )
@@ -94,7 +95,18 @@ def summary_text(event: Dict[str, Any]) -> str:
     text += "; verdict: " + event["verdict"]
     if event["reply"]:
         text += " (%s)" % event["reply"]
+    if event.get("spam_score") is not None:  # a scan ran and Rspamd answered
+        text += "; rspamd score: %s / %s; rspamd action: %s" % (
+            _number(event["spam_score"]), _number(event.get("spam_required")), event.get("spam_action"))
     return text
+
+
+def _number(value: Any) -> str:
+    """3.5 -> ``3.50``; what Rspamd's own log shows (no float noise such as 3.4999999)."""
+    try:
+        return "%.2f" % float(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def log_summary(message: MessageContext, results: Iterable[CheckResult], verdict: Verdict) -> Optional[str]:

@@ -15,6 +15,7 @@ from rmilter import __version__
 from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET
 from rmilter.log import set_debug
+from rmilter.logs import set_ident
 from rmilter.service import RmilterService, load_configuration
 from rmilter.workers import WorkerSupervisor, worker_count
 
@@ -86,6 +87,7 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
         return WorkerSupervisor(  # type: ignore[return-value]
             config, config_path=path, listen=options["listen"], reactor=reactor, debug=bool(options["debug"]),
         )
+    set_ident(config.main.syslog_name)
     return RmilterService(  # type: ignore[return-value]
         config,
         keyring=keyring,

@@ -158,7 +158,7 @@ class WorkerSupervisor(service.Service):
 
     # -- listeners ---------------------------------------------------------------------------
     def _open_listeners(self) -> None:
-        from rmilter.service import PidFile, StartupError, _endpoint_for, clear_stale_socket, unix_socket_path
+        from rmilter.service import PidFile, StartupError, _endpoint_for, unix_endpoint, unix_socket_path
 
         if self.ports:
             return
@@ -170,9 +170,11 @@ class WorkerSupervisor(service.Service):
         for spec in specs:
             endpoint = _endpoint_for(spec)
             path = unix_socket_path(endpoint)
-            if path is not None:
-                clear_stale_socket(path)
-            listening = endpoints.serverFromString(self.reactor, endpoint).listen(_NoConnections())
+            if path is not None:  # owner, group, mode and the live-socket check as a single process
+                server: Any = unix_endpoint(self.reactor, self.config, endpoint, path)
+            else:
+                server = endpoints.serverFromString(self.reactor, endpoint)
+            listening = server.listen(_NoConnections())
             result: List[Any] = []
             listening.addBoth(result.append)
             if not result or isinstance(result[0], Failure):

@@ -5,7 +5,7 @@
 #
 # - Debian packages: the real peers the integration tests run on loopback (Redis, Rspamd,
 #   clamd, Postfix + smtp-sink, Cyrus SASL tools, miltertest, swaks, Prometheus, headless
-#   Chromium for the status page) and the C toolchain for
+#   Chromium for the status page; systemd for systemd-analyze and systemd-socket-activate) and the C toolchain for
 #   shared/tools/milterload.  No service is started: a policy-rc.d that exits 101 stops the
 #   packages' init scripts, and Postfix is preconfigured as "No configuration" so the system
 #   instance has no main.cf.  The tests run private instances of everything.
@@ -20,7 +20,7 @@ python=${PYTHON:-python3}
 packages=(
   redis-server rspamd clamav-daemon clamav postfix miltertest swaks sasl2-bin libsasl2-modules
   curl opendkim-tools libmilter-dev make gcc openssl stunnel4
-  prometheus chromium
+  prometheus chromium systemd
 )
 
 if [ "$(id -u)" -ne 0 ]; then

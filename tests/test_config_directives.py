@@ -58,6 +58,11 @@ CASES: List[Tuple[str, str, str, Any, Any]] = [
     ("main", "trace_header", '"X-Rmilter-Trace"', None, "X-Rmilter-Trace"),
     ("main", "dry_run", "yes", False, True),
     ("main", "metrics_socket", "inet:11340@127.0.0.1", None, "inet:11340@127.0.0.1"),
+    ("main", "bind_socket_owner", "nobody", None, "nobody"),
+    ("main", "bind_socket_group", "postfix", None, "postfix"),
+    ("main", "bind_socket_mode", "0666", 0o660, 0o666),
+    ("main", "user", "nobody", None, "nobody"),
+    ("main", "group", "nogroup", None, "nogroup"),
     ("clamav", "servers", 'clamd, /var/run/clamav/clamd.ctl, 127.0.0.1:3311, "host:3310:5"', (), (
         ServerSpec("clamd", host="clamd", port=3310),
         ServerSpec("/var/run/clamav/clamd.ctl", path="/var/run/clamav/clamd.ctl"),
@@ -308,3 +313,14 @@ class ExtendedDefaultsTests(SynchronousTestCase):
         config = parse_text("max_size = 1k;\nspamd { retry_count = 1; }\n", resolver=StubResolver())
         keys: Dict[str, int] = {k: o.line for k, o in config.origins.items()}
         self.assertEqual(keys, {"main.max_size": 1, "spamd.retry_count": 2})
+
+
+class UserGroupDirectiveTests(SynchronousTestCase):
+    def test_unknown_group_is_a_file_line_error(self) -> None:
+        """Issue 13: a group that does not exist is refused when the file is read, with FILE:LINE."""
+        from rmilter.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            parse_text("user = nobody;\nbind_socket_group = no-such-group-13;\n", "x.conf", resolver=StubResolver())
+        self.assertEqual(caught.exception.errors,
+                         ["x.conf:2: bind_socket_group: group 'no-such-group-13' does not exist"])

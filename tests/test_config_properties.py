@@ -117,6 +117,8 @@ SCALAR_TEXT: Dict[Any, st.SearchStrategy[str]] = {
     dirs.IPV4_PREFIX: st.integers(0, 32).map(str),
     dirs.IPV6_PREFIX: st.integers(0, 128).map(str),
     dirs.KEY_TABLE: st.sampled_from(["/etc/opendkim/KeyTable", '"file:/etc/opendkim/key table"']),
+    dirs.USER: st.sampled_from(["root", "nobody", '"postfix"', "0"]),
+    dirs.GROUP: st.sampled_from(["root", "nogroup", '"postfix"', "0"]),
     dirs.SIGNING_TABLE: st.sampled_from(["/etc/opendkim/SigningTable", '"refile:/etc/opendkim/SigningTable"',
                                          '"file:/etc/opendkim/signing"']),
 }

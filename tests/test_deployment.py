@@ -77,7 +77,7 @@ class DeploymentTests(TestCase):
         self.assertEqual(result.action, "accept")
         self.assertEqual(result.added_headers, [])
         with open(log_path, encoding="utf-8") as f:
-            self.assertIn("msg done: queue_id: 4DEPLOY", f.read())
+            self.assertIn("msg done: queue_id: <4DEPLOY>", f.read())
 
     def test_python_floor(self) -> None:
         """setup.py claims Python 3.11 (Debian 12) and later, and the suite runs on such a Python;

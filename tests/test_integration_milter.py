@@ -58,7 +58,7 @@ class MiltertestTests(SynchronousTestCase):
         self.assertEqual((fields["queue_id"], fields["client"], fields["user"]),
                          ("4QIDA1", "192.0.2.10", "alice"))
         self.assertRegex(fields["tag"], r"^[0-9a-f]{10}$")
-        line = self.milter.wait_for_log(r"%s; msg done: queue_id: 4QIDA1;.*" % fields["tag"]).group(0)
+        line = self.milter.wait_for_log(r"<%s>; msg done: queue_id: <4QIDA1>;.*" % fields["tag"]).group(0)
         self.assertIn("ip: 192.0.2.10;", line)
         self.assertIn("from: <alice@example.com>;", line)
         self.assertIn("user: alice;", line)
@@ -82,8 +82,8 @@ class MiltertestTests(SynchronousTestCase):
         first, second = [trace_fields(v) for v in result.headers(TRACE)]
         self.assertEqual((first["queue_id"], second["queue_id"]), ("4QIDB", "4QIDB2"))
         self.assertNotEqual(first["tag"], second["tag"])
-        self.milter.wait_for_log(r"%s; msg done: queue_id: 4QIDB2;" % second["tag"])
-        self.milter.wait_for_log(r"%s; msg done: queue_id: 4QIDB;" % first["tag"])
+        self.milter.wait_for_log(r"<%s>; msg done: queue_id: <4QIDB2>;" % second["tag"])
+        self.milter.wait_for_log(r"<%s>; msg done: queue_id: <4QIDB>;" % first["tag"])
 
     def test_aborted_message_leaves_nothing_behind(self) -> None:
         """A message aborted after its body (no EOM) does not leak into the next one: the next
@@ -95,8 +95,8 @@ class MiltertestTests(SynchronousTestCase):
         self.assertEqual(result.eom_replies, ["a"])
         [value] = result.headers(TRACE)
         self.assertEqual(trace_fields(value)["queue_id"], "4QIDC2")
-        self.milter.wait_for_log(r"msg done: queue_id: 4QIDC2;")
-        self.assertEqual([line for line in summary_lines(self.milter) if "queue_id: 4QIDC;" in line], [])
+        self.milter.wait_for_log(r"msg done: queue_id: <4QIDC2>;")
+        self.assertEqual([line for line in summary_lines(self.milter) if "queue_id: <4QIDC>;" in line], [])
 
     def test_no_trace_header_unless_configured(self) -> None:
         """Without trace_header, an accepted message gets no such header."""
@@ -131,7 +131,7 @@ class PostfixTests(SynchronousTestCase):
         sent = self.postfix.swaks(HAM, auth_user="alice")
         self.assertEqual(sent.status, 0, sent.transcript)
         self.assert_delivered_with_trace(sent.queue_id or "?", "127.0.0.1", "alice")
-        self.milter.wait_for_log(r"msg done: queue_id: %s;.*user: alice;" % sent.queue_id)
+        self.milter.wait_for_log(r"msg done: queue_id: <%s>;.*user: alice;" % sent.queue_id)
 
     def test_unix_socket_with_sasl_auth_and_xclient(self) -> None:
         """Over the unix socket: an authenticated message carries user=bob; a client claimed

@@ -105,7 +105,7 @@ class RspamdVerdictTests(TestCase):
         result = yield self.send(spec(GTUBE, queue_id="4GTUBE1"))
         self.assertEqual((result.action, result.final_stage), ("reject", "eom"))
         self.assertEqual(result.reply_text, "554 5.7.1 Gtube pattern")
-        self.milter.wait_for_log(r"msg done: queue_id: 4GTUBE1;.*spam scan: rejected, action: reject")
+        self.milter.wait_for_log(r"msg done: queue_id: <4GTUBE1>;.*spam scan: rejected, action: reject")
 
     @defer.inlineCallbacks
     def test_add_header_pattern(self):  # type: ignore[no-untyped-def]
@@ -134,7 +134,7 @@ class RspamdVerdictTests(TestCase):
         self.assertEqual(added["X-Rspamd-Server"], self.rspamd.address)
         self.assertEqual(added["X-Rspamd-Queue-ID"], "4HAM01")
         self.assertRegex(added["X-Rspamd-Scan-Time"], r"^[0-9]+\.[0-9]{2}$")
-        self.milter.wait_for_log(r"msg done: queue_id: 4HAM01;.*spam scan: no spam")
+        self.milter.wait_for_log(r"msg done: queue_id: <4HAM01>;.*spam scan: no spam")
         self.milter.wait_for_log(r"spamdscan: scan, time: [0-9.]+, server: %s, metric: default: \["
                                  % re.escape(self.rspamd.address))
 
@@ -222,11 +222,11 @@ class RspamdFailureTests(TestCase):
         rspamd.stop()
         result = yield send_message(reactor, strict.port, spec(GTUBE, queue_id="4DOWN01"))
         self.assertEqual((result.action, result.reply_text), ("tempfail", "451 4.7.1 Temporary service failure."))
-        strict.wait_for_log(r"msg done: queue_id: 4DOWN01;.*spam scan: delayed, temporary fail")
+        strict.wait_for_log(r"msg done: queue_id: <4DOWN01>;.*spam scan: delayed, temporary fail")
         result = yield send_message(reactor, lenient.port, spec(GTUBE, queue_id="4DOWN02"))
         self.assertEqual(result.action, "accept")
         self.assertNotIn("X-Spamd-Result", [n for n, _ in result.added_headers])
-        lenient.wait_for_log(r"msg done: queue_id: 4DOWN02;.*spam scan: ignored, temporary fail")
+        lenient.wait_for_log(r"msg done: queue_id: <4DOWN02>;.*spam scan: ignored, temporary fail")
 
     @defer.inlineCallbacks
     def test_one_of_two_servers_dead(self):  # type: ignore[no-untyped-def]

@@ -79,3 +79,16 @@ class SocketPathTests(SynchronousTestCase):
         open(file_path, "w").close()
         self.assertRaises(StartupError, clear_stale_socket, file_path)
         self.assertTrue(os.path.exists(file_path))
+
+    def test_live_socket_refused(self) -> None:
+        """Issue 18.8: a socket something accepts on is another instance's: refused, kept."""
+        d = tempfile.mkdtemp()
+        sock_path = os.path.join(d, "live.sock")
+        live = socket.socket(socket.AF_UNIX)
+        self.addCleanup(live.close)
+        live.bind(sock_path)
+        live.listen(1)
+        with self.assertRaises(StartupError) as caught:
+            clear_stale_socket(sock_path)
+        self.assertIn("another process is accepting connections", str(caught.exception))
+        self.assertTrue(os.path.exists(sock_path))

@@ -73,8 +73,8 @@ class ReloadTests(TestCase):
         self.assertEqual(old.action, "accept")
         self.assertEqual(self.trace_headers(old), ["X-Trace-Old"])
         text = milter.log_text()
-        self.assertRegex(text, r"msg done: queue_id: 4SLOW1;.*spam scan: ignored, temporary fail")
-        self.assertRegex(text, r"msg done: queue_id: 4NEW01;")
+        self.assertRegex(text, r"msg done: queue_id: <4SLOW1>;.*spam scan: ignored, temporary fail")
+        self.assertRegex(text, r"msg done: queue_id: <4NEW01>;")
 
     @defer.inlineCallbacks
     def test_sigusr1_reloads_too(self):  # type: ignore[no-untyped-def]
@@ -131,7 +131,7 @@ class GracefulStopTests(TestCase):
         self.assertEqual(result.action, "accept")
         status = yield threads.deferToThread(milter.wait_exit, 30.0)
         self.assertIsNotNone(status)
-        self.assertRegex(milter.log_text(), r"msg done: queue_id: 4TERM1;")
+        self.assertRegex(milter.log_text(), r"msg done: queue_id: <4TERM1>;")
         self.assertFalse(harness.base.tcp_accepts("127.0.0.1", milter.inet_port))
 
 

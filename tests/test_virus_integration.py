@@ -57,7 +57,7 @@ def config_text(clamd: harness.Clamd, *, tempfail_on_error: bool, unix: bool = F
 
 
 def summary_for(milter: harness.Rmilter, queue_id: str) -> str:
-    match = milter.wait_for_log(r"msg done: queue_id: %s;[^\n]*" % re.escape(queue_id))
+    match = milter.wait_for_log(r"msg done: queue_id: <%s>;[^\n]*" % re.escape(queue_id))
     return match.group(0)
 
 

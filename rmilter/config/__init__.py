@@ -105,6 +105,9 @@ def startup_notices(config: Config) -> List[str]:
         notices.append("max_size is 0: messages of any size are scanned")
     if config.dkim.enable and config.dkim.domains and config.dkim.sign_alg == "sha1":
         notices.append("dkim sign_alg is sha1, which receivers may not trust; sha256 is recommended")
+    from rmilter.config.effective import inactive_features
+
+    notices.extend(inactive_features(config))
     return notices
 
 
@@ -115,11 +118,12 @@ def format_config(config: Config) -> str:
     return _format(config)
 
 
-def format_effective(config: Config) -> str:
-    """``check-config`` output: every directive, its value and, if not default, where it was set."""
+def format_effective(config: Config, show_secrets: bool = False) -> str:
+    """``check-config`` output: every directive, its value and, if not default, where it was set;
+    secrets (the Redis password) as ``"***"`` unless ``show_secrets``."""
     from rmilter.config.printer import format_effective as _format
 
-    return _format(config)
+    return _format(config, show_secrets)
 
 
 # keep default_tempdir importable from here for the service (SPEC §4.5)

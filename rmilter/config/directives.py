@@ -209,6 +209,33 @@ def _socket(text: str) -> str:
 SOCKET = _Simple("socket spec", _socket, v.quote)
 
 
+def _user(text: str) -> str:
+    import pwd
+
+    _nonempty(text)
+    try:
+        pwd.getpwnam(text) if not text.isdigit() else pwd.getpwuid(int(text))
+    except KeyError:
+        raise v.ValueProblem("user %r does not exist" % text) from None
+    return text
+
+
+def _group(text: str) -> str:
+    import grp
+
+    _nonempty(text)
+    try:
+        grp.getgrnam(text) if not text.isdigit() else grp.getgrgid(int(text))
+    except KeyError:
+        raise v.ValueProblem("group %r does not exist" % text) from None
+    return text
+
+
+#: a user or group name (or number) that exists on this host (checked when the file is read)
+USER = _Simple("user name", _user, v.quote)
+GROUP = _Simple("group name", _group, v.quote)
+
+
 class Choice(Kind):
     def __init__(self, *choices: str) -> None:
         self.choices = choices
@@ -424,6 +451,11 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("trace_header", HEADER_NAME),
         _d("dry_run", FLAG),
         _d("metrics_socket", SOCKET),
+        _d("bind_socket_owner", USER),
+        _d("bind_socket_group", GROUP),
+        _d("bind_socket_mode", OCTAL),
+        _d("user", USER),
+        _d("group", GROUP),
     ),
     "clamav": (
         _d("servers", CLAMD_SERVERS, "reset", max_items=SERVER_LIMIT),

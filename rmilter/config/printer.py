@@ -103,8 +103,14 @@ def _origin_comment(origin: Optional[Origin]) -> str:
     return "  # %s:%d" % (origin.file, origin.line) if origin else ""
 
 
-def format_effective(config: Config) -> str:
-    """One line per directive, ``section.directive = value``; ``# FILE:LINE`` for non-defaults."""
+def format_effective(config: Config, show_secrets: bool = False) -> str:
+    """One line per directive, ``section.directive = value``; ``# FILE:LINE`` for non-defaults.
+
+    Secrets (``effective.SECRETS``) are ``"***"`` unless ``show_secrets``: the output is pasted
+    into tickets and mailing lists.
+    """
+    from rmilter.config.effective import MASK, SECRETS, effective_servers, has_secrets
+
     out = []
     for table_name in SECTION_CLASSES:
         section = _section_of(config, table_name)
@@ -115,6 +121,8 @@ def format_effective(config: Config) -> str:
             text = _format_value(directive, value)
             if text is None:
                 text = "(empty)" if directive.is_list else "(unset)"
+            elif key in SECRETS and not show_secrets:
+                text = MASK
             if key == "main.tempdir":
                 at_default = value == default_tempdir()
             else:
@@ -131,6 +139,10 @@ def format_effective(config: Config) -> str:
                        _origin_comment(domain.origin))
                 )
     out.append("# cache backend: %s" % config.cache_backend)
+    out.extend("# effective %s" % line for line in effective_servers(config))
+    if has_secrets(config):
+        out.append('# secrets are shown as "***"; rmilter check-config --show-secrets FILE prints them'
+                   if not show_secrets else "# secrets are shown in clear (--show-secrets)")
     if config.files:
         out.append("# files read: %s" % ", ".join(config.files))
     return "\n".join(out) + "\n"

@@ -128,6 +128,14 @@ class GlobalConfig:
     dry_run: bool = False
     #: where /metrics, /health and the status page are served (a bind_socket form); off when unset
     metrics_socket: Optional[str] = None
+    #: owner, group and mode of the unix sockets rmilter creates (issue 13): Postfix's smtpd runs
+    #: as user postfix and must be able to connect; owner/group default to ``user``/``group``
+    bind_socket_owner: Optional[str] = None
+    bind_socket_group: Optional[str] = None
+    bind_socket_mode: int = 0o660
+    #: after the listeners, the pid file and the log are open, run as this user and group
+    user: Optional[str] = None
+    group: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class Rmilter:
     The twistd log (``log_path``) is where tests read the per-message summary lines.
 
     rmilter creates unix sockets with mode 0660 owned by root: Postfix's smtpd (user postfix)
-    can connect only with ``unix_mode="666"``.
+    can connect only with ``unix_mode="666"`` or ``bind_socket_group = postfix`` in the config.
     """
 
     host = "127.0.0.1"

@@ -1,0 +1,54 @@
+"""Start-up failures: one line, exit status 69 (SPEC §8.1; issue 13 item 4, issue 18 item 9).
+
+A listener that cannot be opened, a pid file that is locked, a user that cannot be switched to:
+the administrator gets one line naming the directive, where it was set and the OS error, and
+the process exits with ``EX_UNAVAILABLE`` instead of printing a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from rmilter.log import Logger
+
+log = Logger(namespace="rmilter.service")
+
+#: exit status when the listener or the pid file cannot be set up (SPEC §8.1)
+EX_UNAVAILABLE = 69
+
+
+class StartupError(Exception):
+    """The service cannot start (listener, pid file, privileges); carries the exit status."""
+
+    def __init__(self, message: str, status: int = EX_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def os_reason(error: BaseException) -> str:
+    """``No such file or directory``, not ``[Errno 2] No such file or directory: '/x'``."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    reason = getattr(error, "socketError", None)  # twisted's CannotListenError
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    if reason is not None:
+        return str(reason)
+    return str(error) or error.__class__.__name__
+
+
+def fail(error: StartupError, stream: Optional[object] = None) -> "NoReturn":  # type: ignore[name-defined]
+    """Log the one line, write it to stderr (twistd may have sent the log to a file), and exit.
+
+    Called from ``privilegedStartService`` under twistd, where an exception would end in a
+    traceback and exit status 1.
+    """
+    text = "rmilter: %s; not starting" % (error,)
+    log.critical("{text}", text=text)
+    out = stream if stream is not None else sys.__stderr__
+    try:
+        out.write(text + "\n")  # type: ignore[union-attr]
+        out.flush()  # type: ignore[union-attr]
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise SystemExit(error.status)
