@@ -406,9 +406,15 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
 
     def test_listen_option_on_the_metrics_socket_is_refused(self) -> None:
-        from rmilter.service import StartupError
+        """Refused at start: one line naming the clash, exit status 69 (SPEC §8.1)."""
+        import io
+        import sys
 
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
         service = self.service("metrics_socket = inet:11340@127.0.0.1;\n", listen=["inet:11340@127.0.0.1"])
-        with self.assertRaises(StartupError) as caught:
+        with self.assertRaises(SystemExit) as caught:
             service.startService()
-        self.assertIn("metrics_socket inet:11340@127.0.0.1 is a milter listener", str(caught.exception))
+        self.assertEqual(caught.exception.code, 69)
+        self.assertIn("metrics_socket inet:11340@127.0.0.1 is a milter listener", stderr.getvalue())
+        self.assertEqual(len(stderr.getvalue().splitlines()), 1)

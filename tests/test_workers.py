@@ -85,7 +85,7 @@ class WorkerProcessTests(TestCase):
             + [self.send(UNIXClientEndpoint(reactor, milter.socket_path), "4U%03d" % i) for i in range(10)])
         self.assertEqual({r.action for r in results}, {"accept"})
         text = milter.log_text()
-        self.assertEqual(len(re.findall(r"msg done: queue_id: 4[WU]\d+", text)), 50)
+        self.assertEqual(len(re.findall(r"msg done: queue_id: <4[WU]\d+>", text)), 50)
         served = set(re.findall(r"worker (\d): .*msg done", text))
         self.assertEqual(len(pids), 2)
         self.assertTrue(served <= {"1", "2"} and served, served)
@@ -138,7 +138,7 @@ class WorkerProcessTests(TestCase):
         pidfile = os.path.join(harness.scratch_dir("workers-pid"), "rmilter.pid")
         milter = harness.start_rmilter(self, (
             'workers = 2;\npidfile = "%s";\nspamd {\n  servers = 127.0.0.1:%d;\n  results_timeout = 3s;\n'
-            '  connect_timeout = 1s;\n  tempfail_on_error = no;\n};\n')
+            '  connect_timeout = 1s;\n  retry_count = 1;\n  tempfail_on_error = no;\n};\n')
             % (pidfile, port.getHost().port))
         pids = yield self.wait_for_workers(milter, 2)
         with open(pidfile) as f:
@@ -153,7 +153,7 @@ class WorkerProcessTests(TestCase):
         for pid in pids:
             self.assertFalse(os.path.exists("/proc/%d/status" % pid) and "zombie" not in open(
                 "/proc/%d/status" % pid).read().lower(), "worker %d still running" % pid)
-        self.assertRegex(milter.log_text(), r"worker \d: .*msg done: queue_id: 4TERM1")
+        self.assertRegex(milter.log_text(), r"worker \d: .*msg done: queue_id: <4TERM1>")
 
     @defer.inlineCallbacks
     def test_worker_stopping_keeps_the_shared_unix_socket(self):  # type: ignore[no-untyped-def]
