@@ -12,12 +12,14 @@ import fcntl
 import os
 import signal
 import stat
+import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application import service, strports
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from rmilter.log import Logger
+from twisted.python.failure import Failure
 
 from rmilter import __version__
 from rmilter import config as rconfig
@@ -117,6 +119,24 @@ def _run_in_threadpool(reactor: Any) -> Callable[..., Deferred]:
     return run
 
 
+def run_in_daemon_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred:
+    """``f(*args)`` in a thread of its own that shutdown never joins (a reload must not hold
+    up SIGTERM: the reactor's pool is joined at exit); the result comes back on the reactor."""
+    d: Deferred = Deferred()
+
+    def work() -> None:
+        try:
+            result = f(*args)
+        except BaseException:
+            failure = Failure()
+            reactor.callFromThread(d.errback, failure)
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=work, name="rmilter-reload", daemon=True).start()
+    return d
+
+
 class RmilterService(service.MultiService):
     """Listeners + the current runtime; reloads and stops gracefully."""
 
@@ -147,6 +167,8 @@ class RmilterService(service.MultiService):
         self.listeners: List[service.Service] = []
         self.listen_endpoints: List[str] = []
         self._reloading: Optional[Deferred] = None
+        self._reload_started = 0.0
+        self._stopping = False
         self._previous_handlers: dict = {}
         self._announce(config, keyring)
 
@@ -212,6 +234,7 @@ class RmilterService(service.MultiService):
 
     def stopService(self) -> Deferred:
         """Stop accepting, let messages in flight finish up to shutdown_timeout, then stop."""
+        self._stopping = True
         if self.install_signals:
             self._restore_signal_handlers()
         return self._stop()
@@ -249,12 +272,15 @@ class RmilterService(service.MultiService):
     def reload(self) -> Deferred:
         """Re-read the configuration (SPEC §4.13, B24); on error keep the running one."""
         if self._reloading is not None:
+            log.warn("reload requested while the previous one (started {seconds:.1f} s ago) is still running; "
+                     "this request is ignored", seconds=self.reactor.seconds() - self._reload_started)
             return self._reloading
         if self.config_path is None:
             log.info("reload requested: running with the embedded default configuration, nothing to re-read")
             return defer.succeed(False)
         log.info("reloading configuration from {path}", path=self.config_path)
-        d = self.run_blocking(load_configuration, self.config_path)
+        self._reload_started = self.reactor.seconds()
+        d = run_in_daemon_thread(self.reactor, load_configuration, self.config_path)
         d.addCallback(self._apply_reload)
         d.addErrback(self._reload_failed)
 
@@ -269,6 +295,9 @@ class RmilterService(service.MultiService):
     @inlineCallbacks
     def _apply_reload(self, loaded):  # type: ignore[no-untyped-def]
         config, keyring = loaded
+        if self._stopping:
+            log.info("configuration re-read after the stop began: not applied")
+            return False
         old = self.runtime
         new = Runtime.build(config, self.reactor, self.run_blocking, keyring)
         self.runtime = new
