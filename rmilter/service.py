@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import signal
 import stat
 import threading
@@ -119,6 +120,14 @@ def _run_in_threadpool(reactor: Any) -> Callable[..., Deferred]:
     return run
 
 
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """``tcp:``/``unix:`` endpoint strings get ``backlog=N`` unless they name one (listen_backlog)."""
+    kind = endpoint.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix") or backlog <= 0 or re.search(r"(^|:)backlog=", endpoint):
+        return endpoint
+    return "%s:backlog=%d" % (endpoint, backlog)
+
+
 def run_in_daemon_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred:
     """``f(*args)`` in a thread of its own that shutdown never joins (a reload must not hold
     up SIGTERM: the reactor's pool is joined at exit); the result comes back on the reactor."""
@@ -183,7 +192,8 @@ class RmilterService(service.MultiService):
             path = unix_socket_path(endpoint)
             if path is not None:
                 clear_stale_socket(path)
-            listener = strports.service(endpoint, self.factory, reactor=self.reactor)  # type: ignore[arg-type]
+            listener = strports.service(with_backlog(endpoint, self.runtime.config.main.listen_backlog),
+                                        self.factory, reactor=self.reactor)  # type: ignore[arg-type]
             # make a bind failure raise from startService instead of only being logged
             listener._raiseSynchronously = True  # type: ignore[attr-defined]
             listener.setServiceParent(self)

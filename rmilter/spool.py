@@ -104,7 +104,8 @@ class Spool:
             self.body_prefix += data[: DATA_HASH_PREFIX - len(self.body_prefix)]
         self.body_size += len(data)
         self._memory += data
-        if not self._on_disk and len(self._memory) <= self.memory_limit:
+        # the head (headers) counts toward the limit too: it is in memory as well (issue 18)
+        if not self._on_disk and len(self.head) + len(self._memory) <= self.memory_limit:
             return None
         self._on_disk = True
         chunk = bytes(self._memory)

@@ -422,7 +422,9 @@ class ClamdClient:
         """Connect (within ``connect_timeout``) and run one INSTREAM exchange."""
         protocol = InstreamProtocol(source, self.reactor, self.results_timeout, self.chunk_size)
         endpoint = self.endpoint_factory(self.reactor, server, self.connect_timeout)
-        connecting: "Deferred[Any]" = endpoint.connect(Factory.forProtocol(lambda: protocol))
+        factory = Factory.forProtocol(lambda: protocol)
+        factory.noisy = False  # no "Starting/Stopping factory" lines twice per message
+        connecting: "Deferred[Any]" = endpoint.connect(factory)
         # cancelling an endpoint's connect fails with ConnectingCancelledError, not CancelledError,
         # so addTimeout's default conversion would not recognise its own timeout
         connecting.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_connect_timed_out)

@@ -7,12 +7,14 @@
 """
 from rmilter.backends.rspamd.client import RspamdClient, RspamdError, RspamdScan, ScanTransport, from_config
 from rmilter.backends.rspamd.http import Connector, HTTPTransport, server_connector
-from rmilter.backends.rspamd.reply import ACTIONS, BadReply, HeaderAddition, ScanReply, Symbol, parse_scan_reply
+from rmilter.backends.rspamd.reply import (
+    ACTIONS, MAX_HEADER_EDITS, BadReply, HeaderAddition, ScanReply, Symbol, parse_scan_reply)
 from rmilter.backends.rspamd.request import DKIM_ONLY_SETTINGS, MessageBody, ScanRequest, prepare_body
 
 __all__ = [
     "ACTIONS",
     "BadReply",
+    "MAX_HEADER_EDITS",
     "Connector",
     "DKIM_ONLY_SETTINGS",
     "HTTPTransport",

@@ -276,6 +276,8 @@ class _HTTPConnection(Protocol):
             self._feed(data)
         except BadReply:
             self._finish_failed(Failure())
+        except Exception as e:  # any surprise reading a reply is a failed attempt (issue 18)
+            self._finish_failed(Failure(BadReply("cannot read reply: %s" % (type(e).__name__,))))
 
     def _feed(self, data: bytes) -> None:
         if self._state == _HEAD:
@@ -422,6 +424,9 @@ class _HTTPConnection(Protocol):
             reply = parse_scan_reply(body, status)
         except BadReply:
             exchange.fail(Failure())
+            return
+        except Exception as e:
+            exchange.fail(Failure(BadReply("cannot read reply: %s" % (type(e).__name__,))))
             return
         exchange.succeed(reply)
 
