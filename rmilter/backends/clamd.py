@@ -364,7 +364,10 @@ def _connect_timed_out(result: Any, timeout: float) -> Failure:
 
 def _verdict(raw: bytes) -> ClamdReply:
     """The reply of one attempt if it is a verdict; an ERROR or garbled reply fails the attempt."""
-    reply = classify_reply(raw)
+    try:
+        reply = classify_reply(raw)
+    except Exception as e:  # whatever the reply does to the parser is a failed attempt (issue 18)
+        raise AttemptFailed("unreadable reply: %s" % (type(e).__name__,), retry=False) from None
     if reply.kind is ReplyKind.ERROR:
         raise AttemptFailed("error reply: %s" % (reply.text,))
     if reply.kind is ReplyKind.GARBLED:
