@@ -40,7 +40,8 @@ setup(
         "prometheus_client>=0.16",
     ],
     # pynacl: dkimpy's Ed25519 verifier, the tests' second opinion on ed25519-sha256 signatures
-    extras_require={"test": ["hypothesis>=6.0", "pynacl>=1.4"], "dev": ["hypothesis>=6.0", "pynacl>=1.4", "mypy"]},
+    extras_require={"test": ["hypothesis>=6.0", "pynacl>=1.4"], "dev": ["hypothesis>=6.0", "pynacl>=1.4", "mypy"],
+                    "fuzz": ["hypothesis>=6.0", "atheris>=2.3"]},
     entry_points={"console_scripts": ["rmilter=rmilter.cli:main"]},
     data_files=[
         ("share/rmilter", ["rmilter.conf.sample", "rmilter.tac"]),

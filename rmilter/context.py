@@ -38,14 +38,21 @@ class MacroStore:
     def __init__(self) -> None:
         self._stages: Dict[str, Dict[str, str]] = {}
 
-    def define(self, stage: str, pairs: Union[Mapping[str, str], Iterable[Tuple[str, str]]]) -> None:
-        """Store the macros of one MACRO packet, dropping the sets of all later stages."""
+    def define(self, stage: str, pairs: Union[Mapping[str, str], Iterable[Tuple[str, str]]]) -> bool:
+        """Store the macros of one MACRO packet, dropping the sets of all later stages.
+
+        Macros of a stage code outside ``MACRO_STAGES`` are dropped (False): nothing reads
+        them, and keeping them let one connection hold a frame per byte value (issue 18).
+        """
+        if stage not in _LATER_STAGES:
+            return False
         stages = self._stages
         for later in _LATER_STAGES.get(stage, ""):
             if later in stages:
                 del stages[later]
         items = pairs.items() if isinstance(pairs, Mapping) else pairs
         stages[stage] = {(k[1:-1] if k[:1] == "{" and k[-1:] == "}" else k): v for k, v in items}
+        return True
 
     def get(self, name: str) -> Optional[str]:
         key = _macro_key(name)
@@ -53,9 +60,6 @@ class MacroStore:
         for stage in reversed(MACRO_STAGES):
             values = stages.get(stage)
             if values is not None and key in values:
-                return values[key]
-        for stage, values in stages.items():  # codes outside the known stages
-            if stage not in _LATER_STAGES and key in values:
                 return values[key]
         return None
 

@@ -6,12 +6,27 @@ event costs more than the milter step it describes.  Every rmilter module takes 
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from twisted.logger import Logger as _TwistedLogger
 from twisted.logger import LogLevel
 
 _debug = False
+
+#: what may not reach a log line from a field: line ends (log injection), other controls, and
+#: lone surrogates (a log file writes UTF-8 and would fail on them)
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(match: "re.Match[str]") -> str:
+    ch = match.group()
+    return {"\n": "\\n", "\r": "\\r"}.get(ch) or ("\\x%02x" % ord(ch) if ord(ch) < 0x100 else "\\u%04x" % ord(ch))
+
+
+def log_safe(text: str) -> str:
+    """``text`` on one line and encodable: CR, LF, controls and surrogates written as escapes."""
+    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
 
 
 def set_debug(enabled: bool) -> None:
@@ -29,6 +44,11 @@ class Logger(_TwistedLogger):
         # for ``twistd --syslog``: Twisted's syslog observer sends every line as LOG_INFO (errors
         # as LOG_ALERT) unless the event names its priority (issue 13; facility from openlog)
         kwargs.setdefault("syslogPriority", _SYSLOG_PRIORITY.get(level, 6))
+        # every text field made one-line and encodable: backends' replies, virus names and
+        # peers' words end up in fields, and a CR/LF there forged log lines (issue 18)
+        for key, value in kwargs.items():
+            if type(value) is str and _UNSAFE.search(value) is not None:
+                kwargs[key] = log_safe(value)
         super().emit(level, format, **kwargs)
 
 

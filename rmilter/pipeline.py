@@ -35,6 +35,7 @@ from rmilter.summary import log_summary
 from rmilter.verdict import (
     BARE_TEMPFAIL,
     CONTINUE,
+    HEADERS_TOO_LARGE,
     Action,
     Check,
     CheckResult,
@@ -86,10 +87,17 @@ class Transaction:
     replies: Optional["Deferred[CheckResult]"] = None
     #: every result so far, in the order the checks ended (the summary line is built from them)
     results: List[CheckResult] = field(default_factory=list)
+    #: name + value bytes of the headers so far (bounded by ``header_limit``)
+    header_bytes: int = 0
 
     @property
     def tag(self) -> str:
         return self.message.tag
+
+
+def header_limit(main: Any) -> int:
+    """Bytes the header section of one message may take: one largest frame always fits."""
+    return max(main.spool_memory_limit, main.max_frame_size)
 
 
 class Pipeline:
@@ -269,8 +277,14 @@ class Pipeline:
         return succeed(CONTINUE)
 
     def header(self, txn: Transaction, name: str, value: str) -> Verdict:
-        """SPEC §5.7: remember the header."""
+        """SPEC §5.7: remember the header, within the bound of what a message may hold in memory."""
         msg = txn.message
+        txn.header_bytes += len(name) + len(value) + 3
+        limit = header_limit(txn.deps.config.main)
+        if txn.header_bytes > limit:
+            log.warn("{tag}; the header section is larger than {limit} bytes (the in-memory bound: "
+                     "max(spool_memory_limit, max_frame_size)); message refused", tag=txn.tag, limit=limit)
+            return HEADERS_TOO_LARGE
         msg.headers.append((name, value))
         lname = name.lower()
         if lname == "return-path":

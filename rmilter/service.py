@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import signal
+import stat
+import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application import service, strports
@@ -18,6 +21,7 @@ from twisted.application.internet import TimerService
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from rmilter.log import Logger
+from twisted.python.failure import Failure
 
 from rmilter import __version__
 from rmilter import config as rconfig
@@ -140,7 +144,7 @@ def unix_endpoint(reactor: Any, config: Config, endpoint: str, path: str) -> lis
     else:
         mode = int(kwargs.get("mode", UNIX_SOCKET_MODE), 8)
     uid, gid = privileges.socket_owner(main.bind_socket_owner or main.user, main.bind_socket_group or main.group)
-    backlog = int(kwargs.get("backlog", 50))
+    backlog = int(kwargs.get("backlog", main.listen_backlog))
     return listeners.OwnedUnixEndpoint(reactor, path, mode, uid, gid, backlog)
 
 
@@ -149,6 +153,32 @@ def _run_in_threadpool(reactor: Any) -> Callable[..., Deferred]:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     return run
+
+
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """``tcp:``/``unix:`` endpoint strings get ``backlog=N`` unless they name one (listen_backlog)."""
+    kind = endpoint.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix") or backlog <= 0 or re.search(r"(^|:)backlog=", endpoint):
+        return endpoint
+    return "%s:backlog=%d" % (endpoint, backlog)
+
+
+def run_in_daemon_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred:
+    """``f(*args)`` in a thread of its own that shutdown never joins (a reload must not hold
+    up SIGTERM: the reactor's pool is joined at exit); the result comes back on the reactor."""
+    d: Deferred = Deferred()
+
+    def work() -> None:
+        try:
+            result = f(*args)
+        except BaseException:
+            failure = Failure()
+            reactor.callFromThread(d.errback, failure)
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=work, name="rmilter-reload", daemon=True).start()
+    return d
 
 
 class RmilterService(service.MultiService):
@@ -193,6 +223,8 @@ class RmilterService(service.MultiService):
         self.listen_endpoints: List[str] = []
         self._reloading: Optional[Deferred] = None
         self._dropped = False
+        self._reload_started = 0.0
+        self._stopping = False
         self._previous_handlers: dict = {}
         #: for /health and the metrics: 1 at start, +1 per successful reload
         self.generation = 1
@@ -231,7 +263,8 @@ class RmilterService(service.MultiService):
             if path is not None:
                 listener = StreamServerEndpointService(self._unix_endpoint(config, endpoint, path), self.factory)
             else:
-                listener = strports.service(endpoint, self.factory, reactor=self.reactor)  # type: ignore[arg-type]
+                listener = strports.service(with_backlog(endpoint, config.main.listen_backlog),
+                                            self.factory, reactor=self.reactor)  # type: ignore[arg-type]
             # make a bind failure raise from startService instead of only being logged
             listener._raiseSynchronously = True  # type: ignore[attr-defined]
             listener._rmilter_label = label  # type: ignore[attr-defined]
@@ -390,6 +423,7 @@ class RmilterService(service.MultiService):
 
     def stopService(self) -> Deferred:
         """Stop accepting, let messages in flight finish up to shutdown_timeout, then stop."""
+        self._stopping = True
         if self.install_signals:
             self._restore_signal_handlers()
         return self._stop()
@@ -428,12 +462,15 @@ class RmilterService(service.MultiService):
     def reload(self) -> Deferred:
         """Re-read the configuration (SPEC §4.13, B24); on error keep the running one."""
         if self._reloading is not None:
+            log.warn("reload requested while the previous one (started {seconds:.1f} s ago) is still running; "
+                     "this request is ignored", seconds=self.reactor.seconds() - self._reload_started)
             return self._reloading
         if self.config_path is None:
             log.info("reload requested: running with the embedded default configuration, nothing to re-read")
             return defer.succeed(False)
         log.info("reloading configuration from {path}", path=self.config_path)
-        d = self.run_blocking(load_configuration, self.config_path)
+        self._reload_started = self.reactor.seconds()
+        d = run_in_daemon_thread(self.reactor, load_configuration, self.config_path)
         d.addCallback(self._apply_reload)
         d.addErrback(self._reload_failed)
 
@@ -448,6 +485,9 @@ class RmilterService(service.MultiService):
     @inlineCallbacks
     def _apply_reload(self, loaded):  # type: ignore[no-untyped-def]
         config, keyring = loaded
+        if self._stopping:
+            log.info("configuration re-read after the stop began: not applied")
+            return False
         old = self.runtime
         self.spool_budget.total = config.main.spool_memory_total
         new = Runtime.build(config, self.reactor, self.run_blocking, keyring,

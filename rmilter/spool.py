@@ -152,7 +152,8 @@ class Spool:
         self.body_size += len(data)
         self._memory += data
         if not self._on_disk:
-            if len(self._memory) <= self.memory_limit and self._take(len(data)):
+            # the head (headers) counts toward the limit too: it is in memory as well (issue 18)
+            if len(self.head) + len(self._memory) <= self.memory_limit and self._take(len(data)):
                 return None
             self._on_disk = True
         elif len(self._memory) < WRITE_BATCH and self._take(len(data)):

@@ -121,6 +121,9 @@ def reject(text: str) -> Verdict:
     return Verdict(Action.REJECT, SmtpReply("554", "5.7.1", text))
 
 
+#: issue 18: the header section is above what one message may hold in memory
+HEADERS_TOO_LARGE = Verdict(Action.REJECT, SmtpReply("552", "5.3.4", "Message header section too large"))
+
 #: SPEC §5.13 fixed texts
 SERVICE_FAILURE = "Temporary service failure."
 RATE_LIMIT_EXCEEDED = "Rate limit exceeded"
@@ -278,7 +281,15 @@ def decide(results: Iterable[CheckResult]) -> Verdict:
 
 # -- reply text sanitising (SPEC §3.7, B34) --------------------------------------------------
 _MAX_REPLY_TEXT = 980
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: C0/C1 controls and the Unicode line separators: none may reach a reply line or a header
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` with lone surrogates (invalid UTF-8 from a backend, JSON ``\\ud800``) as U+FFFD,
+    so that encoding it as UTF-8 cannot fail (issue 18)."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 def sanitise_reply_text(text: Optional[str]) -> Optional[str]:
@@ -290,7 +301,7 @@ def sanitise_reply_text(text: Optional[str]) -> Optional[str]:
     """
     if text is None:
         return None
-    text = _CONTROL.sub(" ", text).strip()
+    text = _CONTROL.sub(" ", encodable(text)).strip()
     if not text:
         return None
     text = text.replace("%", "%%")
@@ -325,13 +336,20 @@ def reply_line(action: Action, reply: Optional[SmtpReply]) -> Optional[str]:
     return "%s %s %s" % (reply.code, reply.ecode, text)
 
 
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
+
+
 def header_value_safe(value: str) -> str:
-    """Header values from backends may not inject headers: CR/LF only as folding (SPEC §6.8.5)."""
-    value = value.replace("\r", "")
-    lines = value.split("\n")
+    """Header values from backends may not inject headers: CR/LF only as folding (SPEC §6.8.5).
+
+    Lines of only blanks are dropped (a blank line would end the header section), other
+    controls become spaces and lone surrogates U+FFFD, so every value can be encoded.
+    """
+    value = encodable(value.replace("\r", ""))
+    lines = [_HEADER_CONTROL.sub(" ", line) for line in value.split("\n")]
     out = [lines[0]]
     for line in lines[1:]:
-        if not line:
+        if not line.strip():
             continue
         out.append(line if line[0] in " \t" else " " + line)
     return "\n".join(out)

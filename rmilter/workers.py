@@ -158,7 +158,7 @@ class WorkerSupervisor(service.Service):
 
     # -- listeners ---------------------------------------------------------------------------
     def _open_listeners(self) -> None:
-        from rmilter.service import PidFile, StartupError, _endpoint_for, unix_endpoint, unix_socket_path
+        from rmilter.service import PidFile, StartupError, _endpoint_for, unix_endpoint, unix_socket_path, with_backlog
 
         if self.ports:
             return
@@ -173,7 +173,7 @@ class WorkerSupervisor(service.Service):
             if path is not None:  # owner, group, mode and the live-socket check as a single process
                 server: Any = unix_endpoint(self.reactor, self.config, endpoint, path)
             else:
-                server = endpoints.serverFromString(self.reactor, endpoint)
+                server = endpoints.serverFromString(self.reactor, with_backlog(endpoint, main.listen_backlog))
             listening = server.listen(_NoConnections())
             result: List[Any] = []
             listening.addBoth(result.append)

@@ -49,6 +49,7 @@ CASES: List[Tuple[str, str, str, Any, Any]] = [
     ("main", "use_dcc", "yes", False, True),
     ("main", "spf_domains", "example.com, mail.ru", (), ("example.com", "mail.ru")),
     ("main", "max_frame_size", "4M", 2 * MIB, 4 * MIB),
+    ("main", "listen_backlog", "4096", 1024, 4096),
     ("main", "spool_memory_limit", "512k", MIB, 512 * 1024),
     ("main", "spool_memory_total", "64M", 4 * MIB, 64 * MIB),
     ("main", "workers", "auto", 1, 0),

@@ -206,13 +206,22 @@ class IncludeErrorTests(SynchronousTestCase):
         (message,) = self.load_errors(main)
         self.assertTrue(message.startswith("%s:3: max_size: 'lots'" % inner), message)
 
-    def test_include_loop_hits_the_nesting_limit(self) -> None:
-        """Includes nest up to 100 levels; a file including itself stops there with an error."""
+    def test_include_loop_is_a_cycle_error(self) -> None:
+        """A file including itself is refused at once as an include cycle (issue 18)."""
         main = os.path.join(self.dir, "loop.conf")
         self.write("loop.conf", ".include %s\n" % main)
         errors = self.load_errors(main)
         self.assertEqual(len(errors), 1)
-        self.assertTrue(errors[0].startswith("%s:1: includes nested deeper than 100 levels" % main), errors[0])
+        self.assertTrue(errors[0].startswith("%s:1: .include %s: an include cycle" % (main, main)), errors[0])
+
+    def test_include_chain_hits_the_nesting_limit(self) -> None:
+        """Includes nest up to 100 levels: a chain of 102 distinct files stops there with an error."""
+        for i in range(102):
+            self.write("c%d.conf" % i, ".include %s\n" % os.path.join(self.dir, "c%d.conf" % (i + 1)))
+        self.write("c102.conf", "max_size = 1;\n")
+        errors = self.load_errors(os.path.join(self.dir, "c0.conf"))
+        self.assertEqual(len(errors), 1)
+        self.assertRegex(errors[0], r"c100\.conf:1: includes nested deeper than 100 levels")
 
     def test_include_of_a_directory(self) -> None:
         """A match that is not a regular file is an error at the include line."""

@@ -44,7 +44,7 @@ def cased(words: List[str]) -> st.SearchStrategy[str]:
     return st.sampled_from(words).flatmap(lambda w: st.sampled_from([w, w.upper(), w.capitalize()]))
 
 
-safe_text = st.text(st.characters(blacklist_characters='"', blacklist_categories=("Cs",)), max_size=24)  # type: ignore[arg-type]
+safe_text = st.text(st.characters(blacklist_characters='"\x00', blacklist_categories=("Cs",)), max_size=24)  # type: ignore[arg-type]
 host = st.from_regex(r"[a-z]([a-z0-9-]{0,9}[a-z0-9])?(\.[a-z][a-z0-9]{0,6}){0,2}", fullmatch=True)
 port = st.integers(1, 65535)
 ipv4 = st.integers(0, 2**32 - 1).map(lambda n: "%d.%d.%d.%d" % (n >> 24, (n >> 16) & 255, (n >> 8) & 255, n & 255))

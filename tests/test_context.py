@@ -28,9 +28,15 @@ class MacroStoreTests(SynchronousTestCase):
         self.assertEqual(macros.get("j"), "mx")
         self.assertEqual(macros.get("{mail_addr}"), "c@d")
 
-    def test_unknown_stage_letters_accepted(self) -> None:
+    def test_unknown_stage_letters_dropped(self) -> None:
+        """Issue 18: macros of a stage code nobody reads are not kept (ten 1.4 MB frames for
+        stages a..j took RSS from 53 to 266 MB)."""
         macros = MacroStore()
-        macros.define("Z", {"x": "1"})
+        for stage in "abcdefghijZ\x00\xff":
+            self.assertFalse(macros.define(stage, {"x": "1" * 1000}))
+        self.assertIsNone(macros.get("x"))
+        self.assertEqual(macros._stages, {})
+        self.assertTrue(macros.define("C", {"x": "1"}))
         self.assertEqual(macros.get("x"), "1")
         macros.clear()
         self.assertIsNone(macros.get("x"))

@@ -66,9 +66,16 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(spool.size, 15)
         self.assertEqual(spool.memory_bytes(), b"HEAD\r\n\r\nhello\r\n")
 
+    def test_headers_count_toward_the_memory_limit(self) -> None:
+        """A head at the limit sends the first body byte to the file (issue 18)."""
+        spool = self.make(limit=8)
+        self.assertIsNone(spool.append(b""))
+        self.assertIsNotNone(spool.append(b"x"))
+
     def test_large_body_moves_to_file_with_mode(self) -> None:
-        """Past the limit the body goes to tempdir/msg.* with tempfiles_mode; reads span head and file."""
-        spool = self.make(limit=10)
+        """Past the limit (head + body, issue 18) the body goes to tempdir/msg.* with tempfiles_mode;
+        reads span head and file."""
+        spool = self.make(limit=8 + 10)  # HEAD\r\n\r\n is 8 bytes
         self.assertIsNone(spool.append(b"0123456789"))
         pending = spool.append(b"abcdef")
         self.assertIsNotNone(pending)

@@ -364,7 +364,10 @@ def _connect_timed_out(result: Any, timeout: float) -> Failure:
 
 def _verdict(raw: bytes) -> ClamdReply:
     """The reply of one attempt if it is a verdict; an ERROR or garbled reply fails the attempt."""
-    reply = classify_reply(raw)
+    try:
+        reply = classify_reply(raw)
+    except Exception as e:  # whatever the reply does to the parser is a failed attempt (issue 18)
+        raise AttemptFailed("unreadable reply: %s" % (type(e).__name__,), retry=False) from None
     if reply.kind is ReplyKind.ERROR:
         raise AttemptFailed("error reply: %s" % (reply.text,))
     if reply.kind is ReplyKind.GARBLED:
@@ -422,7 +425,9 @@ class ClamdClient:
         """Connect (within ``connect_timeout``) and run one INSTREAM exchange."""
         protocol = InstreamProtocol(source, self.reactor, self.results_timeout, self.chunk_size)
         endpoint = self.endpoint_factory(self.reactor, server, self.connect_timeout)
-        connecting: "Deferred[Any]" = endpoint.connect(Factory.forProtocol(lambda: protocol))
+        factory = Factory.forProtocol(lambda: protocol)
+        factory.noisy = False  # no "Starting/Stopping factory" lines twice per message
+        connecting: "Deferred[Any]" = endpoint.connect(factory)
         # cancelling an endpoint's connect fails with ConnectingCancelledError, not CancelledError,
         # so addTimeout's default conversion would not recognise its own timeout
         connecting.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_connect_timed_out)

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from rmilter.backends.rspamd import (
     DKIM_ONLY_SETTINGS,
+    MAX_HEADER_EDITS,
     MessageBody,
     RspamdClient,
     RspamdError,
@@ -384,6 +385,9 @@ def _log_scan(msg: MessageContext, scan: RspamdScan) -> None:
     if reply.unknown_action is not None:
         log.warn("{tag}; rspamd sent no known action ({action!r}), assuming no action",
                  tag=msg.tag, action=reply.unknown_action)
+    if reply.dropped_edits is not None:
+        log.warn("{tag}; rspamd asked for more than {limit} edits of a kind; dropped: {dropped}",
+                 tag=msg.tag, limit=MAX_HEADER_EDITS, dropped=reply.dropped_edits)
     log.info("{line}", line=scan_log_line(msg.tag, scan), tag=msg.tag, server=scan.server.name,
              action=reply.action, score=reply.score, required_score=reply.required_score,
              scan_time=scan.elapsed, attempts=scan.attempts, message_id=reply.message_id)

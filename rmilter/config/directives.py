@@ -432,6 +432,7 @@ SECTIONS: Dict[str, Tuple[Directive, ...]] = {
         _d("tempdir", DIRECTORY),
         _d("tempfiles_mode", OCTAL),
         _d("bind_socket", SOCKET),
+        _d("listen_backlog", NUMBER),
         _d("max_size", SIZE),
         _d("strict_auth", FLAG),
         _d("check_auth", FLAG, attr="strict_auth"),

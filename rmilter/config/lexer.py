@@ -13,6 +13,7 @@ import glob
 import os
 import re
 import stat
+import unicodedata
 from typing import List, NamedTuple, Optional
 
 #: token kinds
@@ -30,6 +31,11 @@ EOF = "end of file"
 MAX_INCLUDE_DEPTH = 100
 #: a configuration file larger than this is not a configuration file
 MAX_FILE_SIZE = 16 * 1024 * 1024
+#: all files read for one configuration, includes expanded, together: a file included many
+#: times over (an "include bomb": each file including the next one twice) stops here, not at 2**100
+MAX_EXPANDED_SIZE = 16 * 1024 * 1024
+#: and at most this many file reads, for bombs of tiny files
+MAX_INCLUDED_FILES = 1000
 
 
 class Token(NamedTuple):
@@ -59,14 +65,24 @@ _TOKEN = re.compile(
   | (?P<open>")
   | (?P<pluseq>\+=)
   | (?P<punct>[{};,=])
-  | (?P<word>(?:[^\s{};,="\#+]|\+(?!=))+)
+  | (?P<word>(?:[^\s{};,="\#+\x00]|\+(?!=))+)
+  | (?P<bad>.)
     """,
-    re.VERBOSE,
+    re.VERBOSE | re.DOTALL,
 )
 _INCLUDE_ARG = re.compile(r'[ \t]+("[^"\n]*"|[^\s]+)')
 # C treats a '#' that is not first on its line as a skipped character and reads on (SPEC §4.2);
 # we read it as a comment, and say so when the comment text looks like a statement.
 _LOOKS_LIKE_STATEMENT = re.compile(r"#\s*[A-Za-z_][A-Za-z0-9_]*\s*(\+?=|\{)")
+
+
+def _bad_character(ch: str) -> str:
+    """Why a character that starts no token is refused (Unicode blanks, NUL)."""
+    if ch == "\x00":
+        return "a NUL byte is not allowed in a configuration file"
+    name = unicodedata.name(ch, "") if not 0xD800 <= ord(ch) <= 0xDFFF else ""
+    return "character U+%04X%s is not allowed here (only space, tab and line ends separate words)" % (
+        ord(ch), " (%s)" % name if name else "")
 
 
 class Lexer:
@@ -79,13 +95,21 @@ class Lexer:
         self.files: List[str] = []
         #: lexing stopped early (an unterminated quoted string swallowed the rest)
         self.truncated = False
+        #: real paths of the files being read, outermost first: an include of one of them is a cycle
+        self._stack: List[str] = []
+        self._expanded = 0
+        self._reads = 0
+        #: the expansion limits were hit: every file still being read stops at once
+        self._over_limit = False
 
     # -- entry points ------------------------------------------------------------------------
     def lex_file(self, path: str) -> None:
         text = self._read(path, where=None)
         if text is not None:
             self.files.append(path)
+            self._stack.append(os.path.realpath(path))
             self._lex(text, path, depth=0)
+            self._stack.pop()
 
     def lex_text(self, text: str, filename: str) -> None:
         self.files.append(filename)
@@ -112,6 +136,14 @@ class Lexer:
         if len(data) > MAX_FILE_SIZE:
             self.errors.append("%s: %s is larger than %d bytes" % (prefix, path, MAX_FILE_SIZE))
             return None
+        self._reads += 1
+        self._expanded += len(data)
+        if self._expanded > MAX_EXPANDED_SIZE or self._reads > MAX_INCLUDED_FILES:
+            self.errors.append(
+                "%s: the configuration with its includes expanded exceeds %d bytes or %d files; "
+                "stopped reading (is a file included many times over?)" % (prefix, MAX_EXPANDED_SIZE, MAX_INCLUDED_FILES))
+            self._over_limit = self.truncated = True
+            return None
         return data.decode("utf-8", errors="surrogateescape")
 
     def _lex(self, text: str, filename: str, depth: int) -> None:
@@ -121,9 +153,12 @@ class Lexer:
         append = self.tokens.append
         match = _TOKEN.match
         end = len(text)
-        while pos < end:
+        while pos < end and not self._over_limit:
             m = match(text, pos)
-            assert m is not None  # every character starts some alternative
+            if m is None:  # cannot happen: ``bad`` takes any character; never an assert (-O)
+                self.errors.append("%s:%d: cannot read the text from here on" % (filename, line))
+                self.truncated = True
+                return
             kind = m.lastgroup
             pos = m.end()
             if kind == "word":
@@ -155,6 +190,8 @@ class Lexer:
             elif kind == "pluseq":
                 append(Token(PLUSEQ, "+=", filename, line))
                 line_has_token = True
+            elif kind == "bad":
+                self.errors.append("%s:%d: %s" % (filename, line, _bad_character(m.group())))
             else:  # an opening quote without a closing one
                 self.errors.append("%s:%d: unterminated quoted string (no closing '\"')" % (filename, line))
                 self.truncated = True
@@ -193,8 +230,17 @@ class Lexer:
                                % (where, MAX_INCLUDE_DEPTH))
             return pos
         for path in matches:
+            real = os.path.realpath(path)
+            if real in self._stack:
+                chain = " -> ".join(self._stack[self._stack.index(real):] + [real])
+                self.errors.append("%s: %s %s: an include cycle (%s)" % (where, word, m.group(1), chain))
+                continue
             included = self._read(path, where)
+            if self._over_limit:
+                return len(text)
             if included is not None:
                 self.files.append(path)
+                self._stack.append(real)
                 self._lex(included, path, depth + 1)
+                self._stack.pop()
         return pos

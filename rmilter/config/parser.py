@@ -335,10 +335,16 @@ class Parser:
             entries: List[Any] = []
             ok = True
             for token in values:
+                if not self._usable(token, shown):
+                    ok = False
+                    continue
                 try:
                     entries.extend(directive.kind.convert_item(token, self.ctx))  # type: ignore[union-attr]
                 except v.ValueProblem as e:
                     self.error(token, "%s: %s" % (shown, e))
+                    ok = False
+                except ValueError as e:
+                    self.error(token, "%s: unusable value (%s)" % (shown, e))
                     ok = False
             self._flush_ctx_warnings(name_token)
             if not ok:
@@ -358,10 +364,16 @@ class Parser:
                 self.error(name_token, "%s: expects one %s, found %s"
                            % (shown, directive.kind.description, what), structural=not values)
                 return
+            if not self._usable(values[0], shown):
+                self._flush_ctx_warnings(name_token)
+                return
             try:
                 store[directive.attribute] = directive.kind.convert(values[0], self.ctx)  # type: ignore[union-attr]
             except v.ValueProblem as e:
                 self.error(values[0], "%s: %s" % (shown, e))
+                return
+            except ValueError as e:  # e.g. from os.* on an odd path: still FILE:LINE, never a traceback
+                self.error(values[0], "%s: unusable value (%s)" % (shown, e))
                 return
             finally:
                 self._flush_ctx_warnings(name_token)
@@ -370,6 +382,13 @@ class Parser:
         if directive.ignored_note:
             self.warn(name_token, directive.ignored_note)
         self.origins[origin_key] = Origin(name_token.file, name_token.line)
+
+    def _usable(self, token: Token, shown: str) -> bool:
+        """No value may hold a NUL byte: no path, address or text can carry one (issue 18)."""
+        if "\x00" in token.text:
+            self.error(token, "%s: a NUL byte is not allowed in a value" % shown)
+            return False
+        return True
 
     def _unknown(self, name: str, table_name: str) -> str:
         elsewhere = dirs.sections_with(name)

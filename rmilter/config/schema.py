@@ -97,6 +97,9 @@ class GlobalConfig:
     tempdir: str = "/tmp"
     tempfiles_mode: int = 0o600
     bind_socket: Optional[str] = None  # socket spec as written (SPEC §4.4)
+    #: listen(2) backlog of every listener (Twisted's default of 50 made a burst of MTA
+    #: connections wait for SYN retries); Linux caps it at net.core.somaxconn
+    listen_backlog: int = 1024
     max_size: int = 0
     strict_auth: bool = False
     whitelist: RecipientList = field(default_factory=RecipientList)

@@ -121,7 +121,8 @@ class MilterProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._last_seen = self.clock.seconds()
+        # _last_seen is NOT moved here: the idle clock runs per complete command, so a frame
+        # trickled in a byte at a time (slowloris) still ends after idle_timeout (issue 18)
         if self._quickack_socket is not None:
             self._quickack()
         reader = self.reader
@@ -146,6 +147,7 @@ class MilterProtocol(Protocol):
                 command = reader.next_event()
                 if command is None:
                     break
+                self._last_seen = self.clock.seconds()
                 out = session.handle(command)
             except ProtocolError as e:
                 self._protocol_error(e)
@@ -229,8 +231,13 @@ class MilterProtocol(Protocol):
         if remaining > 0:
             self._idle_call = self.clock.callLater(remaining, self._check_idle)
             return
-        log.info("{peer}: no command for {timeout} s; closing the idle connection", peer=self.peer,
-                 timeout=self.idle_timeout)
+        if self.reader is not None and self.reader.buffered:
+            log.info("{peer}: a command begun but not completed within {timeout} s ({count} bytes); "
+                     "closing the connection", peer=self.peer, timeout=self.idle_timeout,
+                     count=self.reader.buffered)
+        else:
+            log.info("{peer}: no command for {timeout} s; closing the idle connection", peer=self.peer,
+                     timeout=self.idle_timeout)
         self.close("idle timeout")
 
     def _negotiated(self) -> None:

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from rmilter.context import ConnectionContext
 from rmilter.milter import codec
 from rmilter.milter import constants as c
+from rmilter.milter.budget import WarningBudget
 from rmilter.milter.codec import (
     Abort,
     Body,
@@ -190,6 +191,8 @@ class MilterSession:
         #: the stage whose pipeline Deferred is pending, if any (for PROGRESS keep-alives)
         self.waiting_stage: Optional[str] = None
         self._lost = False
+        #: protocol warnings of this connection, rate-limited (a hostile peer cannot flood the log)
+        self.warnings = WarningBudget(peer)
         #: a verdict that ended the message at a stage where the MTA expects no reply:
         #: it is given at the next stage that has one (SPEC §3.4 NR_*)
         self._owed: Optional[Verdict] = None
@@ -204,7 +207,9 @@ class MilterSession:
         """Process one decoded command; see the module docstring for what comes back."""
         kind = type(command)
         if kind is Macro:
-            self.connection.macros.define(command.stage, command.macros)
+            if not self.connection.macros.define(command.stage, command.macros):
+                self.warnings.warn("{tag}; macros for unknown stage {stage!r} from {peer} dropped",
+                                   tag=self._tag(), stage=command.stage, peer=self.peer)
             return None
         step = self._allowed.get(kind)
         if step is None:
@@ -219,6 +224,7 @@ class MilterSession:
     def connection_lost(self) -> None:
         """The MTA went away (SPEC §5.10: like QUIT); a pending pipeline call finishes first."""
         self._lost = True
+        self.warnings.close()
         self._enter(State.CLOSED)
         if self.waiting_stage is None:
             self._end_message(None)
@@ -228,7 +234,7 @@ class MilterSession:
         return self.message.tag if self.message is not None else "-"
 
     def _unexpected(self, command: Any) -> Outcome:
-        log.warn(
+        self.warnings.warn(
             "{tag}; unexpected {command} in state {state} from {peer}; answered CONTINUE",
             tag=self._tag(),
             command=type(command).__name__,

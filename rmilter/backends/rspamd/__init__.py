@@ -7,12 +7,14 @@
 """
 from rmilter.backends.rspamd.client import RspamdClient, RspamdError, RspamdScan, ScanTransport, from_config
 from rmilter.backends.rspamd.transport import EndpointFor, TreqTransport, server_endpoint
-from rmilter.backends.rspamd.reply import ACTIONS, BadReply, HeaderAddition, ScanReply, Symbol, parse_scan_reply
+from rmilter.backends.rspamd.reply import (
+    ACTIONS, MAX_HEADER_EDITS, BadReply, HeaderAddition, ScanReply, Symbol, parse_scan_reply)
 from rmilter.backends.rspamd.request import DKIM_ONLY_SETTINGS, MessageBody, ScanRequest, prepare_body
 
 __all__ = [
     "ACTIONS",
     "BadReply",
+    "MAX_HEADER_EDITS",
     "DKIM_ONLY_SETTINGS",
     "EndpointFor",
     "HeaderAddition",

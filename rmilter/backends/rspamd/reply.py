@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 ACTIONS = ("reject", "soft reject", "rewrite subject", "add header", "greylist", "no action")
+#: at most this many edits of each kind (add_headers, remove_headers, spam_header, add_rcpt,
+#: del_rcpt) are taken from one reply; a reply asking for 20,000 is not forwarded whole (issue 18)
+MAX_HEADER_EDITS = 100
 #: the first bytes of a zstd frame: a compressed reply even without a Compression header
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -70,6 +73,8 @@ class ScanReply:
     spam_headers: Tuple[Tuple[Optional[str], str], ...] = ()
     #: the action as Rspamd wrote it when it is not one of ACTIONS (logged)
     unknown_action: Optional[str] = None
+    #: edits beyond MAX_HEADER_EDITS per kind that were dropped, e.g. "19900 add_headers" (logged)
+    dropped_edits: Optional[str] = None
 
     def has_symbol(self, name: str) -> bool:
         """SPEC §6.8.7: symbol names compared up to a ``(``."""
@@ -250,12 +255,31 @@ def _header_block(top: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, Any]]:
 def parse_scan_reply(body: bytes, status: int = 200) -> ScanReply:
     """Both reply shapes (SPEC §6.8.2); raises ``BadReply`` when there is no scan result.
 
-    The HTTP status only matters when the body is not a scan result.
+    The HTTP status only matters when the body is not a scan result.  Whatever goes wrong
+    while reading the body (JSON nested 100,000 deep is a RecursionError, not a ValueError)
+    is a ``BadReply``: a failed attempt at once, never an unhandled error (issue 18).
     """
+    try:
+        return _parse_scan_reply(body, status)
+    except BadReply:
+        raise
+    except Exception as e:
+        raise BadReply("unparsable reply: %s" % (type(e).__name__,), _http_status(status)) from None
+
+
+def _capped(edits: Tuple[Any, ...], what: str, dropped: List[str]) -> Tuple[Any, ...]:
+    if len(edits) <= MAX_HEADER_EDITS:
+        return edits
+    dropped.append("%d %s" % (len(edits) - MAX_HEADER_EDITS, what))
+    return edits[:MAX_HEADER_EDITS]
+
+
+def _parse_scan_reply(body: bytes, status: int) -> ScanReply:
     top = _document(body, status)
     fields, symbols = _metric(top, status)
     action, unknown_action = _action(fields.get("action"))
     block_name, block = _header_block(top)
+    dropped: List[str] = []
     return ScanReply(
         action=action,
         score=_number(fields.get("score")),
@@ -266,15 +290,16 @@ def parse_scan_reply(body: bytes, status: int = 200) -> ScanReply:
         smtp_message=_smtp_message(top),
         dkim_signatures=_strings(top.get("dkim-signature")),
         header_block=block_name,
-        remove_headers=_header_removals(block.get("remove_headers")),
-        add_headers=_header_additions(block.get("add_headers")),
+        remove_headers=_capped(_header_removals(block.get("remove_headers")), "remove_headers", dropped),
+        add_headers=_capped(_header_additions(block.get("add_headers")), "add_headers", dropped),
         change_from=_string(block.get("change_from")),
-        add_rcpt=_strings(block.get("add_rcpt")),
-        del_rcpt=_strings(block.get("del_rcpt")),
+        add_rcpt=_capped(_strings(block.get("add_rcpt")), "add_rcpt", dropped),
+        del_rcpt=_capped(_strings(block.get("del_rcpt")), "del_rcpt", dropped),
         reject_mode=_reject_mode(block.get("reject")),
         no_action=block.get("no_action") is True,
-        spam_headers=_spam_headers(block.get("spam_header")),
+        spam_headers=_capped(_spam_headers(block.get("spam_header")), "spam_header", dropped),
         unknown_action=unknown_action,
+        dropped_edits=", ".join(dropped) or None,
     )
 
 
@@ -286,4 +311,6 @@ def decompress_reply(body: bytes) -> bytes:
         return zstandard.ZstdDecompressor().decompressobj().decompress(body)
     except zstandard.ZstdError as e:
         raise BadReply("cannot decompress reply: %s" % (e,))
+    except Exception as e:  # e.g. MemoryError: still a failed attempt, never an unhandled error
+        raise BadReply("cannot decompress reply: %s" % (type(e).__name__,)) from None
 
