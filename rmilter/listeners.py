@@ -65,7 +65,7 @@ def _close_own_descriptor_only(port: Any) -> Any:
                 port.lockFile.unlock()
             tcp.Port.connectionLost(port, reason)
 
-        port.connectionLost = connectionLost
+        port.connectionLost = connectionLost  # type: ignore[method-assign]
     return port
 
 
@@ -183,7 +183,7 @@ class OwnedUnixEndpoint:
 
     def _listen(self, factory: Any) -> OwnedUnixPort:
         clear_stale_socket(self.path)
-        port = OwnedUnixPort(self.path, factory, self.backlog, self.mode, self.reactor)
+        port = OwnedUnixPort(self.path, factory, self.backlog, self.mode, self.reactor)  # type: ignore[arg-type]
         try:
             port.startListening()
         except CannotListenError as e:

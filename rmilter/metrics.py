@@ -194,10 +194,10 @@ class Metrics:
             skips[key] = count + 1
             return
         name = check.value
-        key = (name, outcome(result))
+        result_key = (name, outcome(result))
         results = self.check_results
-        results[key] = results.get(key, 0) + 1
-        kind = key[1]
+        results[result_key] = results.get(result_key, 0) + 1
+        kind = result_key[1]
         histogram = self.check_seconds.get(name)
         if histogram is None:
             histogram = self.check_seconds[name] = Histogram(LATENCY_BUCKETS)

@@ -303,7 +303,8 @@ class RmilterService(service.MultiService):
         path = unix_socket_path(endpoint)
         if path is not None:
             clear_stale_socket(path)
-        listener = strports.service(endpoint, status.site(self._enable_metrics(), self), reactor=self.reactor)
+        listener = strports.service(endpoint, status.site(self._enable_metrics(), self),  # type: ignore[arg-type]
+                                    reactor=self.reactor)
         listener._raiseSynchronously = True  # type: ignore[attr-defined]
         try:
             listener.setServiceParent(self)

@@ -7,7 +7,7 @@ the process exits with ``EX_UNAVAILABLE`` instead of printing a traceback.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from rmilter.log import Logger
 
@@ -45,10 +45,10 @@ def fail(error: StartupError, stream: Optional[object] = None) -> "NoReturn":  #
     """
     text = "rmilter: %s; not starting" % (error,)
     log.critical("{text}", text=text)
-    out = stream if stream is not None else sys.__stderr__
+    out: Any = stream if stream is not None else sys.__stderr__
     try:
-        out.write(text + "\n")  # type: ignore[union-attr]
-        out.flush()  # type: ignore[union-attr]
+        out.write(text + "\n")
+        out.flush()
     except (OSError, ValueError, AttributeError):
         pass
     raise SystemExit(error.status)

@@ -89,9 +89,10 @@ class StatusPage(Resource):
 
 def site(metrics: Metrics, source: Any) -> Site:
     root = Resource()
-    root.putChild(b"", StatusPage(metrics, source))
-    root.putChild(b"metrics", MetricsPage(metrics))
-    root.putChild(b"health", HealthPage(source))
+    # zope interfaces are invisible to mypy without its plugin: the pages are IResources
+    root.putChild(b"", StatusPage(metrics, source))  # type: ignore[arg-type]
+    root.putChild(b"metrics", MetricsPage(metrics))  # type: ignore[arg-type]
+    root.putChild(b"health", HealthPage(source))  # type: ignore[arg-type]
     factory = Site(root)
     factory.noisy = False
     factory.displayTracebacks = False

@@ -267,8 +267,8 @@ def offline_deps(config: Any, keyring: Any, rspamd_reply: Optional[Dict[str, Any
 
     reactor = MemoryReactorClock()
     fake = FakeRspamd(rspamd_reply if rspamd_reply is not None else checkv2_reply(), clock=reactor)
-    rspamd = RspamdClient(config.spamd, reactor, endpoint_for=lambda server: fake.endpoint()) \
-        if config.spamd.servers else None
+    endpoint_for: Any = lambda server: fake.endpoint()  # a FakeEndpoint is an IStreamClientEndpoint
+    rspamd = RspamdClient(config.spamd, reactor, endpoint_for=endpoint_for) if config.spamd.servers else None
     network = MemoryClamdNetwork(reactor)
     for server in config.clamav.servers:
         address = server.path if getattr(server, "path", None) else (server.host, server.port)
@@ -524,7 +524,7 @@ def _run_online(config: Any, keyring: Any, envelope: Envelope, headers: Any, bod
             reactor.stop()  # type: ignore[attr-defined]
 
     reactor.callWhenRunning(go)  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined,misc,call-arg]
     result = box[0]
     if hasattr(result, "raiseException"):
         result.raiseException()

@@ -107,7 +107,7 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def signal(self, signum: int) -> None:
         try:
-            self.transport.signalProcess(signum)  # type: ignore[union-attr]
+            self.transport.signalProcess(signum)  # type: ignore[union-attr,call-arg,misc]
         except Exception:  # already gone: processEnded follows
             pass
 

@@ -335,7 +335,7 @@ class Parser:
             entries: List[Any] = []
             ok = True
             for token in values:
-                if not self._usable(token, shown):
+                if not self._usable(token, shown):  # type: ignore[arg-type]
                     ok = False
                     continue
                 try:
@@ -364,7 +364,7 @@ class Parser:
                 self.error(name_token, "%s: expects one %s, found %s"
                            % (shown, directive.kind.description, what), structural=not values)
                 return
-            if not self._usable(values[0], shown):
+            if not self._usable(values[0], shown):  # type: ignore[arg-type]
                 self._flush_ctx_warnings(name_token)
                 return
             try:

@@ -116,9 +116,9 @@ def server_endpoint(reactor: Any, server: ServerSpec, connect_timeout: float,
                     tls: Optional[Any] = None) -> IStreamClientEndpoint:
     """The endpoint of one configured server: unix socket, IP literal (no resolver) or host name."""
     timeout = max(connect_timeout, 0.001)
-    endpoint: IStreamClientEndpoint
+    endpoint: Any  # each is an IStreamClientEndpoint (zope interfaces are invisible to mypy)
     if server.path is not None:
-        return UNIXClientEndpoint(reactor, server.path, timeout=timeout)
+        return UNIXClientEndpoint(reactor, server.path, timeout=timeout)  # type: ignore[return-value]
     host = server.host or "localhost"
     port = server.port or RSPAMD_DEFAULT_PORT
     try:
@@ -153,7 +153,7 @@ class _CountingEndpoint:
     """An endpoint that counts its connects: a scan that made none went on a pooled connection."""
 
     def __init__(self, endpoint: IStreamClientEndpoint, transport: "TreqTransport") -> None:
-        self._endpoint = endpoint
+        self._endpoint: Any = endpoint
         self._transport = transport
 
     def connect(self, factory: Any) -> "Deferred[Any]":
