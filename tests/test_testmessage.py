@@ -162,7 +162,7 @@ class CommandLineTests(TestMessageTestCase):
         _, doc = self.run_json("--from", "carol@example.com", "--rcpt", "x@example.org", "--rcpt", "y@example.org",
                                "--ip", "198.51.100.7", "--auth", "carol", "--queue-id", "Q42")
         summary = doc["summary"]
-        for part in ("queue_id: Q42", "ip: 198.51.100.7", "from: <carol@example.com>", "(2 total)", "user: carol"):
+        for part in ("queue_id: <Q42>", "ip: 198.51.100.7", "from: <carol@example.com>", "(2 total)", "user: carol"):
             self.assertIn(part, summary)
 
     def test_config_error_exits_1_with_file_line(self) -> None:
