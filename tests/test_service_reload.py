@@ -46,12 +46,7 @@ class ReloadTests(TestCase):
     @defer.inlineCallbacks
     def send(self, milter: harness.Rmilter, queue_id: str, port: int = 0):  # type: ignore[no-untyped-def]
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port or milter.inet_port)
-        client = yield MilterClient.connect(reactor, endpoint)
-        try:
-            result = yield client.send_message(MessageSpec(queue_id=queue_id))
-        finally:
-            yield client.close()
-        return result
+        return (yield MilterClient.send_one(reactor, endpoint, MessageSpec(queue_id=queue_id)))
 
     @staticmethod
     def trace_headers(result) -> List[str]:  # type: ignore[no-untyped-def]

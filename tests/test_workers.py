@@ -52,12 +52,7 @@ class WorkerProcessTests(TestCase):
 
     @defer.inlineCallbacks
     def send(self, endpoint, queue_id: str):  # type: ignore[no-untyped-def]
-        client = yield MilterClient.connect(reactor, endpoint)
-        try:
-            result = yield client.send_message(MessageSpec(queue_id=queue_id))
-        finally:
-            yield client.close()
-        return result
+        return (yield MilterClient.send_one(reactor, endpoint, MessageSpec(queue_id=queue_id)))
 
     def inet(self, milter: harness.Rmilter) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(reactor, "127.0.0.1", milter.inet_port)

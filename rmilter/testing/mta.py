@@ -328,6 +328,17 @@ class MilterClient:
         yield client.negotiate(offer)
         return client
 
+    @classmethod
+    @inlineCallbacks
+    def send_one(cls, reactor: Any, endpoint: Any, spec: "MessageSpec"):  # type: ignore[no-untyped-def]
+        """Connect, send one message, close: fires with its ``MessageResult``."""
+        client = yield cls.connect(reactor, endpoint)
+        try:
+            result = yield client.send_message(spec)
+        finally:
+            yield client.close()
+        return result
+
     @inlineCallbacks
     def negotiate(self, offer: Negotiate = POSTFIX_OFFER):  # type: ignore[no-untyped-def]
         """Send OPTNEG; fires with the filter's ``NegotiateReply`` (checked like milterload)."""
