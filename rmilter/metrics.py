@@ -17,15 +17,16 @@ Counts are plain numbers updated in the reactor thread (``prometheus_client``'s 
 objects take a lock per update, several per message: more than the 5% budget of issue 14)
 and become Prometheus families at scrape time (``MessageCounts``).
 
-Worker processes (issue 13): every count is a key in a plain dictionary, so a worker can
-hand its ``Metrics``' dictionaries and histograms to the main process as they are (a
-snapshot pickled over the control pipe, on each scrape or once a second), and the main
-process, which alone binds ``metrics_socket``, serves the sum: counters and histogram
-buckets add up, gauges (connections, in flight, spool bytes) add up, the config generation
-and the backends' alive state come from the main process.  No label names a process, so
-one worker or many give the same series.  (``prometheus_client``'s multiprocess mode, with
-its mmap files, would do the same for library metric objects; it cannot run custom
-collectors across processes, which the scrape-time state here relies on.)
+Worker processes (issue 15): every count is a key in a plain dictionary, so a worker hands
+its ``Metrics.snapshot()`` and its ``state_of()`` to the main process as plain data (pickled
+over its channel, once a second and on each scrape), and the main process, which alone binds
+``metrics_socket``, serves the sum (``Metrics.merge``, ``merge_states``): counters and
+histogram buckets add up, gauges (connections, in flight, spool bytes) add up, the config
+generation and reload counts are the main process's, a backend server is up while every
+worker has it alive.  No label names a process, so one worker or many give the same series.
+(``prometheus_client``'s multiprocess mode, with its mmap files, would do the same for library
+metric objects at a lock and a file write per update; it cannot run custom collectors across
+processes, which the scrape-time state here relies on.)
 """
 from __future__ import annotations
 
@@ -130,6 +131,12 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def add(self, counts: Sequence[int], total: float) -> None:
+        """Another process's observations of the same buckets."""
+        for i, count in enumerate(counts):
+            self.counts[i] += count
+        self.total += total
+
     def cumulative(self) -> List[Tuple[str, float]]:
         out, running = [], 0
         for bound, count in zip(self.bounds + (math.inf,), self.counts):
@@ -179,6 +186,8 @@ class Metrics:
         self.minutes: Deque[Tuple[int, Dict[str, int]]] = collections.deque()
         #: the last summary lines, oldest first
         self.recent: Deque[str] = collections.deque(maxlen=RECENT_SUMMARIES)
+        #: when each of ``recent`` ended (workers' lines are merged in time order)
+        self.recent_at: Deque[float] = collections.deque(maxlen=RECENT_SUMMARIES)
 
     # -- the pipeline's seams ----------------------------------------------------------------
     def observe_result(self, result: CheckResult, seconds: float) -> None:
@@ -261,7 +270,8 @@ class Metrics:
         key = (action, decider.check.value if decider is not None else "none")
         messages = self.messages
         messages[key] = messages.get(key, 0) + 1
-        minute = int(self.clock.seconds() // 60)
+        now = self.clock.seconds()
+        minute = int(now // 60)
         minutes = self.minutes
         if not minutes or minutes[-1][0] != minute:
             minutes.append((minute, {}))
@@ -271,6 +281,7 @@ class Metrics:
         counts[action] = counts.get(action, 0) + 1
         if summary is not None:
             self.recent.append(summary)
+            self.recent_at.append(now)
 
     # -- backends ------------------------------------------------------------------------------
     def attempt_ended(self, backend: str, server: str, seconds: float, error: Optional[str]) -> None:
@@ -298,6 +309,57 @@ class Metrics:
         now = int(self.clock.seconds() // 60)
         known = dict(self.minutes)
         return [(m, dict(known.get(m, {}))) for m in range(now - minutes + 1, now + 1)]
+
+
+    # -- worker processes ----------------------------------------------------------------------
+    def snapshot(self) -> Dict[str, Any]:
+        """Every count as plain data (a worker sends it to the main process, see ``merge``)."""
+        return {
+            "ints": {name: dict(getattr(self, name)) for name in _INT_FIELDS},
+            "histograms": {name: {k: (list(h.counts), h.total) for k, h in getattr(self, name).items()}
+                           for name in _HISTOGRAM_FIELDS},
+            "rspamd_score": (list(self.rspamd_score.counts), self.rspamd_score.total),
+            "minutes": [(m, dict(c)) for m, c in self.minutes],
+            "recent": list(zip(self.recent_at, self.recent)),
+        }
+
+    @classmethod
+    def merge(cls, clock: Any, snapshots: Iterable[Mapping[str, Any]]) -> "Metrics":
+        """The sum of several ``snapshot()``\ s: counters and histogram buckets add up, the
+        per-minute history adds up minute by minute, the last summaries are merged by time."""
+        out = cls(clock, process_collector=False)
+        recent: List[Tuple[float, str]] = []
+        minutes: Dict[int, Dict[str, int]] = {}
+        for snap in snapshots:
+            for name, values in snap["ints"].items():
+                target = getattr(out, name)
+                for key, value in values.items():
+                    target[key] = target.get(key, 0) + value
+            for name, values in snap["histograms"].items():
+                target = getattr(out, name)
+                for key, (counts, total) in values.items():
+                    histogram = target.get(key)
+                    if histogram is None:
+                        histogram = target[key] = Histogram(LATENCY_BUCKETS)
+                    histogram.add(counts, total)
+            out.rspamd_score.add(*snap["rspamd_score"])
+            for minute, counts in snap["minutes"]:
+                into = minutes.setdefault(minute, {})
+                for action, count in counts.items():
+                    into[action] = into.get(action, 0) + count
+            recent.extend(snap["recent"])
+        out.minutes.extend(sorted(minutes.items()))
+        recent.sort(key=lambda pair: pair[0])
+        for at, line in recent[-RECENT_SUMMARIES:]:
+            out.recent_at.append(at)
+            out.recent.append(line)
+        return out
+
+
+#: the fields of ``Metrics`` that are {key: int} and {key: Histogram} (what a snapshot carries)
+_INT_FIELDS = ("messages", "check_results", "skips", "backend_errors", "server_marked_dead", "redis_fail_open",
+               "rspamd_actions", "counts", "greylist", "reloads")
+_HISTOGRAM_FIELDS = ("check_seconds", "backend_seconds")
 
 
 def _counter(name: str, documentation: str, labels: Sequence[str], values: Mapping[Any, int]) -> Any:
@@ -407,47 +469,84 @@ class StateCollector(Collector):
         return []  # values are read at scrape time; nothing to check at registration
 
     def collect(self) -> Iterator[Any]:
-        source = self.source
-        factory = source.factory
-        generation = GaugeMetricFamily("rmilter_config_generation", "Configuration generation (1 at start, +1 per reload)")
-        generation.add_metric([], source.generation)
-        yield generation
-        connections = GaugeMetricFamily("rmilter_mta_connections", "MTA connections open")
-        connections.add_metric([], len(factory.connections))
-        yield connections
-        in_flight = GaugeMetricFamily("rmilter_messages_in_flight", "Messages between MAIL and their end")
-        in_flight.add_metric([], factory.messages_in_flight)
-        yield in_flight
-        memory = disk = 0
-        for protocol in list(factory.connections):
-            spool = _spool_of(protocol)
-            if spool is None or spool.closed:
-                continue
-            if spool.in_memory:
-                memory += spool.size
-            else:
-                disk += spool.size
-        spool_bytes = GaugeMetricFamily("rmilter_spool_bytes", "Bytes of messages in flight", labels=["where"])
-        spool_bytes.add_metric(["memory"], memory)
-        spool_bytes.add_metric(["disk"], disk)
-        yield spool_bytes
-        progress = CounterMetricFamily("rmilter_progress_sent", "PROGRESS keep-alives sent to the MTA")
-        progress.add_metric([], factory.progress_sent)
-        yield progress
-        errors = CounterMetricFamily("rmilter_protocol_errors", "MTA connections closed for a bad frame",
-                                     labels=["kind"])
-        counted: Dict[str, int] = {kind: 0 for kind in PROTOCOL_ERROR_KINDS.values()}
-        for name, count in factory.protocol_errors.items():
-            kind = PROTOCOL_ERROR_KINDS.get(name, "other")
-            counted[kind] = counted.get(kind, 0) + count
-        for kind, count in sorted(counted.items()):
-            errors.add_metric([kind], count)
-        yield errors
-        up = GaugeMetricFamily("rmilter_backend_up", "1 while a backend server is alive, 0 while dead",
-                               labels=["backend", "server"])
-        for backend, server, alive in backend_states(source.runtime.deps, source.clock.seconds()):
-            up.add_metric([backend, server], 1 if alive else 0)
-        yield up
+        return state_families(state_of(self.source))
+
+
+def state_of(source: Any) -> Dict[str, Any]:
+    """The scrape-time state of one process as plain data (also what a worker sends)."""
+    factory = source.factory
+    memory = disk = 0
+    for protocol in list(factory.connections):
+        spool = _spool_of(protocol)
+        if spool is None or spool.closed:
+            continue
+        if spool.in_memory:
+            memory += spool.size
+        else:
+            disk += spool.size
+    counted: Dict[str, int] = {kind: 0 for kind in PROTOCOL_ERROR_KINDS.values()}
+    for name, count in factory.protocol_errors.items():
+        kind = PROTOCOL_ERROR_KINDS.get(name, "other")
+        counted[kind] = counted.get(kind, 0) + count
+    return {
+        "generation": source.generation,
+        "connections": len(factory.connections),
+        "in_flight": factory.messages_in_flight,
+        "spool": {"memory": memory, "disk": disk},
+        "progress_sent": factory.progress_sent,
+        "protocol_errors": counted,
+        "backends": backend_states(source.runtime.deps, source.clock.seconds()),
+    }
+
+
+def merge_states(states: Sequence[Mapping[str, Any]], generation: int) -> Dict[str, Any]:
+    """Several processes' ``state_of``: connections, in flight, spool bytes, PROGRESS and bad
+    frames add up; a backend server is up only while every process has it alive (a dead mark in
+    one worker already costs that worker's mail its answer); the generation is the main
+    process's (a restarted worker counts its own reloads from 1)."""
+    out: Dict[str, Any] = {"generation": generation, "connections": 0, "in_flight": 0,
+                           "spool": {"memory": 0, "disk": 0}, "progress_sent": 0,
+                           "protocol_errors": {kind: 0 for kind in PROTOCOL_ERROR_KINDS.values()}, "backends": []}
+    alive: Dict[Tuple[str, str], bool] = {}
+    for state in states:
+        for name in ("connections", "in_flight", "progress_sent"):
+            out[name] += state[name]
+        for name in ("spool", "protocol_errors"):
+            for key, value in state[name].items():
+                out[name][key] = out[name].get(key, 0) + value
+        for backend, server, up in state["backends"]:
+            alive[(backend, server)] = alive.get((backend, server), True) and up
+    out["backends"] = [(backend, server, up) for (backend, server), up in alive.items()]
+    return out
+
+
+def state_families(state: Mapping[str, Any]) -> Iterator[Any]:
+    generation = GaugeMetricFamily("rmilter_config_generation", "Configuration generation (1 at start, +1 per reload)")
+    generation.add_metric([], state["generation"])
+    yield generation
+    connections = GaugeMetricFamily("rmilter_mta_connections", "MTA connections open")
+    connections.add_metric([], state["connections"])
+    yield connections
+    in_flight = GaugeMetricFamily("rmilter_messages_in_flight", "Messages between MAIL and their end")
+    in_flight.add_metric([], state["in_flight"])
+    yield in_flight
+    spool_bytes = GaugeMetricFamily("rmilter_spool_bytes", "Bytes of messages in flight", labels=["where"])
+    spool_bytes.add_metric(["memory"], state["spool"]["memory"])
+    spool_bytes.add_metric(["disk"], state["spool"]["disk"])
+    yield spool_bytes
+    progress = CounterMetricFamily("rmilter_progress_sent", "PROGRESS keep-alives sent to the MTA")
+    progress.add_metric([], state["progress_sent"])
+    yield progress
+    errors = CounterMetricFamily("rmilter_protocol_errors", "MTA connections closed for a bad frame",
+                                 labels=["kind"])
+    for kind, count in sorted(state["protocol_errors"].items()):
+        errors.add_metric([kind], count)
+    yield errors
+    up = GaugeMetricFamily("rmilter_backend_up", "1 while a backend server is alive, 0 while dead",
+                           labels=["backend", "server"])
+    for backend, server, alive in state["backends"]:
+        up.add_metric([backend, server], 1 if alive else 0)
+    yield up
 
 
 def _spool_of(protocol: Any) -> Any:

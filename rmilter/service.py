@@ -293,7 +293,7 @@ class RmilterService(service.MultiService):
 
     def _bind_metrics(self, spec: Optional[str]) -> None:
         if self.worker is not None:
-            return  # workers = N: one metrics listener for N processes is not built yet (README)
+            return  # workers = N: the main process serves the sum (rmilter.workers.WorkerMetrics)
         if spec is None or self.metrics_listener is not None:
             return
         endpoint = _endpoint_for(spec)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import html
 import json
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from rmilter import __version__
 from rmilter.metrics import ACTIONS, Metrics, backend_states
@@ -34,34 +35,64 @@ def health(source: Any) -> Tuple[int, Dict[str, Any]]:
     if not document.get("listeners"):
         document["status"] = "no listener"
         return 503, document
+    if document.get("workers") and not document.get("workers_alive"):  # workers = N: none serving now
+        document["status"] = "no worker"
+        return 503, document
     document["status"] = "ok"
     return 200, document
 
 
-class MetricsPage(Resource):
-    """``GET /metrics``: the Prometheus text exposition of the process's registry."""
+class _Page(Resource):
+    """A page rendered at once, or (``refresh``: the main process of ``workers = N``) once the
+    workers' fresh figures are in."""
 
     isLeaf = True
+    refresh: Optional[Callable[[], Deferred]] = None
+
+    def render_GET(self, request: Any) -> Any:
+        if self.refresh is None:
+            return self.render_page(request)
+        finished: List[bool] = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def render(_: Any) -> None:
+            if not finished:  # the client may have gone while the workers answered
+                request.write(self.render_page(request))
+                request.finish()
+
+        self.refresh().addBoth(render)
+        return NOT_DONE_YET
+
+    def render_page(self, request: Any) -> bytes:
+        raise NotImplementedError
+
+
+def _states(source: Any) -> List[Tuple[str, str, bool]]:
+    if hasattr(source, "backend_states"):  # the main process of workers = N sums its workers'
+        return source.backend_states()  # type: ignore[no-any-return]
+    return backend_states(source.runtime.deps, source.clock.seconds())
+
+
+class MetricsPage(_Page):
+    """``GET /metrics``: the Prometheus text exposition of the process's registry."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()
         self.metrics = metrics
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_page(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.metrics.registry)
 
 
-class HealthPage(Resource):
+class HealthPage(_Page):
     """``GET /health``: JSON, 200 or 503 (what ``rmilter status`` prints)."""
-
-    isLeaf = True
 
     def __init__(self, source: Any) -> None:
         super().__init__()
         self.source = source
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_page(self, request: Any) -> bytes:
         code, document = health(self.source)
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"application/json")
@@ -69,30 +100,30 @@ class HealthPage(Resource):
         return json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
 
-class StatusPage(Resource):
+class StatusPage(_Page):
     """``GET /``: one HTML page an administrator looks at instead of the log."""
-
-    isLeaf = True
 
     def __init__(self, metrics: Metrics, source: Any) -> None:
         super().__init__()
         self.metrics = metrics
         self.source = source
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_page(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         code, document = health(self.source)
-        states = backend_states(self.source.runtime.deps, self.source.clock.seconds())
+        states = _states(self.source)
         return status_html(self.metrics.per_minute(), states, list(self.metrics.recent), code, document).encode("utf-8")
 
 
-def site(metrics: Metrics, source: Any) -> Site:
+def site(metrics: Metrics, source: Any, refresh: Optional[Callable[[], Deferred]] = None) -> Site:
+    """``refresh``: called before each page (the main process gathers its workers' figures)."""
     root = Resource()
-    # zope interfaces are invisible to mypy without its plugin: the pages are IResources
-    root.putChild(b"", StatusPage(metrics, source))  # type: ignore[arg-type]
-    root.putChild(b"metrics", MetricsPage(metrics))  # type: ignore[arg-type]
-    root.putChild(b"health", HealthPage(source))  # type: ignore[arg-type]
+    pages: List[_Page] = [StatusPage(metrics, source), MetricsPage(metrics), HealthPage(source)]
+    for page, name in zip(pages, (b"", b"metrics", b"health")):
+        page.refresh = refresh
+        # zope interfaces are invisible to mypy without its plugin: the pages are IResources
+        root.putChild(name, page)  # type: ignore[arg-type]
     factory = Site(root)
     factory.noisy = False
     factory.displayTracebacks = False
@@ -153,7 +184,7 @@ tr.dead td{color:#c0392b;font-weight:bold}pre{font-size:12px;background:#f7f7f7;
 </style></head><body>
 <h1>rmilter %(version)s</h1>
 <p id="health" data-code="%(code)d">%(status)s &middot; configuration generation %(generation)s &middot;
-listening on %(listeners)s &middot; %(in_flight)s messages in flight on %(connections)s connections</p>
+listening on %(listeners)s &middot; %(in_flight)s messages in flight on %(connections)s connections%(workers)s</p>
 <h2>Messages per minute, last hour</h2>
 %(chart)s
 <p id="legend">%(legend)s</p>
@@ -166,4 +197,6 @@ listening on %(listeners)s &middot; %(in_flight)s messages in flight on %(connec
            generation=e(str(document.get("config_generation"))), listeners=listeners,
            in_flight=e(str(document.get("messages_in_flight", 0))),
            connections=e(str(document.get("connections", 0))), chart=chart_svg(minutes), legend=legend,
-           rows=rows, count=len(recent), lines=lines)
+           rows=rows, count=len(recent), lines=lines,
+           workers=(' &middot; <span id="workers">%d of %d workers alive</span>'
+                    % (document.get("workers_alive", 0), document["workers"]) if document.get("workers") else ""))

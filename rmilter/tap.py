@@ -17,7 +17,7 @@ from rmilter.config.schema import DEFAULT_BIND_SOCKET
 from rmilter.log import set_debug
 from rmilter.logs import set_ident
 from rmilter.service import RmilterService, load_configuration
-from rmilter.workers import WorkerSupervisor, worker_count
+from rmilter.workers import WorkerChannel, WorkerSupervisor, worker_count
 
 
 #: exit status for a configuration that cannot be used (SPEC §8.1)
@@ -88,7 +88,7 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
             config, config_path=path, listen=options["listen"], reactor=reactor, debug=bool(options["debug"]),
         )
     set_ident(config.main.syslog_name)
-    return RmilterService(  # type: ignore[return-value]
+    rmilter = RmilterService(
         config,
         keyring=keyring,
         config_path=path,
@@ -96,6 +96,9 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
         reactor=reactor,
         worker=options["worker"],
     )
+    if options["worker"] is not None:  # its figures to the main process, and its death noticed
+        WorkerChannel(rmilter, reactor).setServiceParent(rmilter)
+    return rmilter  # type: ignore[return-value]
 
 
 def make_application_service(config_path: Optional[str], listen: Optional[List[str]] = None) -> service.IService:

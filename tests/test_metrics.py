@@ -418,3 +418,45 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, 69)
         self.assertIn("metrics_socket inet:11340@127.0.0.1 is a milter listener", stderr.getvalue())
         self.assertEqual(len(stderr.getvalue().splitlines()), 1)
+
+
+class MergeTests(SynchronousTestCase):
+    """What the main process of ``workers = N`` serves: the workers' snapshots summed."""
+
+    def test_counts_histograms_and_history_add_up(self) -> None:
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        clock.advance(600)
+        first, second = m.Metrics(clock, process_collector=False), m.Metrics(clock, process_collector=False)
+        first.messages[("accept", "none")] = 3
+        second.messages[("accept", "none")] = 4
+        second.messages[("reject", "spam")] = 1
+        first.attempt_ended("rspamd", "a", 0.002, None)
+        second.attempt_ended("rspamd", "a", 0.2, "timed out")
+        first.recent.append("first line"); first.recent_at.append(10.0)
+        second.recent.append("second line"); second.recent_at.append(5.0)
+        first.minutes.append((10, {"accept": 3}))
+        second.minutes.append((10, {"accept": 4, "reject": 1}))
+        merged = m.Metrics.merge(clock, [first.snapshot(), second.snapshot()])
+        self.assertEqual(merged.messages, {("accept", "none"): 7, ("reject", "spam"): 1})
+        histogram = merged.backend_seconds[("rspamd", "a")]
+        self.assertEqual(sum(histogram.counts), 2)
+        self.assertAlmostEqual(histogram.total, 0.202)
+        self.assertEqual(merged.backend_errors, {("rspamd", "a", "timeout"): 1})
+        self.assertEqual(list(merged.recent), ["second line", "first line"], "merged in time order")
+        self.assertEqual(merged.per_minute(1), [(10, {"accept": 7, "reject": 1})])
+        self.assertEqual(first.messages[("accept", "none")], 3, "snapshots are copies")
+
+    def test_states_add_up_and_a_backend_is_up_only_where_every_worker_has_it(self) -> None:
+        def state(connections: int, alive: bool) -> dict:
+            return {"generation": 5, "connections": connections, "in_flight": connections, "progress_sent": 1,
+                    "spool": {"memory": 10, "disk": 0}, "protocol_errors": {"frame": 1},
+                    "backends": [("rspamd", "a", alive), ("rspamd", "b", True)]}
+
+        merged = m.merge_states([state(2, True), state(3, False)], generation=2)
+        self.assertEqual((merged["connections"], merged["in_flight"], merged["progress_sent"]), (5, 5, 2))
+        self.assertEqual(merged["spool"], {"memory": 20, "disk": 0})
+        self.assertEqual(merged["protocol_errors"]["frame"], 2)
+        self.assertEqual(merged["generation"], 2, "the main process's generation")
+        self.assertEqual(sorted(merged["backends"]), [("rspamd", "a", False), ("rspamd", "b", True)])

@@ -165,15 +165,65 @@ class WorkerProcessTests(TestCase):
         self.assertEqual({r.action for r in results}, {"accept"})
 
     @defer.inlineCallbacks
-    def test_metrics_socket_with_workers_is_refused_with_a_warning(self):  # type: ignore[no-untyped-def]
-        """Workers never fight over the metrics socket: none binds it, the main process says why."""
-        from tests.harness.base import free_port, tcp_accepts
+    def test_metrics_summed_across_workers_and_kept_when_one_dies(self):  # type: ignore[no-untyped-def]
+        """The main process serves metrics_socket: one scrape shows the sum of both workers; a
+        worker SIGKILLed and replaced neither loses nor doubles what it had counted."""
+        from tests.harness.base import free_port
 
         port = free_port()
         milter = harness.start_rmilter(self, "workers = 2;\nmetrics_socket = inet:%d@127.0.0.1;\n" % port)
-        yield self.wait_for_workers(milter, 2)
-        self.assertRegex(milter.log_text(), r"metrics_socket inet:%d@127.0.0.1 is not served with workers = 2" % port)
-        self.assertFalse(tcp_accepts("127.0.0.1", port))
-        self.assertNotRegex(milter.log_text(), r"died")
-        result = yield self.send(self.inet(milter), "4M001")
-        self.assertEqual(result.action, "accept")
+        pids = yield self.wait_for_workers(milter, 2)
+        results = yield defer.gatherResults([self.send(self.inet(milter), "4M%03d" % i) for i in range(40)])
+        self.assertEqual({r.action for r in results}, {"accept"})
+        served = re.findall(r"worker (\d): .*msg done: queue_id: <4M\d+>", milter.log_text())
+        self.assertEqual(len(served), 40)
+        self.assertEqual(set(served), {"1", "2"}, "both workers took messages")
+        accepted = 'rmilter_messages_total{action="accept",check="none"}'
+        scrape = yield threads.deferToThread(scrape_metrics, port)
+        self.assertEqual(scrape[accepted], 40)
+        self.assertEqual(scrape["rmilter_messages_in_flight"], 0)
+        self.assertEqual(scrape["rmilter_config_generation"], 1)
+        health = yield threads.deferToThread(get_json, port, "/health")
+        self.assertEqual((health["status"], health["workers"], health["workers_alive"]), ("ok", 2, 2))
+        self.assertEqual(sorted(health["worker_pids"]), pids)
+        # the worker that served more dies; its 20-odd messages must stay counted, once
+        busiest = max(("1", "2"), key=served.count)
+        victim = [p for p in pids if re.search(r"worker %s started \(pid %d\)" % (busiest, p), milter.log_text())][0]
+        os.kill(victim, signal.SIGKILL)
+        yield self.wait_for_workers(milter, 2, exclude=[victim])
+        scrape = yield threads.deferToThread(scrape_metrics, port)
+        self.assertEqual(scrape[accepted], 40)
+        more = yield defer.gatherResults([self.send(self.inet(milter), "4P%03d" % i) for i in range(10)])
+        self.assertEqual({r.action for r in more}, {"accept"})
+        scrape = yield threads.deferToThread(scrape_metrics, port)
+        self.assertEqual(scrape[accepted], 50)
+        health = yield threads.deferToThread(get_json, port, "/health")
+        self.assertEqual((health["workers_alive"], health["worker_restarts"]), (2, 1))
+        page = yield threads.deferToThread(get_text, port, "/")
+        self.assertIn("2 of 2 workers alive", page)
+        self.assertIn("queue_id: &lt;4P009&gt;", page)
+
+
+def get_text(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as reply:
+        return reply.read().decode("utf-8")
+
+
+def get_json(port: int, path: str) -> dict:
+    import json
+
+    return json.loads(get_text(port, path))  # type: ignore[no-any-return]
+
+
+def scrape_metrics(port: int) -> dict:
+    """``name{labels}`` -> value of one scrape of /metrics (labels in the exposition's order)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(get_text(port, "/metrics")):
+        for sample in family.samples:
+            labels = ",".join('%s="%s"' % kv for kv in sample.labels.items())
+            out[sample.name + ("{%s}" % labels if labels else "")] = sample.value
+    return out
