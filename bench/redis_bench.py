@@ -150,12 +150,14 @@ class Monitor:
 
 # -- the runs ----------------------------------------------------------------------------------------
 TABLE_HEADER = (
-    "| run                  |    msg/s |  p50 ms |  p99 ms | rmilter CPU | CPU µs/msg | redis CPU µs/msg | final replies |\n"
-    "|----------------------|----------|---------|---------|-------------|------------|------------------|---------------|"
+    "| run                  |    msg/s |  p50 ms |  p99 ms | rmilter CPU | CPU µs/msg | main µs/msg | milterload µs/msg | redis CPU µs/msg | final replies |\n"
+    "|----------------------|----------|---------|---------|-------------|------------|-------------|-------------------|------------------|---------------|"
 )
 
 
-def table_row(label: str, result: Dict[str, Any], milter_pids: int = 1) -> str:
+def table_row(label: str, result: Dict[str, Any], milter_pids: int = 1, loadgen_cpu_s: float = 0.0) -> str:
+    """rmilter CPU is main process + workers; ``main`` is the main process alone (with workers:
+    its supervision and log relay); ``milterload``: the load generator's own CPU (same cores)."""
     lat = result["latency_ms"]
     watched = result.get("watched") or []
     # the milter's processes come first (the main process, then its workers), Redis last
@@ -165,11 +167,21 @@ def table_row(label: str, result: Dict[str, Any], milter_pids: int = 1) -> str:
     redis_cpu = (watched[milter_pids]["cpu_s"] * 1e6 / max(1, result["messages"])
                  if len(watched) > milter_pids else 0.0)
     finals = ",".join("%s=%d" % kv for kv in result.get("final", {}).items() if kv[1])
-    return "| %-20s | %8.0f | %7.2f | %7.2f | %10.0f%% | %10.0f | %16.0f | %s |" % (
+    messages = max(1, result["messages"])
+    main_cpu = milter[0].get("cpu_s", 0) * 1e6 / messages if milter else 0.0
+    return "| %-20s | %8.0f | %7.2f | %7.2f | %10.0f%% | %10.0f | %11.0f | %17.0f | %16.0f | %s |" % (
         label, result["msgs_per_s"], lat["p50"], lat["p99"], rmilter.get("pct_of_core", 0),
-        rmilter.get("cpu_s", 0) * 1e6 / max(1, result["messages"]),
+        rmilter.get("cpu_s", 0) * 1e6 / messages, main_cpu, loadgen_cpu_s * 1e6 / messages,
         redis_cpu, finals,
     )
+
+
+def children_cpu() -> float:
+    """CPU seconds of this script's ended children (milterload, once it has exited)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def config_for(name: str, redis: Optional[RedisServer], workers: int = 1, metrics: bool = False) -> str:
@@ -210,12 +222,15 @@ def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, c
             time.sleep(1.1)
             _count_run(args, service, extra, 4096)
         pids = milter + ([redis.proc.pid] if name != "pass" else [])
+        before = children_cpu()
         result = milterload(args.milterload, service.socket, concurrency=args.conc, duration=args.duration,
                             warmup=args.warmup, size=args.size, pids=pids, extra=extra)
+        # its CPU includes the warm-up: scaled to the measured seconds (at about the same rate)
+        loadgen = (children_cpu() - before) * args.duration / (args.duration + args.warmup)
         label = "%s%s c=%d%s%s" % (name, " +metrics" if metrics else "", args.conc,
                                    " w=%d" % workers if args.workers != "1" else "",
                                    " #%d" % (rep + 1) if args.reps > 1 else "")
-        lines.append(table_row(label, result, milter_pids=len(milter)))
+        lines.append(table_row(label, result, milter_pids=len(milter), loadgen_cpu_s=loadgen))
         if count and name != "pass":
             lines.append(commands_per_message(args, service, redis, extra))
     finally:

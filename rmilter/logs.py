@@ -104,4 +104,6 @@ def json() -> FileLogObserver:
     """``twistd --logger=rmilter.logs.json``: one JSON object per line (``RMILTER_JSON_LOG``)."""
     path = os.environ.get("RMILTER_JSON_LOG")
     out = open(path, "a", encoding="utf-8", buffering=1) if path and path != "-" else sys.stdout
-    return FileLogObserver(out, lambda event: eventAsJSON(event) + "\n")
+    observer = FileLogObserver(out, lambda event: eventAsJSON(event) + "\n")
+    observer.rmilter_json_path = path if path and path != "-" else ""  # type: ignore[attr-defined]  # workers write there too
+    return observer

@@ -83,6 +83,7 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
         print("rmilter: configuration %s is invalid; not starting" % (path,), file=sys.stderr)
         raise SystemExit(EX_CONFIG)
     set_debug(bool(options["debug"]))
+    set_ident(config.main.syslog_name)  # the main process of workers = N logs under it too
     if options["worker"] is None and worker_count(config.main.workers) > 1:
         return WorkerSupervisor(  # type: ignore[return-value]
             config, config_path=path, listen=options["listen"], reactor=reactor, debug=bool(options["debug"]),

@@ -13,7 +13,10 @@ loads the configuration there: a broken file is refused once, with its ``FILE:LI
 no worker sees the signal; a good one is passed to every worker, which reloads it as a single
 process does.  SIGTERM (twistd's stop) is passed on and the main process waits up to
 ``shutdown_timeout`` (plus a grace of 5 s) for the workers to drain, then kills what is left.
-A worker's log lines reach the main process's log, tagged ``worker K``.
+A worker's log lines reach the main process's log destination, tagged ``worker K``: written
+there by the worker itself (``rmilter.worker_log``), or relayed by the main process where the
+destination cannot be shared.  A worker also stops (draining) when the main process dies: its
+stdin is a pipe from the main process, and EOF there is the main process gone.
 """
 from __future__ import annotations
 
@@ -209,6 +212,8 @@ class WorkerSupervisor(service.Service):
         self.metrics: Optional[WorkerMetrics] = None
         self.metrics_port: Any = None
         self.metrics_endpoint: Optional[str] = None
+        #: where workers log themselves (``rmilter.worker_log``); None: through this process
+        self.log_destination: Optional[str] = None
 
     # -- listeners ---------------------------------------------------------------------------
     def _open_listeners(self) -> None:
@@ -278,6 +283,11 @@ class WorkerSupervisor(service.Service):
                  count=self.count, endpoints=", ".join(self.listen_endpoints))
         if self.metrics_endpoint is not None:
             log.info("metrics, health and status page of all workers on {endpoint}", endpoint=self.metrics_endpoint)
+        from rmilter.worker_log import main_destination
+
+        self.log_destination = main_destination()
+        log.info("workers log {how}", how=("straight to %s" % (self.log_destination,)) if self.log_destination
+                 else "through the main process (its log observer is not one a worker can share)")
         for number in range(1, self.count + 1):
             self._spawn(number)
 
@@ -292,14 +302,23 @@ class WorkerSupervisor(service.Service):
         for i, port in enumerate(self.ports):
             fds[FIRST_LISTEN_FD + i] = port.fileno()
             listen += ["--listen", "adopted-fd:%d" % (FIRST_LISTEN_FD + i)]
-        args = [self.python, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "rmilter",
-                "--worker", str(number)] + listen
+        env = os.environ.copy()
+        if self.log_destination is not None:
+            from rmilter.worker_log import ENV_DESTINATION, ENV_NUMBER
+
+            logging = ["--logger=rmilter.worker_log.observer"]
+            env[ENV_DESTINATION], env[ENV_NUMBER] = self.log_destination, str(number)
+            if self.log_destination.endswith("-fd:1"):
+                fds[1] = 1  # this process's own standard output
+        else:
+            logging = ["--logfile=-"]
+        args = [self.python, "-c", TWISTD, "-n", "--pidfile="] + logging + ["rmilter", "--worker", str(number)] + listen
         if self.config_path:
             args += ["--config", self.config_path]
         if self.debug:
             args.append("--debug")
         worker = WorkerProcess(self, number)
-        self.reactor.spawnProcess(worker, self.python, args, env=os.environ.copy(), childFDs=fds)
+        self.reactor.spawnProcess(worker, self.python, args, env=env, childFDs=fds)
         self.workers[number] = worker
         log.info("worker {worker} started (pid {pid})", worker=number, pid=worker.pid)
 

@@ -173,7 +173,10 @@ class WorkerProcessTests(TestCase):
         port = free_port()
         milter = harness.start_rmilter(self, "workers = 2;\nmetrics_socket = inet:%d@127.0.0.1;\n" % port)
         pids = yield self.wait_for_workers(milter, 2)
-        results = yield defer.gatherResults([self.send(self.inet(milter), "4M%03d" % i) for i in range(40)])
+        results = []
+        for batch in range(10):  # small batches: one worker's accept loop does not take all 40 at once
+            results += yield defer.gatherResults([self.send(self.inet(milter), "4M%03d" % (batch * 4 + i))
+                                                  for i in range(4)])
         self.assertEqual({r.action for r in results}, {"accept"})
         served = re.findall(r"worker (\d): .*msg done: queue_id: <4M\d+>", milter.log_text())
         self.assertEqual(len(served), 40)
@@ -227,3 +230,94 @@ def scrape_metrics(port: int) -> dict:
             labels = ",".join('%s="%s"' % kv for kv in sample.labels.items())
             out[sample.name + ("{%s}" % labels if labels else "")] = sample.value
     return out
+
+
+class WorkerLogTests(TestCase):
+    """Workers write their own lines to the main process's destination, tagged ``worker K``
+    (``rmilter.worker_log``): nothing relayed, nothing overwritten."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def through_both(self, milter: harness.Rmilter, prefix: str, served):  # type: ignore[no-untyped-def]
+        """Messages in small batches until both workers have taken some (``served()``: the set)."""
+        for batch in range(50):
+            results = yield defer.gatherResults([
+                MilterClient.send_one(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", milter.inet_port),
+                                      MessageSpec(queue_id="%s%03d" % (prefix, batch * 4 + i))) for i in range(4)])
+            self.assertEqual({r.action for r in results}, {"accept"})
+            yield _sleep(0.05)
+            if len(served()) == 2:
+                return
+        self.fail("one worker took every message: %r" % (served(),))
+
+    @defer.inlineCallbacks
+    def test_text_log_file_lines_of_both_workers_whole_and_tagged(self):  # type: ignore[no-untyped-def]
+        milter = harness.start_rmilter(self, "workers = 2;\n")
+        yield WorkerProcessTests.wait_for_workers(self, milter, 2)  # type: ignore[arg-type]
+        yield self.through_both(milter, "4F", lambda: set(re.findall(r"worker (\d): .*msg done", milter.log_text())))
+        text = milter.log_text()
+        self.assertRegex(text, r"workers log straight to text-file:%s" % re.escape(milter.log_path))
+        self.assertRegex(text, r"\] worker 1: .*msg done: queue_id: <4F\d+>")
+        self.assertRegex(text, r"\] worker 2: .*msg done: queue_id: <4F\d+>")
+        self.assertNotRegex(text, r"\[rmilter\.workers#info\] worker \d: ", "no line went through the main process")
+        stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
+        broken = [line for line in text.splitlines() if not stamp.match(line) and not line.startswith("\t")]
+        self.assertEqual(broken, [], "every line whole: the main process appends, it never overwrites")
+        # the main process's own lines are there, between the workers'
+        milter.write_config("workers = 2;\n")
+        yield threads.deferToThread(milter.reload, re.compile(r"reload passed to 2 workers"))
+
+    @defer.inlineCallbacks
+    def test_syslog_datagrams_from_each_worker_tagged(self):  # type: ignore[no-untyped-def]
+        import socket as socketlib
+
+        from tests.test_logs_real import LoggerRmilter
+
+        path = os.path.join(harness.scratch_dir("syslog-workers"), "log.sock")
+        receiver = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+        self.addCleanup(receiver.close)
+        receiver.bind(path)
+        receiver.setblocking(False)
+        lines: List[str] = []
+
+        def received() -> List[str]:
+            try:
+                while True:
+                    lines.append(receiver.recv(65536).decode("utf-8"))
+            except BlockingIOError:
+                pass
+            return lines
+
+        milter = LoggerRmilter('workers = 2;\nsyslog_name = "rmilter-w";\n', "rmilter.logs.syslog",
+                               {"RMILTER_SYSLOG_SOCKET": path})
+        self.addCleanup(milter.stop)
+        milter.start()
+        head = re.compile(r"<\d+>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d rmilter-w\[(\d+)\]: worker (\d): .*msg done")
+        yield self.through_both(milter, "4Y", lambda: {m.group(2) for m in map(head.match, received()) if m})
+        senders = {m.group(1): m.group(2) for m in map(head.match, lines) if m}
+        self.assertEqual(set(senders.values()), {"1", "2"})
+        self.assertEqual(len(senders), 2, "two worker pids, each with its own socket")
+        self.assertNotIn(str(milter.process.pid), senders)  # type: ignore[union-attr]
+
+    @defer.inlineCallbacks
+    def test_json_log_events_carry_the_worker(self):  # type: ignore[no-untyped-def]
+        import json
+
+        from tests.test_logs_real import LoggerRmilter
+
+        path = os.path.join(harness.scratch_dir("json-workers"), "rmilter.json")
+        milter = LoggerRmilter("workers = 2;\n", "rmilter.logs.json", {"RMILTER_JSON_LOG": path})
+        self.addCleanup(milter.stop)
+        milter.start()
+
+        def events() -> List[dict]:
+            with open(path) as f:
+                return [json.loads(line) for line in f if line.strip()]  # every line whole JSON
+
+        yield self.through_both(milter, "4J", lambda: {e.get("worker") for e in events() if e.get("summary")})
+        summaries = [e for e in events() if e.get("summary")]
+        self.assertEqual({e["worker"] for e in summaries}, {1, 2})
+        self.assertTrue(all(e["queue_id"].startswith("4J") for e in summaries))
+        self.assertTrue(any("supervising {count} workers" in (e.get("log_format") or "") and "worker" not in e
+                            for e in events()), "the main process's own events, untagged")
