@@ -165,6 +165,34 @@ class WorkerProcessTests(TestCase):
         self.assertEqual({r.action for r in results}, {"accept"})
 
     @defer.inlineCallbacks
+    def test_workers_stop_when_the_main_process_is_killed(self):  # type: ignore[no-untyped-def]
+        """SIGKILL to the main process: its end of each worker's stdin pipe closes, and every
+        worker stops (draining) instead of serving on unsupervised."""
+        from tests.harness.base import tcp_accepts
+
+        milter = harness.start_rmilter(self, "workers = 2;\nshutdown_timeout = 5s;\n")
+        pids = yield self.wait_for_workers(milter, 2)
+        result = yield self.send(self.inet(milter), "4D001")
+        self.assertEqual(result.action, "accept")
+        os.kill(milter.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+        def running(pid: int) -> bool:
+            try:
+                with open("/proc/%d/status" % pid) as f:
+                    return "zombie" not in f.read().lower()
+            except OSError:
+                return False
+
+        for _ in range(200):
+            if not any(running(p) for p in pids):
+                break
+            yield _sleep(0.05)
+        self.assertEqual([p for p in pids if running(p)], [], "workers outlived the main process")
+        text = milter.log_text()
+        self.assertEqual(len(re.findall(r"worker \d: the main process is gone", text)), 2, text[-2000:])
+        self.assertFalse(tcp_accepts("127.0.0.1", milter.inet_port), "nobody serves the listener any more")
+
+    @defer.inlineCallbacks
     def test_metrics_summed_across_workers_and_kept_when_one_dies(self):  # type: ignore[no-untyped-def]
         """The main process serves metrics_socket: one scrape shows the sum of both workers; a
         worker SIGKILLed and replaced neither loses nor doubles what it had counted."""
