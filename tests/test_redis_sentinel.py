@@ -8,7 +8,7 @@ master answers, commands fail open within connect_timeout.
 from __future__ import annotations
 
 import time
-from typing import Any, Generator, Optional
+from typing import Any, Generator, List, Optional
 
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
@@ -110,3 +110,105 @@ class SentinelRoleTests(TestCase):
             started = time.monotonic()
             self.assertIsNone((yield self.role.get(b"grey.k")))
             self.assertLess(time.monotonic() - started, 2.5)
+
+
+class FailoverUnderLoadTests(TestCase):
+    """rmilter with ``workers = 2``, greylisting and rate limits on the Sentinel group; the master
+    is killed while a steady stream of messages runs (the project's own milter client as the
+    load generator, four connections at a time): every message gets a final reply; afterwards
+    a triplet whitelisted before the failover still passes, and new records are written to
+    the promoted replica."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_master_killed_during_a_load_run(self) -> Generator[Any, Any, None]:
+        from twisted.internet import threads
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        from rmilter.testing.mta import MessageSpec, MilterClient
+        from tests import harness
+
+        group = start_sentinel_group(self)
+        milter = harness.start_rmilter(self, (
+            'workers = 2;\nspamd { spamd_greylist = no; }\nredis {\n  servers_grey = "%s";\n  servers_limits = "%s";\n  connect_timeout = 1s;\n}\n'
+            'greylisting { timeout = 1s; }\nlimits { limit_to = 100000000:1; limit_to_ip = 100000000:1; }\n')
+            % (group.spec, group.spec), unix=False)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", milter.inet_port)
+
+        def spec(sender: str, queue_id: str) -> MessageSpec:
+            return MessageSpec(sender=sender, queue_id=queue_id, headers=(("From", "<%s>" % sender),
+                                                                          ("Subject", "failover")))
+
+        def send(sender: str, queue_id: str) -> defer.Deferred:
+            return MilterClient.send_one(reactor, endpoint, spec(sender, queue_id))
+
+        # a triplet greylisted, then whitelisted, before the failover (records on the old master)
+        known = yield self.greylisted(send, "known")
+        yield sleep(1.2)
+        self.assertEqual((yield send(known, "4KNOWN2")).action, "accept")
+        white = [k for k in group.master.keys("white*")]
+        self.assertTrue(white, "the white record is on the master")
+        yield self.until_replicated(group, white[0])
+
+        answers: List[str] = []
+        errors: List[str] = []
+        running = [True]
+
+        @defer.inlineCallbacks
+        def stream(lane: int) -> Generator[Any, Any, None]:
+            n = 0
+            while running[0]:
+                n += 1
+                try:
+                    result = yield send("load%d.%d@example.net" % (lane, n), "4L%d%05d" % (lane, n))
+                    answers.append(result.action)
+                except Exception as e:  # a broken reply: what the test must never see
+                    errors.append(repr(e))
+
+        lanes = [stream(i) for i in range(4)]
+        yield sleep(1.0)
+        before = len(answers)
+        killed_at = time.monotonic()
+        yield threads.deferToThread(group.fail_over)
+        promoted = time.monotonic() - killed_at
+        yield sleep(4.0)  # the roles follow the new master, under load
+        running[0] = False
+        yield defer.gatherResults(lanes)
+        self.assertEqual(errors, [], "every message got a final reply")
+        self.assertGreater(before, 0)
+        self.assertGreater(len(answers) - before, 20, "messages kept being answered through the failover")
+        self.assertLessEqual(set(answers), {"tempfail", "accept"})  # greylisted, or failed open
+        self.assertLess(promoted, 30)
+
+        # greylisting works on the new master: a new triplet is greylisted there ...
+        new_master = group.replica
+        grey_before = set(new_master.keys("grey*"))
+        yield self.greylisted(send, "after")
+        self.assertTrue(set(new_master.keys("grey*")) - grey_before, "new grey records land on the promoted replica")
+        # ... and the triplet whitelisted on the old master still passes
+        self.assertEqual((yield send(known, "4KNOWN3")).action, "accept")
+        self.assertIsNotNone(new_master.get(white[0]))
+
+    @defer.inlineCallbacks
+    def greylisted(self, send: Any, name: str) -> Generator[Any, Any, Any]:
+        """A new triplet greylisted (tempfail), once greylisting answers rather than failing
+        open: each try is a fresh sender, so an accept is fail-open, never a passed triplet."""
+        deadline = time.monotonic() + 20
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            sender = "%s%d@example.net" % (name, n)
+            if (yield send(sender, "4U%05d" % n)).action == "tempfail":
+                return sender
+            yield sleep(0.3)
+        self.fail("greylisting never answered for %s" % (name,))
+
+    @defer.inlineCallbacks
+    def until_replicated(self, group: Any, key: bytes) -> Generator[Any, Any, None]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if group.replica.get(key) is not None:
+                return
+            yield sleep(0.1)
+        self.fail("the replica never got %r" % (key,))
