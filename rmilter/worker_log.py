@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from twisted.logger import ILogObserver, eventAsJSON, formatEvent, formatEventAsClassicLogText, globalLogPublisher
-from zope.interface import implementer
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from rmilter import logs
 

@@ -134,7 +134,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         waiter: Deferred = Deferred()
         self._snapshot_waiters.append(waiter)
         try:
-            self.transport.write(b"s")  # type: ignore[union-attr]
+            self.transport.write(b"s")  # type: ignore[union-attr,call-arg,misc]
         except Exception:
             pass
         return waiter
@@ -530,8 +530,8 @@ class WorkerChannel(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.transport = stdio.StandardIO(_ChannelProtocol(self), stdin=self.fd_in, stdout=self.fd_out,
-                                          reactor=self.reactor)
+        self.transport = stdio.StandardIO(  # type: ignore[call-arg]  # (mypy sees the win32 one)
+            _ChannelProtocol(self), stdin=self.fd_in, stdout=self.fd_out, reactor=self.reactor)
         self.reactor.callWhenRunning(self._send, b"R", b"")
         self.loop = task.LoopingCall(self.send_snapshot)
         self.loop.clock = self.reactor
