@@ -67,8 +67,27 @@ def main_destination(publisher: Any = globalLogPublisher) -> Optional[str]:
     return None
 
 
+#: the main process's twistd ``LogFile`` once workers write to it too (see ``rotate_if_due``)
+_shared_logfile: Any = None
+
+
+def rotate_if_due() -> None:
+    """Called once a second by the main process: rotate the shared log file by its real size.
+
+    twistd's ``LogFile`` counts only its own writes towards ``rotateLength`` (1 MB); with the
+    workers writing most of the lines it would never rotate.  Workers follow within a second
+    (they reopen the path when its inode changes).
+    """
+    logfile = _shared_logfile
+    if logfile is not None and logfile.shouldRotate():
+        logfile.rotate()
+
+
 def _append_only(logfile: Any) -> None:
-    """Make a twistd ``LogFile`` write ``O_APPEND``, now and after each rotation."""
+    """Make a twistd ``LogFile`` write ``O_APPEND``, now and after each rotation, and judge
+    its rotation by the file's real size."""
+    global _shared_logfile
+    _shared_logfile = logfile
     def set_append() -> None:
         fd = logfile._file.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
@@ -81,7 +100,12 @@ def _append_only(logfile: Any) -> None:
         opened()
         set_append()
 
+    def should_rotate() -> bool:
+        length = logfile.rotateLength
+        return bool(length) and os.fstat(logfile._file.fileno()).st_size >= length
+
     logfile._openFile = reopen
+    logfile.shouldRotate = should_rotate
     logfile._rmilter_append = True
     set_append()
 

@@ -204,6 +204,7 @@ class WorkerSupervisor(service.Service):
         self._previous_handlers: Dict[int, Any] = {}
         self._pending_restarts: Dict[int, Any] = {}
         self._reloading = False
+        self._log_rotation: Optional[task.LoopingCall] = None
         #: 1 at start, +1 per reload the main process passed on (what /health and the metrics show)
         self.generation = 1
         self.reloads: Dict[str, int] = {"ok": 0, "failed": 0}
@@ -286,6 +287,12 @@ class WorkerSupervisor(service.Service):
         from rmilter.worker_log import main_destination
 
         self.log_destination = main_destination()
+        if self.log_destination is not None and self.log_destination.startswith("text-file:"):
+            from rmilter.worker_log import rotate_if_due
+
+            self._log_rotation = task.LoopingCall(rotate_if_due)
+            self._log_rotation.clock = self.reactor
+            self._log_rotation.start(1.0, now=False)
         log.info("workers log {how}", how=("straight to %s" % (self.log_destination,)) if self.log_destination
                  else "through the main process (its log observer is not one a worker can share)")
         for number in range(1, self.count + 1):
@@ -423,6 +430,8 @@ class WorkerSupervisor(service.Service):
         for call in self._pending_restarts.values():
             if call.active():
                 call.cancel()
+        if self._log_rotation is not None and self._log_rotation.running:
+            self._log_rotation.stop()
         self._pending_restarts.clear()
         return self._stop()
 

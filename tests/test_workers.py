@@ -349,3 +349,38 @@ class WorkerLogTests(TestCase):
         self.assertTrue(all(e["queue_id"].startswith("4J") for e in summaries))
         self.assertTrue(any("supervising {count} workers" in (e.get("log_format") or "") and "worker" not in e
                             for e in events()), "the main process's own events, untagged")
+
+
+class SharedLogFileTests(SynchronousTestCase):
+    """The main process's twistd ``LogFile`` and a worker's ``_Output`` on one real file."""
+
+    def test_append_only_rotation_by_real_size_and_the_worker_follows(self) -> None:
+        from twisted.python.logfile import LogFile
+
+        from rmilter import worker_log
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "rmilter.log")
+        main = LogFile.fromFullPath(path, rotateLength=1000)
+        self.addCleanup(main.close)
+        self.addCleanup(setattr, worker_log, "_shared_logfile", None)
+        worker_log._append_only(main)
+        now = [0.0]
+        worker = worker_log._Output(path=path, clock=lambda: now[0])
+        main.write("main 1\n")
+        worker.write(b"worker 1\n")
+        main.write("main 2\n")  # twistd's offset is before "worker 1": O_APPEND keeps that line
+        with open(path) as f:
+            self.assertEqual(f.read(), "main 1\nworker 1\nmain 2\n")
+        worker.write(b"w" * 1100 + b"\n")  # the workers' lines alone pass rotateLength
+        worker_log.rotate_if_due()
+        self.assertTrue(os.path.exists(path + ".1"), "rotated by the file's real size")
+        worker.write(b"late line\n")  # before its next check: still the old file, whole
+        now[0] += worker_log.REOPEN_CHECK
+        worker.write(b"after rotation\n")
+        main.write("main 3\n")
+        with open(path) as f:
+            self.assertEqual(f.read(), "after rotation\nmain 3\n")
+        with open(path + ".1") as f:
+            self.assertTrue(f.read().endswith("\nlate line\n"))
