@@ -210,7 +210,7 @@ def worker_pids(main_pid: int, count: int) -> List[int]:
 def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool,
             workers: int = 1, metrics: bool = False) -> List[str]:
     """One fresh daemon (and a flushed Redis) for one measured run of scenario ``name``."""
-    extra = ["--from", SENDER, "--vary-ip", str(args.vary_ip)]
+    extra = ["--from", SENDER, "--vary-ip", str(args.vary_ip), "-k", str(args.per_conn)]
     redis.command("FLUSHALL")
     lines: List[str] = []
     service = Rmilter(config_for(name, redis, workers, metrics))
@@ -273,6 +273,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--vary-ip", type=int, default=65536)
     parser.add_argument("--size", default="4k")
+    parser.add_argument("--per-conn", type=int, default=1,
+                        help="messages per MTA connection (milterload -k; Postfix reuses a connection per SMTP session)")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--count-messages", type=int, default=2000)
     parser.add_argument("--scenarios", default="pass,steady,greylisted")
@@ -283,9 +285,9 @@ def main() -> None:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.metrics]
 
     redis = RedisServer()
-    print("rmilter Redis benchmark, %s, %d cores, load %s, milterload -c %d -d %g -w %g -b %s --vary-ip %d --from %s" % (
+    print("rmilter Redis benchmark, %s, %d cores, load %s, milterload -c %d -d %g -w %g -b %s -k %d --vary-ip %d --from %s" % (
         time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, " ".join("%.1f" % l for l in os.getloadavg()),
-        args.conc, args.duration, args.warmup, args.size, args.vary_ip, SENDER))
+        args.conc, args.duration, args.warmup, args.size, args.per_conn, args.vary_ip, SENDER))
     print(TABLE_HEADER)
     notes: List[str] = []
     try:
