@@ -292,8 +292,10 @@ class RmilterService(service.MultiService):
             self.pipeline.message_observers.remove(self.metrics.message_done)
 
     def _bind_metrics(self, spec: Optional[str]) -> None:
-        if self.worker is not None:
-            return  # workers = N: the main process serves the sum (rmilter.workers.WorkerMetrics)
+        if self.worker is not None:  # workers = N: the main process serves the sum (rmilter.workers.WorkerMetrics)
+            if spec is not None:
+                self._enable_metrics()  # counted here all the same, the new generation's servers too
+            return
         if spec is None or self.metrics_listener is not None:
             return
         endpoint = _endpoint_for(spec)

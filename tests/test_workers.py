@@ -199,7 +199,10 @@ class WorkerProcessTests(TestCase):
         from tests.harness.base import free_port
 
         port = free_port()
-        milter = harness.start_rmilter(self, "workers = 2;\nmetrics_socket = inet:%d@127.0.0.1;\n" % port)
+        redis = harness.start_redis(self)
+        config = ("workers = 2;\nmetrics_socket = inet:%d@127.0.0.1;\nredis { servers_limits = %s; }\n"
+                  "limits { limit_to = 100000000:1; }\n" % (port, redis.address))
+        milter = harness.start_rmilter(self, config)
         pids = yield self.wait_for_workers(milter, 2)
         results = []
         for batch in range(10):  # small batches: one worker's accept loop does not take all 40 at once
@@ -224,10 +227,21 @@ class WorkerProcessTests(TestCase):
         yield self.wait_for_workers(milter, 2, exclude=[victim])
         scrape = yield threads.deferToThread(scrape_metrics, port)
         self.assertEqual(scrape[accepted], 40)
+        # a reload: counted once (the main process's), not once per worker
+        up = 'rmilter_backend_up{backend="redis_limits",server="%s"}' % redis.address
+        self.assertEqual(scrape[up], 1, "alive in every worker")
+        milter.write_config(config + "# reloaded\n")
+        offset = milter.log_size()
+        yield threads.deferToThread(milter.reload, re.compile(r"reload passed to 2 workers"))
+        for n in (1, 2):
+            yield threads.deferToThread(milter.wait_for_log, r"worker %d: .*configuration reloaded" % n, 15.0, offset)
         more = yield defer.gatherResults([self.send(self.inet(milter), "4P%03d" % i) for i in range(10)])
         self.assertEqual({r.action for r in more}, {"accept"})
         scrape = yield threads.deferToThread(scrape_metrics, port)
         self.assertEqual(scrape[accepted], 50)
+        self.assertEqual((scrape["rmilter_config_generation"], scrape['rmilter_config_reloads_total{result="ok"}']),
+                         (2, 1))
+        self.assertEqual(scrape[up], 1)
         health = yield threads.deferToThread(get_json, port, "/health")
         self.assertEqual((health["workers_alive"], health["worker_restarts"]), (2, 1))
         page = yield threads.deferToThread(get_text, port, "/")
