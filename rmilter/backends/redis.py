@@ -248,7 +248,11 @@ class SentinelChannel(TxRedisChannel):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
                 self.protocol = protocol
-                self.maxDelay = max(2.0, channel.config.connect_timeout)
+                # after a failover the promoted replica is known to the Sentinels within about
+                # a second or two: ask again soon, then every second (not txredisapi's 1 s
+                # first delay growing by e), so writes reach the new master quickly
+                self.initialDelay = 0.2
+                self.maxDelay = max(1.0, channel.config.connect_timeout)
                 self.deferred.addCallbacks(lambda _: None, channel._pool_failed)
                 channel._factory = self
 
