@@ -12,8 +12,13 @@ The request body is the spool's ``IBodyProducer`` (``MessageBody.producer``); th
 reply is delivered into ``_ReplyReader`` (``IResponse.deliverBody``, as
 ``treq.collect`` does, plus the abort a deadline needs) and parsed as before.
 
-Rspamd 3.4's normal worker answers ``Connection: close``, so usually every scan
-connects anew; a server that keeps connections gets them reused by the pool (a
+Rspamd's normal worker answers ``Connection: close`` and ends the session after
+the reply whatever the request asks (3.4 and later: ``http_connection.c`` writes the
+header for every server reply, ``worker.c`` destroys the session; the ``keepalive``
+upstream option of ``rspamd_proxy``, 3.12 on, only pools the proxy's connections
+to servers that keep them), so no ``Connection`` header is sent and against the
+worker every scan connects anew (tests/test_rspamd_keepalive.py).  A server that
+keeps connections (a proxy, a TLS terminator) gets them reused by the pool (a
 reused connection that turns out closed before any reply byte is replaced by a
 new one, once, without counting as a failure - Twisted retries only idempotent
 requests itself).
