@@ -137,7 +137,7 @@ def treq_client(reactor: Any, server: Any, tls_ca: str = "") -> Client:
     return RspamdClient(SpamdConfig(servers=(server,), retry_count=1, tls_ca=tls_ca or None), reactor)
 
 
-CLIENTS: Dict[str, Callable[[Any, Any], Client]] = {"treq": treq_client}
+CLIENTS: Dict[str, Callable[[Any, Any, str], Client]] = {"treq": treq_client}
 
 
 # -- measuring -------------------------------------------------------------------------------------

@@ -148,19 +148,19 @@ def main() -> None:
     print("# captured in %s" % (out,))
     print("| | rmilter | Rspamd's milter (rspamd_proxy) |\n|---|---|---|")
     print("| request line | `%s` | `%s` |" % (rl.decode(), pl.decode()))
-    names = []
+    names: List[bytes] = []
     for k, _ in rh + ph:
         if k.lower() not in names:
             names.append(k.lower())
-    for name in names:
-        mine = ", ".join(v.decode("latin-1") for k, v in rh if k.lower() == name) or "-"
-        theirs = ", ".join(v.decode("latin-1") for k, v in ph if k.lower() == name) or "-"
-        print("| %s | `%s` | `%s` |" % (name.decode(), mine, theirs))
+    for field in names:
+        mine = ", ".join(v.decode("latin-1") for k, v in rh if k.lower() == field) or "-"
+        theirs = ", ".join(v.decode("latin-1") for k, v in ph if k.lower() == field) or "-"
+        print("| %s | `%s` | `%s` |" % (field.decode(), mine, theirs))
     print("| body | %d bytes, %d CRLF | %d bytes, %d CRLF |" % (len(rb), rb.count(b"\r\n"), len(pb), pb.count(b"\r\n")))
-    for name in ("rmilter", "proxy"):
-        reply = captured[name][1]
+    for side in ("rmilter", "proxy"):
+        reply = captured[side][1]
         took = re.search(rb'"time_real":([0-9.]+)', reply)
-        print("# %s reply: %d bytes, %s" % (name, len(reply), reply.split(b"\r\n", 1)[0].decode()),
+        print("# %s reply: %d bytes, %s" % (side, len(reply), reply.split(b"\r\n", 1)[0].decode()),
               "time_real %s" % (took.group(1).decode() if took else "?"))
 
     variants = {

@@ -41,8 +41,8 @@ class _RawExchange(Protocol):
         self.closed: "defer.Deferred[None]" = defer.Deferred()
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self.request)
+        transport: Any = self.transport
+        transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
