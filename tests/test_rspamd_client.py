@@ -505,7 +505,12 @@ class HTTPTests(ClientTestCase):
         client = self.make_client(servers=(R1, ServerSpec("r3", host="bücher.example", port=443, tls=True)))
         url = client.http.targets[R1].url  # type: ignore[attr-defined]
         calls: List[Any] = []
-        self.patch(rspamd_transport.EncodedURL, "to_uri", lambda self: calls.append(self) or self)
+
+        def to_uri(encoded: Any) -> Any:
+            calls.append(encoded)
+            return encoded
+
+        self.patch(rspamd_transport.EncodedURL, "to_uri", to_uri)
         self.assertIs(url.to_uri(), url)
         self.assertEqual(url.to_uri().to_text(), "http://127.0.0.1:11333/checkv2")
         tls_url = client.http.targets[ServerSpec("r3", host="bücher.example", port=443, tls=True)].url  # type: ignore[attr-defined]
