@@ -2,7 +2,7 @@
 """CPU of the Rspamd client per scan, against a canned local /checkv2 server (issue 11).
 
     python3 bench/rspamd_client_bench.py [--client treq] [--scans 20000] [--concurrency 1,8,64]
-        [--size 4096] [--keep-alive] [--unix] [--reps 3] [--warmup 500]
+        [--size 4096] [--keep-alive] [--unix] [--tls] [--reps 3] [--warmup 500]
 
 The server runs in a **subprocess** (this script with ``--serve``): a raw Twisted ``Protocol``
 that reads each request (head and Content-Length body) and answers with one fixed /checkv2
@@ -17,6 +17,11 @@ reply parsing, the retry loop, the reactor's own work), the server's is read fro
 
 Columns: scans/s (wall clock; with one busy server process it is bounded by the server too),
 client µs of CPU per scan (the figure to compare), server µs per scan.
+
+``--tls``: the canned server speaks TLS (a CA and a certificate for ``localhost`` made at start
+with ``cryptography``, as tests/harness/stunnel.py does) and the client reaches it as
+``https://localhost:PORT`` with ``tls_ca`` - verified TLS as in production; compare with the
+same run without ``--tls`` (with ``--keep-alive``, the handshake is paid once per connection).
 
 ``--client`` picks the implementation behind the same ``scan(request, body)`` call: ``treq``
 is ``rmilter.backends.rspamd`` (treq since issue 12).  The project's former own HTTP/1.1
@@ -61,8 +66,11 @@ def checkv2_document() -> Dict[str, Any]:
     )
 
 
-def serve(address: str, keep_alive: bool) -> None:
-    """Listen on ``address`` (``tcp`` or a unix path), print where, answer every request the same."""
+def serve(address: str, keep_alive: bool, tls_dir: str = "") -> None:
+    """Listen on ``address`` (``tcp`` or a unix path), print where, answer every request the same.
+
+    With ``tls_dir``: TLS with the ``good`` certificate written there (``localhost``).
+    """
     from twisted.internet import reactor as _reactor
     from twisted.internet.protocol import Factory, Protocol
 
@@ -97,7 +105,17 @@ def serve(address: str, keep_alive: bool) -> None:
                     return
 
     factory = Factory.forProtocol(CannedRspamd)
-    if address == "tcp":
+    if tls_dir:
+        from twisted.internet import ssl
+
+        with open(os.path.join(tls_dir, "good.pem"), "rb") as f:
+            pem = f.read()
+        with open(os.path.join(tls_dir, "good.key"), "rb") as f:
+            pem += f.read()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+        port = reactor.listenSSL(0, factory, options, backlog=1024, interface="127.0.0.1")
+        print("tls %d" % (port.getHost().port,), flush=True)
+    elif address == "tcp":
         port = reactor.listenTCP(0, factory, backlog=1024, interface="127.0.0.1")
         print("tcp %d" % (port.getHost().port,), flush=True)
     else:
@@ -111,15 +129,15 @@ def serve(address: str, keep_alive: bool) -> None:
 Client = Any
 
 
-def treq_client(reactor: Any, server: Any) -> Client:
+def treq_client(reactor: Any, server: Any, tls_ca: str = "") -> Client:
     """``rmilter.backends.rspamd.RspamdClient``: treq over the endpoint built for the server."""
     from rmilter.backends.rspamd import RspamdClient
     from rmilter.config.schema import SpamdConfig
 
-    return RspamdClient(SpamdConfig(servers=(server,), retry_count=1), reactor)
+    return RspamdClient(SpamdConfig(servers=(server,), retry_count=1, tls_ca=tls_ca or None), reactor)
 
 
-CLIENTS: Dict[str, Callable[[Any, Any], Client]] = {"treq": treq_client}
+CLIENTS: Dict[str, Callable[[Any, Any, str], Client]] = {"treq": treq_client}
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -146,7 +164,7 @@ def run_cells(args: argparse.Namespace, server_spec: Any, server_pid: int) -> No
     from rmilter.backends.rspamd import MessageBody, ScanRequest
 
     reactor: Any = _reactor
-    client = CLIENTS[args.client](reactor, server_spec)
+    client = CLIENTS[args.client](reactor, server_spec, args.tls_ca)
     request = ScanRequest(queue_id="4ABCDEF01", recipients=("<bob@example.org>",), envelope_from="alice@example.net",
                           helo="client.example.net", hostname="client.example.net", ip="192.0.2.10",
                           mta_tag="mx.example.org", tag="bench")
@@ -185,7 +203,7 @@ def run_cells(args: argparse.Namespace, server_spec: Any, server_pid: int) -> No
                 result = (n / wall, 1e6 * cpu / n, 1e6 * server_cpu / n)
                 figures.setdefault(concurrency, []).append(result)
                 print("%-5s %-4s %-10s %7d B  C=%-3d %7d scans %6.2f s  %7.0f scans/s  client %6.1f µs/scan"
-                      "  server %6.1f µs/scan" % ((args.client, "unix" if args.unix else "tcp",
+                      "  server %6.1f µs/scan" % ((args.client, "unix" if args.unix else "tls" if args.tls else "tcp",
                                                      "keep-alive" if args.keep_alive else "close", args.size,
                                                      concurrency, n, wall) + result), flush=True)
                 if len(figures[concurrency]) == args.reps and args.reps > 1:
@@ -218,25 +236,37 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="message size in bytes")
     parser.add_argument("--keep-alive", action="store_true", help="the server keeps connections open")
     parser.add_argument("--unix", action="store_true", help="a unix socket instead of TCP on 127.0.0.1")
+    parser.add_argument("--tls", action="store_true", help="verified TLS (https://localhost) instead of plain HTTP")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--serve", metavar="ADDRESS", help=argparse.SUPPRESS)  # the server subprocess
+    parser.add_argument("--tls-dir", default="", help=argparse.SUPPRESS)  # the server subprocess: certificates
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.keep_alive)
+        serve(args.serve, args.keep_alive, args.tls_dir)
         return
+    if args.tls and args.unix:
+        parser.error("--tls is over TCP only")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
     from rmilter.config.schema import ServerSpec
 
     tmp = tempfile.mkdtemp(prefix="rspamd-client-bench-")
+    args.tls_ca = ""
     command = [sys.executable, os.path.abspath(__file__), "--serve", os.path.join(tmp, "rspamd.sock") if args.unix
                else "tcp"] + (["--keep-alive"] if args.keep_alive else [])
+    if args.tls:
+        from tests.harness.stunnel import _certificates
+
+        _certificates(tmp)
+        args.tls_ca = os.path.join(tmp, "ca.pem")
+        command += ["--tls-dir", tmp]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO))
     try:
         assert server.stdout is not None
         kind, where = server.stdout.readline().split()
         spec = (ServerSpec(name=where, path=where) if kind == "unix"
-                else ServerSpec(name="127.0.0.1:" + where, host="127.0.0.1", port=int(where)))
+                else ServerSpec(name="https://localhost:" + where, host="localhost", port=int(where), tls=True)
+                if kind == "tls" else ServerSpec(name="127.0.0.1:" + where, host="127.0.0.1", port=int(where)))
         print("# python %s, load average %s" % (sys.version.split()[0], " ".join(
             open("/proc/loadavg").read().split()[:3])), flush=True)
         run_cells(args, spec, server.pid)

@@ -486,6 +486,38 @@ class HTTPTests(ClientTestCase):
         self.assertEqual(client.http.pool._connections, {})
         self.assertEqual(self.fakes["r1"].open_connections, 0)
 
+    def test_cookies_a_reply_sets_are_never_sent(self) -> None:
+        """Rspamd sets no cookies; one that a reply sets is neither kept nor sent with the next scan."""
+        client = self.make_client()
+        self.fakes["r1"].keep_alive = True
+        with_cookie = FakeReply(json.dumps(checkv2_reply(action="reject")).encode(),
+                                headers=(("Content-Type", "application/json"), ("Set-Cookie", "s=1; Path=/")))
+        self.fakes["r1"].answer_next(with_cookie, checkv2_reply(action="greylist"))
+        self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "reject")
+        self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "greylist")
+        self.assertEqual([r.header("cookie") for r in self.fakes["r1"].requests], [None, None])
+        self.assertEqual(list(client.http.cookies), [])  # type: ignore[attr-defined]
+
+    def test_server_url_text_is_made_once(self) -> None:
+        """treq asks the URL for ``to_uri().to_text()`` on every request: answered from load time."""
+        from rmilter.backends.rspamd import transport as rspamd_transport
+
+        client = self.make_client(servers=(R1, ServerSpec("r3", host="bücher.example", port=443, tls=True)))
+        url = client.http.targets[R1].url  # type: ignore[attr-defined]
+        calls: List[Any] = []
+
+        def to_uri(encoded: Any) -> Any:
+            calls.append(encoded)
+            return encoded
+
+        self.patch(rspamd_transport.EncodedURL, "to_uri", to_uri)
+        self.assertIs(url.to_uri(), url)
+        self.assertEqual(url.to_uri().to_text(), "http://127.0.0.1:11333/checkv2")
+        tls_url = client.http.targets[ServerSpec("r3", host="bücher.example", port=443, tls=True)].url  # type: ignore[attr-defined]
+        self.assertEqual(tls_url.to_uri().to_text(), "https://xn--bcher-kva.example/checkv2")
+        self.assertEqual(self.successResultOf(self.scan(client)).reply.action, "no action")
+        self.assertEqual(calls, [])  # no scan encoded the URL again
+
     def test_keep_alive_connection_is_reused(self) -> None:
         """A server that keeps the connection open gets the next request on it."""
         client = self.make_client()

@@ -12,8 +12,13 @@ The request body is the spool's ``IBodyProducer`` (``MessageBody.producer``); th
 reply is delivered into ``_ReplyReader`` (``IResponse.deliverBody``, as
 ``treq.collect`` does, plus the abort a deadline needs) and parsed as before.
 
-Rspamd 3.4's normal worker answers ``Connection: close``, so usually every scan
-connects anew; a server that keeps connections gets them reused by the pool (a
+Rspamd's normal worker answers ``Connection: close`` and ends the session after
+the reply whatever the request asks (3.4 and later: ``http_connection.c`` writes the
+header for every server reply, ``worker.c`` destroys the session; the ``keepalive``
+upstream option of ``rspamd_proxy``, 3.12 on, only pools the proxy's connections
+to servers that keep them), so no ``Connection`` header is sent and against the
+worker every scan connects anew (tests/test_rspamd_keepalive.py).  A server that
+keeps connections (a proxy, a TLS terminator) gets them reused by the pool (a
 reused connection that turns out closed before any reply byte is replaced by a
 new one, once, without counting as a failure - Twisted retries only idempotent
 requests itself).
@@ -25,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import (
@@ -172,12 +178,47 @@ class _ServerEndpoints:
         return self.by_key[(uri.scheme, uri.host, uri.port)]
 
 
+class _ReadyURL(EncodedURL):
+    """A server's URL made once: ``to_uri``/``to_text`` answer from what was computed at load.
+
+    treq turns every URL it is given into text through ``to_uri().to_text()``, which
+    re-encodes the host through IDNA on every request (~20 µs a scan); the URL of a
+    configured server never changes, so it is computed when the transport is made.
+    """
+
+    def __init__(self, **parts: Any) -> None:
+        super().__init__(**parts)
+        self._ready_text = EncodedURL(**parts).to_uri().to_text()  # a plain URL: replace() builds our class
+
+    def to_uri(self) -> "_ReadyURL":
+        return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        return self._ready_text
+
+
+class _NoCookies(IndexableCookieJar):
+    """A cookie jar that keeps and sends nothing: Rspamd's scan replies never set cookies.
+
+    treq's ``CookieAgent`` asks the jar for a Cookie header before every request
+    and offers it every reply; the stdlib jar's bookkeeping for that is per scan
+    work with no use here.  The same empty jar is also passed as each request's
+    ``cookies``, so treq builds no jar per request either.
+    """
+
+    def add_cookie_header(self, request: Any) -> None:
+        """No cookies are ever sent."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        """Cookies a reply sets are not kept."""
+
+
 class _Target:
     """What every scan to one server reuses: its URL, Host header and endpoint."""
 
     __slots__ = ("url", "host")
 
-    def __init__(self, url: EncodedURL, host: bytes) -> None:
+    def __init__(self, url: _ReadyURL, host: bytes) -> None:
         self.url = url
         self.host = host
 
@@ -250,7 +291,7 @@ class _Attempt:
         connects = transport.connects
         d = transport.client.request(
             "POST", transport.targets[self.server].url, headers=self.headers, data=self.body.producer(),
-            allow_redirects=False, unbuffered=True)
+            cookies=transport.cookies, allow_redirects=False, unbuffered=True)
         reused = transport.connects == connects
         self.request = d
         d.addCallbacks(self._response, self._request_failed, errbackArgs=(reused,))
@@ -341,11 +382,13 @@ class TreqTransport:
             else:
                 host = server.host or "localhost"
                 port = server.port or RSPAMD_DEFAULT_PORT
-            url = EncodedURL(scheme=scheme, host=host, port=port, path=(path.lstrip("/"),))
+            url = _ReadyURL(scheme=scheme, host=host, port=port, path=(path.lstrip("/"),))
             key = (scheme.encode("ascii"), host.encode("idna"), port)
             self._endpoints.by_key[key] = _CountingEndpoint(endpoint_for(server), self)
             self.targets[server] = _Target(url, _host_header(server))
-        self.client = HTTPClient(Agent.usingEndpointFactory(reactor, self._endpoints, self.pool))
+        #: the one (always empty) cookie jar of the client and of every request
+        self.cookies = _NoCookies()
+        self.client = HTTPClient(Agent.usingEndpointFactory(reactor, self._endpoints, self.pool), cookiejar=self.cookies)
 
     def exchange(self, server: ServerSpec, request: ScanRequest, body: MessageBody) -> "Deferred[ScanReply]":
         """One POST to one server, bounded as a whole by ``deadline``; fires with the parsed reply."""
