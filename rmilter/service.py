@@ -366,6 +366,12 @@ class RmilterService(service.MultiService):
             fail(e)
         if self.install_signals:
             self._install_signal_handlers()
+        # twistd starts the service before the reactor runs, and the reactor installs its SIGTERM
+        # handler when it starts: the line that says "serving" comes after that, so whoever waits
+        # for it (an administrator, the test harness) may stop rmilter gracefully from then on
+        self.reactor.callWhenRunning(self._announce_listening)
+
+    def _announce_listening(self) -> None:
         log.info(
             "rmilter {version} listening on {endpoints}",
             version=__version__,

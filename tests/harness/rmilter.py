@@ -128,6 +128,12 @@ class Rmilter:
             return False
         if self.socket_path is not None and not unix_accepts(self.socket_path):
             return False
+        # sockets accept as soon as they are bound, before the reactor runs and handles SIGTERM;
+        # the "listening on" line comes once it does (a test that stops rmilter right after
+        # start would otherwise kill it before its shutdown). Other loggers are waited for by
+        # their own tests.
+        if not any(arg.startswith(("--logger", "--syslog")) for arg in self.command_line()):
+            return "listening on" in self.log_text()
         return True
 
     def running(self) -> bool:
