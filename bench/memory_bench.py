@@ -92,13 +92,16 @@ class CRmilter:
         self.config = os.path.join(self.dir, "rmilter.conf")
         with open(self.config, "w") as f:
             f.writelines(lines)
-        self.proc = subprocess.Popen([binary, "-n", "-c", self.config], cwd=self.dir,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = open(os.path.join(self.dir, "rmilter.log"), "w+")
+        self.proc = subprocess.Popen([binary, "-n", "-c", self.config], cwd=self.dir, stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port)
         except RuntimeError:
+            self.log.seek(0)
+            log = self.log.read()[-2000:]
             self.stop()
-            raise
+            raise RuntimeError("C rmilter did not start; log:\n" + log)
 
     @property
     def socket(self) -> str:
@@ -116,6 +119,7 @@ class CRmilter:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

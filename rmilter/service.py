@@ -14,7 +14,7 @@ import re
 import signal
 import stat
 import threading
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
@@ -30,11 +30,11 @@ from rmilter.config.endpoints import UNIX_SOCKET_MODE, _parse_description
 from rmilter.startup import EX_UNAVAILABLE, StartupError, fail, os_reason
 from rmilter.config.schema import DEFAULT_BIND_SOCKET, Config
 from rmilter.dkim.keys import Keyring, KeyringError, load_keyring
-from rmilter.metrics import Metrics, StateCollector
 from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
-from rmilter import status
+if TYPE_CHECKING:  # issue 19: prometheus_client and twisted.web only with a metrics_socket
+    from rmilter.metrics import Metrics
 from rmilter.memory import BurstTrimmer
 from rmilter.spool import SpoolBudget
 
@@ -276,6 +276,8 @@ class RmilterService(service.MultiService):
     def _enable_metrics(self) -> Metrics:
         """Count from now on: the pipeline's observers, this generation's server lists, the state."""
         if self.metrics is None:
+            from rmilter.metrics import Metrics, StateCollector
+
             self.metrics = Metrics(self.reactor)
             self.metrics.registry.register(StateCollector(self))
         metrics = self.metrics
@@ -303,6 +305,8 @@ class RmilterService(service.MultiService):
         path = unix_socket_path(endpoint)
         if path is not None:
             clear_stale_socket(path)
+        from rmilter import status
+
         listener = strports.service(endpoint, status.site(self._enable_metrics(), self),  # type: ignore[arg-type]
                                     reactor=self.reactor)
         listener._raiseSynchronously = True  # type: ignore[attr-defined]
