@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -84,7 +86,10 @@ class CRmilter:
 
     def __init__(self, binary: str, config_path: str) -> None:
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="c-rmilter-bench-")
+        # letters only: the C config lexer refuses some characters mkdtemp puts in names
+        self.dir = os.path.join(tempfile.gettempdir(), "crmilterbench" + "".join(
+            random.choice(string.ascii_lowercase) for _ in range(12)))
+        os.mkdir(self.dir)
         lines = [line for line in open(config_path)
                  if not line.lstrip().startswith(("bind_socket", "pidfile", "tempdir"))]
         lines += ["\nbind_socket = inet:%d@127.0.0.1;\n" % self.port,
