@@ -204,7 +204,20 @@ class Spool:
             return succeed(None)  # nothing was ever written: no thread round trip
         if self._memory:
             self._flush()
-        return self._chain(lambda: None)
+        return self._settled()
+
+    def _settled(self) -> "Deferred[None]":
+        """Fires once every queued file operation has run (no thread hop of its own)."""
+        done: "Deferred[None]" = Deferred()
+
+        def settle(_: object) -> None:
+            if self.failed is not None:
+                done.errback(self.failed)
+            else:
+                done.callback(None)
+
+        self._tail.addCallback(settle)
+        return done
 
     def _chain(self, f: Callable[..., T], *args: object) -> "Deferred[T]":
         """Run ``f`` after every earlier file operation; the tail of the queue never fails."""
