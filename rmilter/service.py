@@ -35,7 +35,7 @@ from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
 if TYPE_CHECKING:  # issue 19: prometheus_client and twisted.web only with a metrics_socket
     from rmilter.metrics import Metrics
-from rmilter.memory import BurstTrimmer
+from rmilter.memory import BurstTrimmer, freeze_startup_objects
 from rmilter.spool import SpoolBudget
 
 #: seconds between looks at whether a burst of messages has ended (then freed memory is returned)
@@ -368,6 +368,8 @@ class RmilterService(service.MultiService):
             fail(e)
         if self.install_signals:
             self._install_signal_handlers()
+            # the daemon, not a test run in-process: start-up objects out of the collector's way
+            freeze_startup_objects()
         log.info(
             "rmilter {version} listening on {endpoints}",
             version=__version__,

@@ -126,7 +126,7 @@ class Spool:
         #: body chunks not yet on disk (all of them while in memory): the BODY payloads as they
         #: came, never copied into one growing buffer (issue 19: a copy per byte less, and a
         #: file write is one writev of the gathered chunks)
-        self._memory: List[bytes] = []
+        self._memory: List[Union[bytes, memoryview]] = []
         self._memory_size = 0
         self.body_size = 0
         self.path: Optional[str] = None  # set by the writer thread when the file exists
@@ -157,6 +157,9 @@ class Spool:
             self.body_prefix += data[: DATA_HASH_PREFIX - len(self.body_prefix)]
         if type(data) is not bytes:
             data = bytes(data)  # a view or bytearray could change under us
+        if self._joined is not None and not self._on_disk:
+            self._memory = [self._joined[len(self.head):]]  # appended after memory_bytes(): unview
+            self._joined = None
         self.body_size += len(data)
         self._memory.append(data)
         self._memory_size += len(data)
@@ -239,7 +242,7 @@ class Spool:
         self._tail.addCallback(start)
         return done
 
-    def _write_blocking(self, chunks: List[bytes]) -> None:
+    def _write_blocking(self, chunks: List[Union[bytes, memoryview]]) -> None:
         """Runs in the thread pool: open the spool file on first use and append (one writev)."""
         if self._fd is None:
             fd, path = tempfile.mkstemp(prefix="msg.", dir=self.tempdir)
@@ -284,7 +287,7 @@ class Spool:
 
     def _memory_slice(self, offset: int, length: int) -> bytes:
         """Body bytes from the in-memory chunks; a whole chunk is handed out as it is (no copy)."""
-        parts: List[bytes] = []
+        parts: List[Union[bytes, memoryview]] = []
         start = 0
         for chunk in self._memory:
             end = start + len(chunk)
@@ -298,7 +301,7 @@ class Spool:
             if length <= 0:
                 break
         if len(parts) == 1:
-            return parts[0]
+            return bytes(parts[0]) if type(parts[0]) is memoryview else parts[0]
         return b"".join(parts)
 
     def _read_blocking(self, offset: int, length: int) -> bytes:
@@ -314,7 +317,10 @@ class Spool:
         if self._on_disk:
             return None
         if self._joined is None or len(self._joined) != self.size:
-            self._joined = b"".join([self.head, *self._memory])  # one copy, reused by later callers
+            joined = b"".join([self.head, *self._memory])  # one copy, reused by later callers
+            # the chunks become a view of it: the body is held once, not twice (issue 19)
+            self._memory = [memoryview(joined)[len(self.head):]]
+            self._joined = joined
         return self._joined
 
     # -- cleanup ---------------------------------------------------------------------------
