@@ -237,7 +237,9 @@ class _Attempt:
         self.transport = transport
         self.server = server
         self.headers = headers
-        self.body = body
+        #: dropped once the attempt is over: a closed connection's objects wait for the garbage
+        #: collector (reference cycles), and the body must not wait with them (issue 19)
+        self.body: Optional[MessageBody] = body
         self.result: "Deferred[ScanReply]" = Deferred(self._cancel)
         self.request: Optional["Deferred[Any]"] = None
         self.reader: Optional[_ReplyReader] = None
@@ -248,6 +250,7 @@ class _Attempt:
     def send(self) -> None:
         transport = self.transport
         connects = transport.connects
+        assert self.body is not None  # sent only while not done
         d = transport.client.request(
             "POST", transport.targets[self.server].url, headers=self.headers, data=self.body.producer(),
             allow_redirects=False, unbuffered=True)
@@ -286,6 +289,7 @@ class _Attempt:
         if self.done:
             return
         self.done = True
+        self.body = None
         self._abort()
         self.result.errback(Failure(TimeoutError("rspamd exchange timed out")))
 
@@ -294,6 +298,7 @@ class _Attempt:
         if self.done:
             return
         self.done = True
+        self.body = None
         if self.timer.active():
             self.timer.cancel()
         self._abort()
@@ -301,12 +306,14 @@ class _Attempt:
     def succeed(self, reply: ScanReply) -> None:
         if not self.done:
             self.done = True
+            self.body = None
             self.timer.cancel()
             self.result.callback(reply)
 
     def fail(self, failure: Failure) -> None:
         if not self.done:
             self.done = True
+            self.body = None
             self.timer.cancel()
             self.result.errback(failure)
 
