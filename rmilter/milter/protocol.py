@@ -29,6 +29,8 @@ from rmilter.milter.session import MilterSession
 
 log = Logger(namespace="rmilter.milter")
 
+#: bytes asked for per read of a milter connection (issue 19: 1 MB messages ~25% faster than 64 KiB)
+RECV_BUFFER_SIZE = 256 * 1024
 #: pause reading when more frames than this wait behind a pending command
 MAX_QUEUED_FRAMES = 2
 _TCP_QUICKACK: Optional[int] = getattr(socket, "TCP_QUICKACK", None)  # Linux only
@@ -77,6 +79,9 @@ class MilterProtocol(Protocol):
         transport = self.transport
         self.peer = describe_peer(transport.getPeer())
         self._tcp = isinstance(transport.getHost(), (IPv4Address, IPv6Address))
+        # one read takes up to four 64 KiB BODY frames instead of one (Twisted's default): a
+        # quarter of the reads and dataReceived calls for big messages, fewer frames spanning reads
+        transport.bufferSize = RECV_BUFFER_SIZE
         if self._tcp:
             try:
                 transport.setTcpNoDelay(True)
