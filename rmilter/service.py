@@ -218,6 +218,7 @@ class RmilterService(service.MultiService):
         trim_timer.setServiceParent(self)
         self.pipeline = Pipeline(lambda: self.runtime)
         self.factory = MilterFactory(self.pipeline, reactor, lambda: self.runtime)
+        self.factory.spool_budget = self.spool_budget  # read sizes follow it (issue 19)
         self.pidfile: Optional[PidFile] = None
         self.listeners: List[service.Service] = []
         self.listen_endpoints: List[str] = []
