@@ -14,7 +14,7 @@ import re
 import signal
 import stat
 import threading
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
@@ -30,12 +30,12 @@ from rmilter.config.endpoints import UNIX_SOCKET_MODE, _parse_description
 from rmilter.startup import EX_UNAVAILABLE, StartupError, fail, os_reason
 from rmilter.config.schema import DEFAULT_BIND_SOCKET, Config
 from rmilter.dkim.keys import Keyring, KeyringError, load_keyring
-from rmilter.metrics import Metrics, StateCollector
 from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
-from rmilter import status
-from rmilter.memory import BurstTrimmer
+if TYPE_CHECKING:  # issue 19: prometheus_client and twisted.web only with a metrics_socket
+    from rmilter.metrics import Metrics
+from rmilter.memory import BurstTrimmer, freeze_startup_objects
 from rmilter.spool import SpoolBudget
 
 #: seconds between looks at whether a burst of messages has ended (then freed memory is returned)
@@ -218,6 +218,7 @@ class RmilterService(service.MultiService):
         trim_timer.setServiceParent(self)
         self.pipeline = Pipeline(lambda: self.runtime)
         self.factory = MilterFactory(self.pipeline, reactor, lambda: self.runtime)
+        self.factory.spool_budget = self.spool_budget  # read sizes follow it (issue 19)
         self.pidfile: Optional[PidFile] = None
         self.listeners: List[service.Service] = []
         self.listen_endpoints: List[str] = []
@@ -276,6 +277,8 @@ class RmilterService(service.MultiService):
     def _enable_metrics(self) -> Metrics:
         """Count from now on: the pipeline's observers, this generation's server lists, the state."""
         if self.metrics is None:
+            from rmilter.metrics import Metrics, StateCollector
+
             self.metrics = Metrics(self.reactor)
             self.metrics.registry.register(StateCollector(self))
         metrics = self.metrics
@@ -305,6 +308,8 @@ class RmilterService(service.MultiService):
         path = unix_socket_path(endpoint)
         if path is not None:
             clear_stale_socket(path)
+        from rmilter import status
+
         listener = strports.service(endpoint, status.site(self._enable_metrics(), self),  # type: ignore[arg-type]
                                     reactor=self.reactor)
         listener._raiseSynchronously = True  # type: ignore[attr-defined]
@@ -366,6 +371,8 @@ class RmilterService(service.MultiService):
             fail(e)
         if self.install_signals:
             self._install_signal_handlers()
+            # the daemon, not a test run in-process: start-up objects out of the collector's way
+            freeze_startup_objects()
         # twistd starts the service before the reactor runs, and the reactor installs its SIGTERM
         # handler when it starts: the line that says "serving" comes after that, so whoever waits
         # for it (an administrator, the test harness) may stop rmilter gracefully from then on

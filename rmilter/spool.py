@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, Optional, TypeVar, Union
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -33,6 +33,8 @@ BlockingRunner = Callable[..., "Deferred[T]"]
 DATA_HASH_PREFIX = 10240
 #: body bytes gathered before one write to the spool file
 WRITE_BATCH = 256 * 1024
+#: chunks per writev (Linux's IOV_MAX is 1024)
+IOV_MAX = 512
 
 
 class SpoolBudget:
@@ -121,7 +123,11 @@ class Spool:
             budget.open += 1
         self.head = b""
         self.body_prefix = bytearray()  # first DATA_HASH_PREFIX body bytes
-        self._memory = bytearray()  # body bytes not yet on disk (all of it while in memory)
+        #: body chunks not yet on disk (all of them while in memory): the BODY payloads as they
+        #: came, never copied into one growing buffer (issue 19: a copy per byte less, and a
+        #: file write is one writev of the gathered chunks)
+        self._memory: List[Union[bytes, memoryview]] = []
+        self._memory_size = 0
         self.body_size = 0
         self.path: Optional[str] = None  # set by the writer thread when the file exists
         self._on_disk = False  # set at once when the body starts moving to the file
@@ -149,14 +155,20 @@ class Spool:
             return None
         if len(self.body_prefix) < DATA_HASH_PREFIX:
             self.body_prefix += data[: DATA_HASH_PREFIX - len(self.body_prefix)]
+        if type(data) is not bytes:
+            data = bytes(data)  # a view or bytearray could change under us
+        if self._joined is not None and not self._on_disk:
+            self._memory = [self._joined[len(self.head):]]  # appended after memory_bytes(): unview
+            self._joined = None
         self.body_size += len(data)
-        self._memory += data
+        self._memory.append(data)
+        self._memory_size += len(data)
         if not self._on_disk:
             # the head (headers) counts toward the limit too: it is in memory as well (issue 18)
-            if len(self.head) + len(self._memory) <= self.memory_limit and self._take(len(data)):
+            if len(self.head) + self._memory_size <= self.memory_limit and self._take(len(data)):
                 return None
             self._on_disk = True
-        elif len(self._memory) < WRITE_BATCH and self._take(len(data)):
+        elif self._memory_size < WRITE_BATCH and self._take(len(data)):
             return None  # gathered for a larger write, within the budget
         return self._flush()
 
@@ -175,10 +187,10 @@ class Spool:
 
     def _flush(self) -> "Deferred[None]":
         """Queue the gathered body bytes for the file (one thread hop per batch)."""
-        chunk = bytes(self._memory)
-        self._memory = bytearray()  # a new buffer: the old one's memory goes back at once
+        chunks, self._memory, self._memory_size = self._memory, [], 0
+        self._joined = None
         held, self._reserved = self._reserved, 0
-        written = self._chain(self._write_blocking, chunk)
+        written = self._chain(self._write_blocking, chunks)
         if held and self._budget is not None:
             budget = self._budget
 
@@ -195,7 +207,20 @@ class Spool:
             return succeed(None)  # nothing was ever written: no thread round trip
         if self._memory:
             self._flush()
-        return self._chain(lambda: None)
+        return self._settled()
+
+    def _settled(self) -> "Deferred[None]":
+        """Fires once every queued file operation has run (no thread hop of its own)."""
+        done: "Deferred[None]" = Deferred()
+
+        def settle(_: object) -> None:
+            if self.failed is not None:
+                done.errback(self.failed)
+            else:
+                done.callback(None)
+
+        self._tail.addCallback(settle)
+        return done
 
     def _chain(self, f: Callable[..., T], *args: object) -> "Deferred[T]":
         """Run ``f`` after every earlier file operation; the tail of the queue never fails."""
@@ -217,17 +242,24 @@ class Spool:
         self._tail.addCallback(start)
         return done
 
-    def _write_blocking(self, chunk: bytes) -> None:
-        """Runs in the thread pool: open the spool file on first use and append."""
+    def _write_blocking(self, chunks: List[Union[bytes, memoryview]]) -> None:
+        """Runs in the thread pool: open the spool file on first use and append (one writev)."""
         if self._fd is None:
             fd, path = tempfile.mkstemp(prefix="msg.", dir=self.tempdir)
             os.fchmod(fd, self.mode)
             # O_RDWR from mkstemp: the same descriptor serves pread for scanners
             self._fd, self.path = fd, path
-        view = memoryview(chunk)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        pending: List[Union[bytes, memoryview]] = list(chunks)
+        while pending:
+            written = os.writev(self._fd, pending[:IOV_MAX])
+            while written:  # drop what went out; a short write leaves part of a chunk
+                first = len(pending[0])
+                if written >= first:
+                    written -= first
+                    pending.pop(0)
+                else:
+                    pending[0] = memoryview(pending[0])[written:]
+                    written = 0
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> "Deferred[bytes]":
@@ -248,10 +280,29 @@ class Spool:
         if self._on_disk and self._memory:
             self._flush()  # a read before finish(): the file must hold every byte
         if not self._on_disk:
-            return succeed(head + bytes(self._memory[body_offset : body_offset + length]))
+            return succeed(head + self._memory_slice(body_offset, length))
         if body_offset + length <= len(self.body_prefix):
             return succeed(head + bytes(self.body_prefix[body_offset : body_offset + length]))
         return self._chain(self._read_blocking, body_offset, length).addCallback(lambda body: head + body)
+
+    def _memory_slice(self, offset: int, length: int) -> bytes:
+        """Body bytes from the in-memory chunks; a whole chunk is handed out as it is (no copy)."""
+        parts: List[Union[bytes, memoryview]] = []
+        start = 0
+        for chunk in self._memory:
+            end = start + len(chunk)
+            if end > offset and length > 0:
+                lo = offset - start if offset > start else 0
+                piece = chunk if lo == 0 and len(chunk) <= length else chunk[lo : lo + length]
+                parts.append(piece)
+                length -= len(piece)
+                offset += len(piece)
+            start = end
+            if length <= 0:
+                break
+        if len(parts) == 1:
+            return bytes(parts[0]) if type(parts[0]) is memoryview else parts[0]
+        return b"".join(parts)
 
     def _read_blocking(self, offset: int, length: int) -> bytes:
         assert self._fd is not None
@@ -266,7 +317,10 @@ class Spool:
         if self._on_disk:
             return None
         if self._joined is None or len(self._joined) != self.size:
-            self._joined = b"".join((self.head, self._memory))  # one copy, reused by later callers
+            joined = b"".join([self.head, *self._memory])  # one copy, reused by later callers
+            # the chunks become a view of it: the body is held once, not twice (issue 19)
+            self._memory = [memoryview(joined)[len(self.head):]]
+            self._joined = joined
         return self._joined
 
     # -- cleanup ---------------------------------------------------------------------------
@@ -275,7 +329,7 @@ class Spool:
         if self.closed:
             return
         self.closed = True
-        self._memory = bytearray()
+        self._memory, self._memory_size = [], 0
         self._joined = None
         self._give_back()
         if self._budget is not None:

@@ -5,7 +5,9 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from rmilter.backends.rspamd.request import BytesProducer
 from rmilter.memory import BurstTrimmer, release_free_memory
+from rmilter.milter import codec
 
 
 class BurstTrimmerTests(SynchronousTestCase):
@@ -45,3 +47,34 @@ class ReleaseTests(SynchronousTestCase):
             self.assertTrue(result)
         else:
             self.assertIn(result, (True, False))
+
+
+class HeldBuffersTests(SynchronousTestCase):
+    """Buffers that outlived their use and held the Rspamd path's peak up (issue 19)."""
+
+    def test_codec_lets_go_of_a_consumed_receive_buffer(self) -> None:
+        """A connection waiting at EOM holds no stale bytes: the consumed buffer is let go at once."""
+        reader = codec.FrameReader(codec.COMMAND_DECODERS)
+        body = codec.encode(codec.Body(b"x" * 30000))
+        eom = codec.encode(codec.EndOfMessage())
+        reader.receive_data(body[:1000])
+        reader.receive_data(body[1000:] + eom)  # a frame spanning reads: the bytearray buffer
+        self.assertIsNotNone(reader.next_event())
+        self.assertIsNotNone(reader.next_event())
+        self.assertIsNone(reader.next_event())
+        self.assertEqual(reader.buffered, 0)
+        self.assertEqual(len(reader._src), 0, "the consumed buffer is still referenced")
+
+    def test_bytes_producer_lets_go_of_the_body_once_written(self) -> None:
+        """The request object of a closed connection may wait for the cyclic collector; the body must not."""
+        written = []
+
+        class Consumer:
+            def write(self, data: bytes) -> None:
+                written.append(data)
+
+        producer = BytesProducer(b"message" * 100)
+        producer.startProducing(Consumer())
+        self.assertEqual(written, [b"message" * 100])
+        self.assertEqual(producer.length, 700)
+        self.assertEqual(producer._data, b"")

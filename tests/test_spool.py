@@ -66,6 +66,27 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(spool.size, 15)
         self.assertEqual(spool.memory_bytes(), b"HEAD\r\n\r\nhello\r\n")
 
+    def test_chunks_read_across_boundaries_and_after_memory_bytes(self) -> None:
+        """In-memory chunks kept as they came: any slice reads right, a whole chunk without a copy,
+        and memory_bytes() (one joined copy that the chunks become a view of) changes no read."""
+        spool = self.make(limit=1000)
+        chunks = [b"a" * 10, b"b" * 20, b"c" * 30]
+        for chunk in chunks:
+            self.assertIsNone(spool.append(chunk))
+        whole = b"HEAD\r\n\r\n" + b"".join(chunks)
+        head = len(b"HEAD\r\n\r\n")
+        self.assertIs(self.successResultOf(spool.read(head + 10, 20)), chunks[1])
+        for offset, length in ((0, 5), (3, 20), (head + 5, 10), (head + 9, 40), (head + 55, 100), (0, 999)):
+            self.assertEqual(self.successResultOf(spool.read(offset, length)), whole[offset:offset + length])
+        self.assertEqual(spool.memory_bytes(), whole)
+        for offset, length in ((head + 5, 10), (head + 9, 40), (0, 999)):
+            got = self.successResultOf(spool.read(offset, length))
+            self.assertIs(type(got), bytes)
+            self.assertEqual(got, whole[offset:offset + length])
+        self.assertIsNone(spool.append(b"d"))  # after memory_bytes(): the view is let go
+        self.assertEqual(self.successResultOf(spool.read_all()), whole + b"d")
+        self.assertEqual(spool.memory_bytes(), whole + b"d")
+
     def test_headers_count_toward_the_memory_limit(self) -> None:
         """A head at the limit sends the first body byte to the file (issue 18)."""
         spool = self.make(limit=8)

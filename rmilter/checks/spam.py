@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
@@ -30,15 +30,14 @@ from rmilter.backends.rspamd import (
     DKIM_ONLY_SETTINGS,
     MAX_HEADER_EDITS,
     MessageBody,
-    RspamdClient,
-    RspamdError,
-    RspamdScan,
     ScanReply,
     ScanRequest,
     Symbol,
     prepare_body,
 )
 from rmilter.config.schema import SpamdConfig
+if TYPE_CHECKING:  # issue 19: the client (treq) is loaded only when spamd servers are configured
+    from rmilter.backends.rspamd import RspamdClient, RspamdScan
 from rmilter.context import MessageContext
 from rmilter.deps import Deps
 from rmilter.log import Logger
@@ -455,6 +454,8 @@ def check(message: MessageContext, deps: Deps, *, dkim_only: bool = False) -> "D
         return both.addCallback(outcome)
 
     def scan_failed(failure: Failure) -> Optional[RspamdScan]:
+        from rmilter.backends.rspamd import RspamdError  # loaded already: there is a client
+
         failure.trap(RspamdError)
         reason = failure.getErrorMessage()
         log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=message.tag, reason=reason)

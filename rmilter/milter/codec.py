@@ -890,6 +890,10 @@ class FrameReader:
         else:
             with memoryview(src) as view:  # one copy out of the bytearray
                 payload = bytes(view[pos + 5 : end])
+        if end == available:
+            # all consumed: let the receive buffer go now, not when the next bytes arrive (a
+            # connection waiting at EOM for its scans would hold up to two frames; issue 19)
+            self._src, end, self._scan = b"", 0, 0
         self._pos = end
         self._frames_read += 1
         decoder = self._decoders.get(code)

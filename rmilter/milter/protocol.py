@@ -29,6 +29,12 @@ from rmilter.milter.session import MilterSession
 
 log = Logger(namespace="rmilter.milter")
 
+#: bytes asked for per read of a milter connection while few messages are in flight: up to four
+#: 64 KiB BODY frames a read instead of one (issue 19: 1 MB messages ~25% faster); with more
+#: messages open than the spool budget holds such reads, Twisted's 64 KiB, so that 64
+#: connections do not each buffer 256 KiB
+RECV_BUFFER_SIZE = 256 * 1024
+RECV_BUFFER_SIZE_TIGHT = 64 * 1024
 #: pause reading when more frames than this wait behind a pending command
 MAX_QUEUED_FRAMES = 2
 _TCP_QUICKACK: Optional[int] = getattr(socket, "TCP_QUICKACK", None)  # Linux only
@@ -127,6 +133,10 @@ class MilterProtocol(Protocol):
             self._quickack()
         reader = self.reader
         assert reader is not None
+        budget = self.factory.spool_budget
+        self.transport.bufferSize = (
+            RECV_BUFFER_SIZE if budget is None or not budget.total or budget.open * RECV_BUFFER_SIZE <= budget.total
+            else RECV_BUFFER_SIZE_TIGHT)
         try:
             reader.receive_data(data)
         except ProtocolError as e:
@@ -291,6 +301,8 @@ class MilterFactory(Factory):
         self.clock = clock
         self.settings: Callable[[], Any] = settings if settings is not None else pipeline.current_runtime
         self.no_reply_steps = no_reply_steps
+        #: the process's spool budget (set by the service): how much each read may take
+        self.spool_budget: Optional[Any] = None  # rmilter.spool.SpoolBudget
         self.connections: Set[MilterProtocol] = set()
         self.messages_in_flight = 0
         self._waiters: List[Deferred] = []

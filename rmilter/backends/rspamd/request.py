@@ -89,7 +89,8 @@ class BytesProducer:
         self.length = len(data)
 
     def startProducing(self, consumer: Any) -> "Deferred[None]":
-        consumer.write(self._data)
+        data, self._data = self._data, b""  # the request object may outlive the scan (issue 19)
+        consumer.write(data)
         return succeed(None)
 
     def pauseProducing(self) -> None:

@@ -278,7 +278,9 @@ class _Attempt:
         self.transport = transport
         self.server = server
         self.headers = headers
-        self.body = body
+        #: dropped once the attempt is over: a closed connection's objects wait for the garbage
+        #: collector (reference cycles), and the body must not wait with them (issue 19)
+        self.body: Optional[MessageBody] = body
         self.result: "Deferred[ScanReply]" = Deferred(self._cancel)
         self.request: Optional["Deferred[Any]"] = None
         self.reader: Optional[_ReplyReader] = None
@@ -289,6 +291,7 @@ class _Attempt:
     def send(self) -> None:
         transport = self.transport
         connects = transport.connects
+        assert self.body is not None  # sent only while not done
         d = transport.client.request(
             "POST", transport.targets[self.server].url, headers=self.headers, data=self.body.producer(),
             cookies=transport.cookies, allow_redirects=False, unbuffered=True)
@@ -327,6 +330,7 @@ class _Attempt:
         if self.done:
             return
         self.done = True
+        self.body = None
         self._abort()
         self.result.errback(Failure(TimeoutError("rspamd exchange timed out")))
 
@@ -335,6 +339,7 @@ class _Attempt:
         if self.done:
             return
         self.done = True
+        self.body = None
         if self.timer.active():
             self.timer.cancel()
         self._abort()
@@ -342,12 +347,14 @@ class _Attempt:
     def succeed(self, reply: ScanReply) -> None:
         if not self.done:
             self.done = True
+            self.body = None
             self.timer.cancel()
             self.result.callback(reply)
 
     def fail(self, failure: Failure) -> None:
         if not self.done:
             self.done = True
+            self.body = None
             self.timer.cancel()
             self.result.errback(failure)
 
