@@ -43,6 +43,19 @@ TRIM_INTERVAL = 5.0
 
 log = Logger(namespace="rmilter.service")
 
+def metrics_endpoint(spec: str, listen_endpoints: Sequence[str]) -> str:
+    """The endpoint of ``metrics_socket``, refused if it is a milter listener; a stale unix socket
+    file is removed first (one process serves it: the only one, or the main of workers = N)."""
+    endpoint = _endpoint_for(spec)
+    if endpoint in listen_endpoints:
+        raise StartupError("metrics_socket %s is a milter listener; give the metrics a socket of their own"
+                           % (spec,))
+    path = unix_socket_path(endpoint)
+    if path is not None:
+        clear_stale_socket(path)
+    return endpoint
+
+
 def _endpoint_for(spec: str) -> str:
     """A bind_socket spec or a Twisted endpoint string -> a Twisted endpoint description."""
     return rconfig.listen_endpoint(spec)
@@ -301,13 +314,7 @@ class RmilterService(service.MultiService):
             return
         if spec is None or self.metrics_listener is not None:
             return
-        endpoint = _endpoint_for(spec)
-        if endpoint in self.listen_endpoints:
-            raise StartupError("metrics_socket %s is a milter listener; give the metrics a socket of their own"
-                               % (spec,))
-        path = unix_socket_path(endpoint)
-        if path is not None:
-            clear_stale_socket(path)
+        endpoint = metrics_endpoint(spec, self.listen_endpoints)
         from rmilter import status
 
         listener = strports.service(endpoint, status.site(self._enable_metrics(), self),  # type: ignore[arg-type]

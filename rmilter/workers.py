@@ -249,17 +249,11 @@ class WorkerSupervisor(service.Service):
     def _bind_metrics(self, spec: Optional[str]) -> None:
         """``metrics_socket`` is served here, with the workers' figures summed (``WorkerMetrics``)."""
         from rmilter import status
-        from rmilter.service import StartupError, _endpoint_for, clear_stale_socket, unix_socket_path
+        from rmilter.service import StartupError, metrics_endpoint
 
         if not spec or self.metrics_port is not None:
             return
-        endpoint = _endpoint_for(spec)
-        if endpoint in self.listen_endpoints:
-            raise StartupError("metrics_socket %s is a milter listener; give the metrics a socket of their own"
-                               % (spec,))
-        path = unix_socket_path(endpoint)
-        if path is not None:
-            clear_stale_socket(path)
+        endpoint = metrics_endpoint(spec, self.listen_endpoints)
         self.metrics = WorkerMetrics(self)
         site = status.site(self.metrics, self, refresh=self.refresh_metrics)  # type: ignore[arg-type]
         result: List[Any] = []
