@@ -49,10 +49,12 @@ class BurstTrimmer:
     """Called every few seconds: trims once after each burst of messages (not while busy)."""
 
     def __init__(self, in_flight: Callable[[], int], messages_seen: Callable[[], int],
-                 trim: Callable[[], bool] = release_free_memory) -> None:
+                 trim: Callable[[], bool] = release_free_memory,
+                 collect: Callable[[], int] = gc.collect) -> None:
         self._in_flight = in_flight
         self._seen = messages_seen
         self._trim = trim
+        self._collect = collect
         self._seen_at_trim = 0
         #: how many trims ran (for tests and the status page)
         self.trims = 0
@@ -62,5 +64,8 @@ class BurstTrimmer:
         if seen == self._seen_at_trim or self._in_flight() > 0:
             return
         self._seen_at_trim = seen
+        # what the burst left in reference cycles (closed backend connections hold their
+        # protocol, parser and request in one) is freed first, so that its pages can go back too
+        self._collect()
         if self._trim():
             self.trims += 1

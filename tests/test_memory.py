@@ -38,6 +38,34 @@ class BurstTrimmerTests(SynchronousTestCase):
         self.trimmer.tick()
         self.assertEqual((self.calls, self.trimmer.trims), (2, 2))
 
+    def test_cycles_left_by_a_burst_are_collected_before_the_trim(self) -> None:
+        """A buffer held only by a reference cycle (a closed connection's protocol and request)
+        is freed when the burst ends, not whenever the collector's thresholds say."""
+        import gc
+        import weakref
+
+        class Holder:
+            pass
+
+        order = []
+        trimmer = BurstTrimmer(lambda: 0, lambda: 1, lambda: order.append("trim") or True,
+                               lambda: order.append("collect") or gc.collect())
+        enabled = gc.isenabled()
+        gc.disable()  # only the trimmer's collection may free the cycle here
+        try:
+            cycle = Holder()
+            cycle.self = cycle  # type: ignore[attr-defined]
+            cycle.body = bytearray(1 << 20)  # type: ignore[attr-defined]
+            alive = weakref.ref(cycle)
+            del cycle
+            self.assertIsNotNone(alive(), "the cycle outlives its last name")
+            trimmer.tick()
+            self.assertIsNone(alive(), "the burst's cycle was not collected")
+            self.assertEqual(order, ["collect", "trim"])
+        finally:
+            if enabled:
+                gc.enable()
+
 
 class ReleaseTests(SynchronousTestCase):
     def test_glibc_trim_is_available_on_linux(self) -> None:
