@@ -113,6 +113,19 @@ class Ed25519KeyFormatTests(SynchronousTestCase):
             key = keys.load_private_key(f.read(), path)
         assert isinstance(key, ed25519.Ed25519PrivateKey)
 
+    def test_base64_seed_beginning_with_zero_is_not_taken_for_der(self) -> None:
+        """One dknewkey seed in 64 encodes to text beginning with "0", the byte 0x30 that starts
+        DER: it must still load as the base64 seed it is (found by a random run of the suite)."""
+        seed = b"\xd3" + bytes(range(1, 32))  # 0xd3 >> 2 = 52: base64 "0"
+        text = base64.b64encode(seed)
+        self.assertEqual(text[:1], b"0")
+        key = keys.load_private_key(text, "zero.key")
+        assert isinstance(key, ed25519.Ed25519PrivateKey)
+        self.assertEqual(ed_raw(key), seed)
+        der = ed25519.Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        self.assertEqual(ed_raw(keys.load_private_key(der, "k.der")), seed)  # binary DER still DER
+
     def test_mismatched_libsodium_key_refused(self) -> None:
         data = base64.b64encode(ed_raw() + ed_public(OTHER_ED_KEY))
         e = self.assertRaises(keys.KeyLoadError, keys.load_private_key, data, "bad.key")

@@ -131,6 +131,10 @@ def load_private_key(data: bytes, path: str) -> PrivateKey:
     try:
         if b"-----BEGIN" in stripped:
             key = load_pem_private_key(stripped, password=None)
+        elif _base64_key_bytes(stripped) is not None:
+            # before the DER test: base64 text may begin with "0", which is the byte 0x30 of an
+            # ASN.1 SEQUENCE (one dknewkey seed in 64); binary DER is never valid base64 text
+            key = _load_base64_key(stripped, path)
         elif stripped[:1] == b"\x30":
             key = load_der_private_key(stripped, password=None)
         else:
