@@ -122,3 +122,17 @@ def row(label: str, result: Dict[str, Any], rss: Optional[float] = None) -> str:
 HEADER = ("| %-34s | %8s | %7s | %7s | %7s | %6s | %s |\n|%s|%s|%s|%s|%s|%s|%s|" % (
     "run", "msg/s", "p50 ms", "p99 ms", "RSS MB", "errors", "final replies",
     "-" * 36, "-" * 10, "-" * 9, "-" * 9, "-" * 9, "-" * 8, "-" * 15))
+
+
+def worker_pids(main_pid: int, count: int) -> List[int]:
+    """The worker processes of a main process started with ``workers = count`` (once all run)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-P", str(main_pid), "-f", "rmilter --worker"], capture_output=True,
+                             text=True).stdout
+        pids = [int(p) for p in out.split()]
+        if len(pids) >= count:
+            time.sleep(2.0)  # their imports and listeners
+            return pids
+        time.sleep(0.1)
+    raise RuntimeError("the workers of %d did not start" % main_pid)

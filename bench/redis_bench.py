@@ -41,7 +41,7 @@ from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Rmilter, free_port, milterload, wait_for_port  # noqa: E402
+from common import Rmilter, free_port, milterload, wait_for_port, worker_pids  # noqa: E402
 
 SENDER = "postmaster@example.com"
 
@@ -192,19 +192,6 @@ def config_for(name: str, redis: Optional[RedisServer], workers: int = 1, metric
         return head + PASS_CONFIG + extra
     return head + REDIS_CONFIG % {"port": redis.port, "grey_timeout": "1s" if name == "steady" else "300s"} + extra
 
-
-def worker_pids(main_pid: int, count: int) -> List[int]:
-    """The worker processes of a main process started with ``workers = count`` (once all run)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        out = subprocess.run(["pgrep", "-P", str(main_pid), "-f", "rmilter --worker"], capture_output=True,
-                             text=True).stdout
-        pids = [int(p) for p in out.split()]
-        if len(pids) >= count:
-            time.sleep(2.0)  # their imports and listeners
-            return pids
-        time.sleep(0.1)
-    raise RuntimeError("the workers of %d did not start" % main_pid)
 
 
 def measure(args: argparse.Namespace, name: str, rep: int, redis: RedisServer, count: bool,

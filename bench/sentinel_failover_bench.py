@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from common import Rmilter, free_port  # noqa: E402
+from common import Rmilter, free_port, worker_pids  # noqa: E402
 from tests.harness.redis import SentinelGroup  # noqa: E402  (the fixture the tests use)
 
 CONFIG = """\
@@ -48,18 +48,6 @@ limits {
 }
 """
 
-
-def worker_pids(main_pid: int, count: int) -> List[int]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        out = subprocess.run(["pgrep", "-P", str(main_pid), "-f", "rmilter --worker"], capture_output=True,
-                             text=True).stdout
-        pids = [int(p) for p in out.split()]
-        if len(pids) >= count:
-            time.sleep(2.0)  # their imports and listeners
-            return pids
-        time.sleep(0.1)
-    raise RuntimeError("the workers of %d did not start" % main_pid)
 
 
 class Watch(threading.Thread):
