@@ -38,8 +38,11 @@ class Deps:
     rng: random.Random = field(default_factory=random.Random, compare=False)
     #: what all in-memory spools of the process may hold together (shared across reloads)
     spool_budget: Optional[SpoolBudget] = field(default=None, compare=False)
+    #: runs the spool files' operations (``rmilter.spool_io.SpoolIO``: one thread, batched);
+    #: None runs them through ``run_blocking``
+    spool_io: Optional[BlockingRunner] = field(default=None, compare=False)
 
     def new_spool(self) -> Spool:
         main = self.config.main
-        return Spool(main.tempdir, main.tempfiles_mode, main.spool_memory_limit, self.run_blocking,
-                     self.spool_budget)
+        return Spool(main.tempdir, main.tempfiles_mode, main.spool_memory_limit,
+                     self.spool_io or self.run_blocking, self.spool_budget)

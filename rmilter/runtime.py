@@ -48,6 +48,7 @@ class Runtime:
         keyring: Optional[Keyring] = None,
         rng: Optional[random.Random] = None,
         spool_budget: Optional[SpoolBudget] = None,
+        spool_io: Optional[BlockingRunner] = None,
     ) -> "Runtime":
         """Create the backend clients the configuration asks for (no network I/O happens here).
 
@@ -65,6 +66,7 @@ class Runtime:
                 keyring=keyring,
                 rng=rng or random.Random(),
                 spool_budget=spool_budget,
+                spool_io=spool_io,
             )
         )
 

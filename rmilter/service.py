@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # issue 19: prometheus_client and twisted.web only with a met
     from rmilter.metrics import Metrics
 from rmilter.memory import BurstTrimmer, freeze_startup_objects
 from rmilter.spool import SpoolBudget
+from rmilter.spool_io import SpoolIO
 
 #: seconds between looks at whether a burst of messages has ended (then freed memory is returned)
 TRIM_INTERVAL = 5.0
@@ -222,8 +223,10 @@ class RmilterService(service.MultiService):
         self.run_blocking = _run_in_threadpool(reactor)
         #: one budget for the in-memory spools of every generation (messages outlive reloads)
         self.spool_budget = SpoolBudget(config.main.spool_memory_total)
+        #: the spool files' one I/O thread, shared by every generation like the budget
+        self.spool_io = SpoolIO(reactor)
         self.runtime = Runtime.build(config, reactor, self.run_blocking, keyring,
-                                     spool_budget=self.spool_budget)
+                                     spool_budget=self.spool_budget, spool_io=self.spool_io)
         #: after a burst of messages, freed buffers go back to the system (RSS returns to its floor)
         self.trimmer = BurstTrimmer(lambda: self.spool_budget.open, lambda: self.spool_budget.opened)
         trim_timer = TimerService(TRIM_INTERVAL, self.trimmer.tick)
@@ -465,6 +468,8 @@ class RmilterService(service.MultiService):
         self.factory.close_idle_connections()
         yield defer.maybeDeferred(super().stopService)
         yield self.runtime.stop()
+        yield self.spool_io.drain()  # the last spool files are deleted before the process exits
+        self.spool_io.stop()
         if self.pidfile is not None:
             self.pidfile.release()
         log.info("rmilter stopped")
@@ -514,7 +519,7 @@ class RmilterService(service.MultiService):
         old = self.runtime
         self.spool_budget.total = config.main.spool_memory_total
         new = Runtime.build(config, self.reactor, self.run_blocking, keyring,
-                            spool_budget=self.spool_budget)
+                            spool_budget=self.spool_budget, spool_io=self.spool_io)
         self.runtime = new
         self.generation += 1
         old.retire()
