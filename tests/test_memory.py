@@ -86,12 +86,12 @@ class HeldBuffersTests(SynchronousTestCase):
         body = codec.encode(codec.Body(b"x" * 30000))
         eom = codec.encode(codec.EndOfMessage())
         reader.receive_data(body[:1000])
-        reader.receive_data(body[1000:] + eom)  # a frame spanning reads: the bytearray buffer
+        reader.receive_data(body[1000:] + eom)  # a frame spanning reads: joined from both pieces
         self.assertIsNotNone(reader.next_event())
         self.assertIsNotNone(reader.next_event())
         self.assertIsNone(reader.next_event())
         self.assertEqual(reader.buffered, 0)
-        self.assertEqual(len(reader._src), 0, "the consumed buffer is still referenced")
+        self.assertEqual(len(reader._parts), 0, "a consumed piece is still referenced")
 
     def test_bytes_producer_lets_go_of_the_body_once_written(self) -> None:
         """The request object of a closed connection may wait for the cyclic collector; the body must not."""

@@ -395,6 +395,46 @@ class PropertyTests(SynchronousTestCase):
             got.extend(reader)
         self.assertEqual(got, sent)
 
+    @given(st.lists(st.one_of(commands, st.binary(min_size=1, max_size=3000).map(Body),
+                              st.sampled_from(["L", "B"]).map(lambda stage: Macro(stage, (("i", "Q1"),)))),
+                    max_size=10),
+           st.lists(st.integers(1, 4000), max_size=30), st.integers(0, 2))
+    @settings(max_examples=300, deadline=None)
+    def test_any_split_decodes_the_same_and_a_bad_frame_ends_it(self, sent: list, cuts: list, bad: int) -> None:
+        """Reads cut anywhere (frames spanning many pieces, headers split): the same events as
+        one read, ignored MACRO stages dropped; a bad length after them (``bad``: 1 zero, 2 over
+        the limit) raises once every earlier event is out, and nothing past it is buffered."""
+        limit = 4096
+        stream = b"".join(codec.encode(command) for command in sent)
+        expected = [m for m in sent if not (isinstance(m, Macro) and m.stage in ("L", "B"))]
+        tail = b""
+        if bad:
+            tail = struct.pack(">I", 0 if bad == 1 else limit + 1) + b"Bxyz"
+        data = stream + tail
+        reader = CommandReader(limit, ignored_macro_stages=b"LB")
+        got: list = []
+        offsets = sorted({min(cut, len(data)) for cut in cuts} | {len(data)})
+        start = 0
+        error = None
+        for end in offsets:
+            try:
+                reader.receive_data(data[start:end])
+                got.extend(reader)
+            except FrameError as e:
+                error = e
+                break
+            start = end
+            self.assertLessEqual(reader.buffered, len(stream) + 3)  # at most a bad header's start
+        if bad:
+            self.assertIsNotNone(error, "the bad header was read but not refused")
+            with self.assertRaises(FrameError):
+                got.extend(reader)  # the same error again, after the events before it
+            self.assertLessEqual(reader.buffered, len(stream))
+        else:
+            self.assertIsNone(error)
+            self.assertEqual(reader.buffered, 0)
+        self.assertEqual(got, expected)
+
     @given(st.lists(replies, max_size=8))
     @settings(max_examples=300, deadline=None)
     def test_reply_round_trip(self, sent: list) -> None:

@@ -19,8 +19,9 @@ into these packets is ``rmilter.milter.session``'s job.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, ClassVar, Collection, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from rmilter.milter import constants as c
 
@@ -776,11 +777,14 @@ REPLY_DECODERS: Dict[int, Decoder] = {
 class FrameReader:
     """Splits a byte stream into frames and decodes each with ``decoders``.
 
-    The buffer is the last ``bytes`` received while it holds only whole frames (no
-    copy at all), and becomes a ``bytearray`` plus a read offset when a frame spans
-    reads.  Frame headers are checked in ``receive_data`` as soon as their 4 bytes
-    are there: a bad length raises ``FrameError`` and nothing from that frame on is
-    stored, so hostile input cannot make the buffer grow past the limit.
+    The bytes received and not yet handed out are kept as the pieces they came in (no
+    growing buffer, which held a spare copy's worth of capacity per connection: 6.5 MB
+    at 64 connections streaming BODY frames, issue 19).  A frame inside one piece costs
+    one copy of its payload; a frame spanning pieces is joined once from views of them.
+    A piece is let go as soon as its last byte is handed out.  Frame headers are checked
+    in ``receive_data`` as soon as their 4 bytes are there: a bad length raises
+    ``FrameError`` and nothing from that frame on is stored, so hostile input cannot make
+    the buffer grow past the limit.
     """
 
     def __init__(
@@ -794,9 +798,10 @@ class FrameReader:
         self.max_frame_size = max_frame_size
         self._decoders = decoders
         self._ignored_macros = frozenset(ignored_macro_stages)
-        self._src: Union[bytes, bytearray] = b""
-        self._pos = 0  # next unread frame in _src
-        self._scan = 0  # next frame header not yet checked, as an index into _src
+        self._parts: Deque[bytes] = deque()  # received pieces; the first is unread from _pos on
+        self._pos = 0
+        self._size = 0  # unread bytes in _parts
+        self._scan = 0  # next frame header not yet checked, as an offset from the first unread byte
         self._headers_seen = 0
         self._frames_read = 0
         self._error: Optional[FrameError] = None
@@ -804,7 +809,7 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet handed out as events."""
-        return len(self._src) - self._pos
+        return self._size
 
     @property
     def queued_frames(self) -> int:
@@ -817,45 +822,25 @@ class FrameReader:
             raise self._error
         if not data:
             return
-        src, pos = self._src, self._pos
-        if pos == len(src):
-            # nothing pending: parse straight out of the new bytes
-            self._src, self._pos, self._scan = b"", 0, 0
-            self._check_headers(b"", data, 0)
-            self._src = data
-            return
-        if type(src) is bytes:
-            buf = bytearray(src[pos:])
-        else:
-            buf = src  # type: ignore[assignment]
-            if pos:
-                del buf[:pos]
-        self._src, self._scan, self._pos = buf, self._scan - pos, 0
-        self._check_headers(buf, data, self._scan)
-        buf += data
-
-    def _check_headers(self, old: Union[bytes, bytearray], data: bytes, scan: int) -> None:
-        """Walk the frame headers that ``data`` completes; refuse a bad length before storing."""
-        old_len = len(old)
-        total = old_len + len(data)
+        if type(data) is not bytes:
+            data = bytes(data)  # a caller's buffer could change under us
+        old = self._size
+        total = old + len(data)
         limit = self.max_frame_size
+        scan = self._scan
         seen = 0
         while scan + 4 <= total:
-            if scan >= old_len:
-                (length,) = _U32.unpack_from(data, scan - old_len)
-            else:  # the header straddles the old buffer and the new bytes
-                (length,) = _U32.unpack(bytes(old[scan:]) + data[: scan + 4 - old_len])
+            if scan >= old:
+                (length,) = _U32.unpack_from(data, scan - old)
+            else:  # the header straddles the stored bytes and the new ones
+                (length,) = _U32.unpack(self._peek(scan, old - scan) + data[: scan + 4 - old])
             if length == 0 or length > limit:
                 self._headers_seen += seen
-                keep = scan - old_len
-                if keep >= 0:
-                    if isinstance(old, bytearray):
-                        old += data[:keep]
-                        self._src = old
-                    else:
-                        self._src = data[:keep]
+                if scan >= old:
+                    if scan > old:
+                        self._store(data[: scan - old])
                 else:
-                    del old[scan:]  # type: ignore[union-attr]  # a straddling header: old is the bytearray
+                    self._truncate(scan)  # drop the straddling header's first bytes
                 self._scan = scan
                 self._error = FrameError(
                     "frame length %d %s" % (length, "is invalid" if length == 0 else "above the limit of %d" % limit)
@@ -865,36 +850,103 @@ class FrameReader:
             seen += 1
         self._scan = scan
         self._headers_seen += seen
+        self._store(data)
+
+    def _store(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+
+    def _truncate(self, keep: int) -> None:
+        """Keep only the first ``keep`` unread bytes."""
+        drop = self._size - keep
+        while drop:
+            last = self._parts[-1]
+            unread = len(last) - (self._pos if len(self._parts) == 1 else 0)
+            if unread <= drop:
+                self._parts.pop()
+                drop -= unread
+                self._size -= unread
+                if not self._parts:
+                    self._pos = 0
+            else:
+                self._parts[-1] = last[: len(last) - drop]
+                self._size -= drop
+                drop = 0
+
+    def _peek(self, offset: int, n: int) -> bytes:
+        """``n`` unread bytes from ``offset`` (all of them must be stored), not consumed."""
+        out = []
+        start = offset + self._pos
+        for part in self._parts:
+            if start >= len(part):
+                start -= len(part)
+                continue
+            piece = part[start : start + n]
+            out.append(piece)
+            n -= len(piece)
+            start = 0
+            if n <= 0:
+                break
+        return b"".join(out)
+
+    def _take(self, n: int, skip: int) -> bytes:
+        """Consume ``n`` unread bytes; return those after the first ``skip``."""
+        parts = self._parts
+        first = parts[0]
+        pos = self._pos
+        self._size -= n
+        self._scan -= n
+        if len(first) - pos >= n:  # the frame lies in one piece
+            out = first[pos + skip : pos + n]
+            if len(first) - pos == n:
+                parts.popleft()  # let the piece go now, not when the next bytes arrive
+                self._pos = 0
+            else:
+                self._pos = pos + n
+            return out
+        views = []
+        start = pos + skip
+        end = pos + n  # relative to the first piece's start
+        while end > 0:
+            part = parts[0]
+            if start < len(part):
+                views.append(memoryview(part)[start : min(end, len(part))])
+            if end >= len(part):
+                parts.popleft()
+                start = max(0, start - len(part))
+                end -= len(part)
+                self._pos = 0
+            else:
+                self._pos = end
+                end = 0
+        out = b"".join(views)
+        for view in views:
+            view.release()
+        return out
 
     def next_event(self) -> Optional[object]:
         """The next decoded frame, or None until more bytes arrive."""
-        src, pos = self._src, self._pos
-        available = len(src)
         while True:
-            if available - pos < 5:
-                if self._error is not None and pos == available:
+            if self._size < 5:
+                if self._error is not None and self._size == 0:
                     raise self._error
                 return None
-            (length,) = _U32.unpack_from(src, pos)
-            end = pos + 4 + length
-            if end > available:
+            first, pos = self._parts[0], self._pos
+            if len(first) - pos >= 6:
+                (length,) = _U32.unpack_from(first, pos)
+                code, stage = first[pos + 4], first[pos + 5]
+            else:
+                head = self._peek(0, 6 if self._size >= 6 else 5)
+                (length,) = _U32.unpack_from(head, 0)
+                code, stage = head[4], head[5] if len(head) > 5 else -1
+            if 4 + length > self._size:
                 return None
-            code = src[pos + 4]
-            if code != _MACRO_CODE or length < 2 or src[pos + 5] not in self._ignored_macros:
+            if code != _MACRO_CODE or length < 2 or stage not in self._ignored_macros:
                 break
             # a MACRO packet for a stage nobody reads: consumed without decoding it
-            pos = self._pos = end
+            self._take(4 + length, 4 + length)
             self._frames_read += 1
-        if type(src) is bytes:
-            payload = src[pos + 5 : end]
-        else:
-            with memoryview(src) as view:  # one copy out of the bytearray
-                payload = bytes(view[pos + 5 : end])
-        if end == available:
-            # all consumed: let the receive buffer go now, not when the next bytes arrive (a
-            # connection waiting at EOM for its scans would hold up to two frames; issue 19)
-            self._src, end, self._scan = b"", 0, 0
-        self._pos = end
+        payload = self._take(4 + length, 5)
         self._frames_read += 1
         decoder = self._decoders.get(code)
         if decoder is None:
