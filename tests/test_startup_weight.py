@@ -109,3 +109,13 @@ class StartupWeightTests(TestCase):
             self.assertIn(module, out["after_reload"])
         self.assertNotIn("txredisapi", out["after_reload"], "no Redis feature configured")
         self.assertEqual(out["health"], 200)
+
+    def test_the_twistd_entry_point_does_not_load_the_metrics_stack(self) -> None:
+        """``twistd rmilter`` imports rmilter.tap, which knows workers: metrics wait for them."""
+        probe = "import json, sys, rmilter.tap; print(json.dumps(sorted(m for m in %r if m in sys.modules)))" % (
+            ["rmilter.metrics", "prometheus_client", "treq", "txredisapi", "dkim"],)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(json.loads(done.stdout.strip().splitlines()[-1]), [])
