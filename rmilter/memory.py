@@ -40,9 +40,12 @@ def freeze_startup_objects() -> None:
     the messages' buffers (the spool's chunks, the body sent to Rspamd) wait with it.  Frozen
     objects are not counted (nor scanned), so full collections come as often as the message
     garbage calls for and cost little.  Nothing is freed that would otherwise stay alive.
+    What the imports and the configuration left free goes back to the system (1.2 MB of the
+    idle floor, issue 19).
     """
     gc.collect()
     gc.freeze()
+    release_free_memory()
 
 
 class BurstTrimmer:

@@ -27,9 +27,10 @@ from rmilter import __version__
 from rmilter import config as rconfig
 from rmilter import listeners, privileges
 from rmilter.config.endpoints import UNIX_SOCKET_MODE, _parse_description
-from rmilter.startup import EX_UNAVAILABLE, StartupError, fail, os_reason
+from rmilter.startup import EX_UNAVAILABLE, StartupError, fail, load_for_reload, os_reason
+from rmilter.startup import load_configuration  # noqa: F401  # its old home: cli, tests, testmessage
 from rmilter.config.schema import DEFAULT_BIND_SOCKET, Config
-from rmilter.dkim.keys import Keyring, KeyringError, load_keyring
+from rmilter.dkim.keys import Keyring
 from rmilter.milter.protocol import MilterFactory
 from rmilter.pipeline import Pipeline
 from rmilter.runtime import Runtime
@@ -131,20 +132,6 @@ class PidFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def load_configuration(path: Optional[str]) -> Tuple[Config, Optional[Keyring]]:
-    """The configuration file (or the embedded default) and its DKIM keys: the one place both are read.
-
-    Blocking (files, DNS for host names in IP lists, key files): at start, or in a thread on
-    reload.  Raises ``ConfigError`` with ``FILE:LINE: reason`` lines, key files included.
-    """
-    config = rconfig.load(path) if path else rconfig.default()
-    try:
-        keyring = load_keyring(config.dkim, config.origins)
-    except KeyringError as e:
-        raise rconfig.ConfigError(e.errors) from None
-    return config, keyring
 
 
 def unix_endpoint(reactor: Any, config: Config, endpoint: str, path: str) -> listeners.OwnedUnixEndpoint:
@@ -498,7 +485,7 @@ class RmilterService(service.MultiService):
             return defer.succeed(False)
         log.info("reloading configuration from {path}", path=self.config_path)
         self._reload_started = self.reactor.seconds()
-        d = run_in_daemon_thread(self.reactor, load_configuration, self.config_path)
+        d = run_in_daemon_thread(self.reactor, load_for_reload, self.config_path)
         d.addCallback(self._apply_reload)
         d.addErrback(self._reload_failed)
 

@@ -7,9 +7,14 @@ the process exits with ``EX_UNAVAILABLE`` instead of printing a traceback.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
+from rmilter import config as rconfig
 from rmilter.log import Logger
+
+if TYPE_CHECKING:
+    from rmilter.config.schema import Config
+    from rmilter.dkim.keys import Keyring
 
 log = Logger(namespace="rmilter.service")
 
@@ -52,3 +57,31 @@ def fail(error: StartupError, stream: Optional[object] = None) -> "NoReturn":  #
     except (OSError, ValueError, AttributeError):
         pass
     raise SystemExit(error.status)
+
+
+def load_configuration(path: Optional[str]) -> Tuple["Config", Optional["Keyring"]]:
+    """The configuration file (or the embedded default) and its DKIM keys: the one place both are read.
+
+    Blocking (files, DNS for host names in IP lists, key files): at start, or in a thread on
+    reload.  Raises ``ConfigError`` with ``FILE:LINE: reason`` lines, key files included.
+    """
+    from rmilter.dkim.keys import KeyringError, load_keyring
+
+    config = rconfig.load(path) if path else rconfig.default()
+    try:
+        keyring = load_keyring(config.dkim, config.origins)
+    except KeyringError as e:
+        raise rconfig.ConfigError(e.errors) from None
+    return config, keyring
+
+
+def load_for_reload(path: Optional[str]) -> Tuple["Config", Optional["Keyring"]]:
+    """``load_configuration`` plus what this process cannot take without a restart (TLS when it
+    started without it: ``rmilter.tls_stack``); raises ``ConfigError`` for both."""
+    from rmilter import tls_stack
+
+    config, keyring = load_configuration(path)
+    problem = tls_stack.reload_problem(config)
+    if problem:
+        raise rconfig.ConfigError(problem)
+    return config, keyring

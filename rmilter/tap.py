@@ -16,8 +16,10 @@ from rmilter import config as rconfig
 from rmilter.config.schema import DEFAULT_BIND_SOCKET
 from rmilter.log import set_debug
 from rmilter.logs import set_ident
-from rmilter.service import RmilterService, load_configuration
-from rmilter.workers import WorkerChannel, WorkerSupervisor, worker_count
+from rmilter.startup import load_configuration
+
+# rmilter.service and rmilter.workers are imported in makeService, once the configuration says
+# whether the process needs TLS: they import the reactor (rmilter.tls_stack, issue 19)
 
 
 #: exit status for a configuration that cannot be used (SPEC §8.1)
@@ -84,6 +86,12 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
         raise SystemExit(EX_CONFIG)
     set_debug(bool(options["debug"]))
     set_ident(config.main.syslog_name)  # the main process of workers = N logs under it too
+    from rmilter import tls_stack
+
+    tls_stack.load_reactor(with_tls=tls_stack.needs_tls(config))
+    from rmilter.service import RmilterService
+    from rmilter.workers import WorkerChannel, WorkerSupervisor, worker_count
+
     if options["worker"] is None and worker_count(config.main.workers) > 1:
         return WorkerSupervisor(  # type: ignore[return-value]
             config, config_path=path, listen=options["listen"], reactor=reactor, debug=bool(options["debug"]),

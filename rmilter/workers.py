@@ -364,10 +364,10 @@ class WorkerSupervisor(service.Service):
             return False
         self._reloading = True
         try:
-            from rmilter.service import load_configuration
+            from rmilter.startup import load_for_reload
 
             try:
-                config, _keyring = yield threads.deferToThread(load_configuration, self.config_path)
+                config, _keyring = yield threads.deferToThread(load_for_reload, self.config_path)
             except rconfig.ConfigError as e:
                 log.error("reload failed, workers keep the running configuration:\n{errors}",
                           errors="\n".join(e.errors))

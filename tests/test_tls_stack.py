@@ -1,0 +1,97 @@
+"""TLS loaded only when the configuration needs it (rmilter/tls_stack.py, issue 19).
+
+Each case runs ``twistd rmilter``'s own entry (``rmilter.tap.makeService``) in a fresh
+interpreter: this test process has imported pyOpenSSL long ago.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict
+
+from twisted.trial.unittest import TestCase
+
+PROBE = r"""
+import json, sys
+from twisted.logger import formatEvent, globalLogPublisher
+events = []
+globalLogPublisher.addObserver(lambda e: events.append(formatEvent(e)))
+from rmilter import tap
+path, port, later = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+options = tap.Options()
+options.parseOptions(["--config", path, "--listen", "tcp:%d:interface=127.0.0.1" % port])
+service = tap.makeService(options)
+from rmilter import tls_stack
+out = {"openssl": "OpenSSL" in sys.modules, "rust_binding": "cryptography.hazmat.bindings._rust" in sys.modules,
+       "tls": tls_stack.tls_available(), "generation_at_start": service.generation}
+from twisted.internet import reactor
+
+def reload():
+    with open(path, "w") as f:
+        f.write(later)
+    d = service.reload()
+
+    def done(result):
+        out["reloaded"] = result
+        out["refusal"] = [e for e in events if "restart rmilter" in e]
+        out["generation"] = service.generation
+        print(json.dumps(out))
+        reactor.stop()
+
+    d.addBoth(done)
+
+reactor.callWhenRunning(reload)
+reactor.run()
+"""
+
+HTTPS = "spamd { servers = https://127.0.0.1:%d; };\n"
+
+
+def free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class TlsStackTests(TestCase):
+    def probe(self, first: str, later: str) -> Dict[str, Any]:
+        folder = tempfile.mkdtemp(prefix="rmilter-tls-")
+        path = os.path.join(folder, "rmilter.conf")
+        with open(path, "w") as f:
+            f.write(first + "tempdir = %s;\n" % folder)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        done = subprocess.run([sys.executable, "-c", PROBE, path, str(free_port()), later + "tempdir = %s;\n" % folder],
+                              cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def test_no_tls_configured_loads_no_openssl_and_refuses_a_reload_that_needs_it(self) -> None:
+        out = self.probe("# no backends\n", HTTPS % free_port())
+        self.assertFalse(out["openssl"], "pyOpenSSL loaded without an https:// server")
+        self.assertFalse(out["rust_binding"], "cryptography's OpenSSL binding loaded")
+        self.assertFalse(out["tls"])
+        self.assertFalse(out["reloaded"], "a configuration this process cannot run was applied")
+        self.assertEqual(out["generation"], out["generation_at_start"])
+        self.assertEqual(len(out["refusal"]), 1, out)
+        self.assertIn("rmilter.conf:1: spamd servers over https:// need TLS", out["refusal"][0])
+
+    def test_https_at_start_has_tls_and_reloads_keep_it(self) -> None:
+        out = self.probe(HTTPS % free_port(), HTTPS % free_port())
+        self.assertTrue(out["openssl"])
+        self.assertTrue(out["tls"])
+        self.assertTrue(out["reloaded"])
+        self.assertEqual(out["refusal"], [])
+
+    def test_a_reload_without_tls_in_a_process_without_it_is_applied(self) -> None:
+        out = self.probe("# no backends\n", "spamd { servers = 127.0.0.1:%d; };\n" % free_port())
+        self.assertFalse(out["openssl"])
+        self.assertTrue(out["reloaded"])
+        self.assertEqual(out["generation"], out["generation_at_start"] + 1)
