@@ -3,7 +3,7 @@
 
     python3 bench/memory_bench.py --milterload /tmp/milterload/milterload \
         [--sizes 4k,100k,1M,5M] [--conc 8,64] [--duration 10] [--rspamd] [--settle 5] \
-        [--config FILE] [--ref NAME=SOCKET,PID] [--reps N] \
+        [--config FILE] [--ref NAME=SOCKET,PID] [--reps N] [--workers N] \
         [--c-rmilter BINARY --c-config FILE]
 
 For every (size, concurrency) cell a fresh ``twistd -n rmilter`` is started (pass-through: no
@@ -15,7 +15,9 @@ the burst (memory given back?).  CPU per message is the milter's CPU seconds ove
 ``--ref`` measures another milter on the same cells for comparison.  ``--c-rmilter`` adds a column
 for the C rmilter (the yardstick of issue 19; optional, the project does not need it): a fresh
 ``BINARY -n -c FILE`` per cell, with ``bind_socket``/``pidfile`` of FILE replaced by a free port and a
-scratch pid file, measured the same way (floor, peak, after).  ``--reps`` repeats the whole matrix,
+scratch pid file, measured the same way (floor, peak, after).  ``--workers N`` adds a pass-through
+cell with ``workers = N`` (CPU of the main process and its workers summed; RSS of the largest
+process).  ``--reps`` repeats the whole matrix,
 interleaved (every target once per cell per rep), and prints the medians at the end.
 
 Printed: one markdown row per cell and, at the end, the targets of issue 19 with the figures
@@ -37,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import Rmilter, free_port, milterload, rss_mb, wait_for_port  # noqa: E402
+from common import Rmilter, free_port, milterload, rss_mb, wait_for_port, worker_pids  # noqa: E402
 
 PASS_THROUGH = "# no backends: every message is accepted\n"
 WITH_RSPAMD = """\
@@ -66,16 +68,28 @@ def cpu_ms_per_message(result: Dict[str, Any]) -> float:
     return 1000.0 * cpu / messages if messages else 0.0
 
 
-def run_cell(args: argparse.Namespace, config: str, size: str, conc: int) -> Tuple[Dict[str, Any], float, float]:
-    """One fresh rmilter: (milterload result, idle RSS MB, after-burst RSS MB)."""
+def run_cell(args: argparse.Namespace, config: str, size: str, conc: int,
+             workers: int = 1) -> Tuple[Dict[str, Any], float, float]:
+    """One fresh rmilter: (milterload result, idle RSS MB, after-burst RSS MB).
+
+    With ``workers`` > 1 the main process and its workers are watched: CPU is their sum, the
+    RSS figures (idle, peak, after) are those of the largest process."""
     milter = Rmilter(config)
     try:
+        pids = [milter.pid] + (worker_pids(milter.pid, workers) if workers > 1 else [])
         time.sleep(2.0)  # start-up finished (imports, reactor running): the floor
-        idle = rss_mb(milter.pid)
+        idle = max(rss_mb(pid) for pid in pids)
         result = milterload(args.milterload, milter.socket, concurrency=conc, duration=args.duration,
-                            warmup=args.warmup, size=size, pids=[milter.pid])
+                            warmup=args.warmup, size=size, pids=pids)
         time.sleep(args.settle)
-        after = rss_mb(milter.pid)
+        after = max(rss_mb(pid) for pid in pids)
+        if workers > 1:
+            rows = result.get("watched") or []
+            result["watched"] = [{
+                "cpu_s": sum((w.get("cpu_s") or (w.get("utime_s", 0.0) or 0.0) + (w.get("stime_s", 0.0) or 0.0))
+                             for w in rows),
+                "rss_max_kb": max((w.get("rss_max_kb", 0) for w in rows), default=0),
+            }]
         return result, idle, after
     finally:
         milter.stop()
@@ -164,17 +178,22 @@ def main() -> None:
     parser.add_argument("--c-rmilter", help="the C rmilter binary: a yardstick column (optional)")
     parser.add_argument("--c-config", help="its config file (pass-through: no spamd, clamav, redis)")
     parser.add_argument("--reps", type=int, default=1, help="repeat the matrix, interleaved; medians at the end")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also a pass-through cell with workers = N (CPU summed, RSS per process)")
     args = parser.parse_args()
     if bool(args.c_rmilter) != bool(args.c_config):
         parser.error("--c-rmilter and --c-config go together")
 
-    modes: List[Tuple[str, str]] = [("pass", open(args.config).read() if args.config else PASS_THROUGH)]
+    base = open(args.config).read() if args.config else PASS_THROUGH
+    modes: List[Tuple[str, str, int]] = [("pass", base, 1)]
+    if args.workers > 1:
+        modes.append(("pass w%d" % args.workers, base + "workers = %d;\n" % args.workers, args.workers))
     rspamd = None
     if args.rspamd:
         from tests.harness.rspamd import Rspamd
 
         rspamd = Rspamd(log_level="error").start()
-        modes.append(("rspamd", WITH_RSPAMD % {"server": rspamd.address}))
+        modes.append(("rspamd", WITH_RSPAMD % {"server": rspamd.address}, 1))
     ref = None
     if args.ref:
         name, _, rest = args.ref.partition("=")
@@ -197,14 +216,15 @@ def main() -> None:
         for _rep in range(args.reps):
             for size in args.sizes.split(","):
                 for conc in (int(c) for c in args.conc.split(",")):
-                    for mode, config in modes:
-                        result, idle, after = run_cell(args, config, size, conc)
+                    for mode, config, workers in modes:
+                        result, idle, after = run_cell(args, config, size, conc, workers)
                         label = "rmilter %s %s c=%d" % (mode, size, conc)
                         record(label, result, idle, after)
                         peaks.append((label, watched(result).get("rss_max_kb", 0) / 1024.0))
                         afters.append((label, idle, after))
-                        if mode == "pass":
-                            speeds.setdefault((size, conc), {}).setdefault("rmilter", []).append(result["msgs_per_s"])
+                        if mode.startswith("pass"):
+                            speeds.setdefault((size, conc), {}).setdefault("rmilter " + mode, []).append(
+                                result["msgs_per_s"])
                     if args.c_rmilter:
                         result, idle, after = run_c_cell(args, size, conc)
                         record("C rmilter %s c=%d" % (size, conc), result, idle, after)
@@ -242,10 +262,13 @@ def main() -> None:
     floor = min(a[1] for a in afters if a[0].startswith("rmilter pass"))
     print("- idle floor <= 40 MB with no backends: %.1f MB" % floor)
     for (size, conc), by_name in speeds.items():
+        ours = [name for name in by_name if name.startswith("rmilter ")]
         for name, rates in by_name.items():
-            if name != "rmilter" and rates and statistics.median(rates):
-                print("- %s c=%d: rmilter/%s msg/s = %.2fx" % (
-                    size, conc, name, statistics.median(by_name.get("rmilter", [0.0])) / statistics.median(rates)))
+            if name in ours or not rates or not statistics.median(rates):
+                continue
+            for mine in ours:
+                print("- %s c=%d: %s / %s msg/s = %.2fx" % (
+                    size, conc, mine, name, statistics.median(by_name[mine]) / statistics.median(rates)))
 
 if __name__ == "__main__":
     main()
