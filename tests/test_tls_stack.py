@@ -95,3 +95,30 @@ class TlsStackTests(TestCase):
         self.assertFalse(out["openssl"])
         self.assertTrue(out["reloaded"])
         self.assertEqual(out["generation"], out["generation_at_start"] + 1)
+
+    def test_a_workers_listen_options_load_no_endpoint_plugins(self) -> None:
+        """A worker starts with ``--listen adopted-fd:N``: its check must not import every
+        endpoint plugin (and with them the endpoints module and pyOpenSSL) before the
+        configuration is read; an unknown type is still refused."""
+        probe = (
+            "import json, sys\n"
+            "from twisted.python import usage\n"
+            "from rmilter import tap\n"
+            "tap.Options().parseOptions(['--worker', '1', '--listen', 'adopted-fd:4', '--listen', 'fd:5',\n"
+            "                            '--listen', 'systemd:domain=UNIX:index=0', '--listen', 'tcp:1:interface=::1'])\n"
+            "loaded = [m for m in ('OpenSSL', 'twisted.internet.endpoints') if m in sys.modules]\n"
+            "try:\n"
+            "    tap.Options().parseOptions(['--listen', 'nosuchtype:4'])\n"
+            "    refused = ''\n"
+            "except usage.UsageError as e:\n"
+            "    refused = str(e)\n"
+            "print(json.dumps({'loaded': loaded, 'refused': refused}))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        done = subprocess.run([sys.executable, "-c", probe], cwd=tempfile.mkdtemp(prefix="rmilter-tls-"), env=env,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual(out["loaded"], [])
+        self.assertIn("unknown endpoint type 'nosuchtype'", out["refused"])

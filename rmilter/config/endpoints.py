@@ -42,6 +42,9 @@ from rmilter.config.values import ValueProblem
 #: unix socket mode of SPEC B25
 UNIX_SOCKET_MODE = "660"
 
+#: the endpoint type ``fd:N`` maps to; the parser for it is ``rmilter.listeners.AdoptedFdParser``
+ADOPTED_FD_PREFIX = "adopted-fd"
+
 _PORT = re.compile(r"[0-9]{1,5}\Z")
 _HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?\Z")
 _TWISTED_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+._-]*):")
@@ -108,7 +111,7 @@ def _check_twisted(spec: str) -> str:
     elif prefix == "unix":
         if not args or not args[0]:
             raise ValueProblem("%r: missing socket path" % spec)
-    elif prefix not in _known_server_types():
+    elif not _known_server_type(prefix):
         raise ValueProblem("%r: unknown endpoint type %r" % (spec, prefix))
     return spec
 
@@ -147,13 +150,21 @@ def _parse_description(spec: str) -> "tuple[List[str], dict]":
     return args, kwargs
 
 
-def _known_server_types() -> "set[str]":
+#: endpoint types known without asking Twisted's plugin system
+_BUILT_IN_SERVER_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl", "systemd", ADOPTED_FD_PREFIX})
+
+
+def _known_server_type(prefix: str) -> bool:
+    """Whether PREFIX names a server endpoint type; plugins are searched only for other names.
+
+    The search imports every endpoint plugin, and with them Twisted's endpoints module and
+    pyOpenSSL, before the configuration says whether TLS is needed (``rmilter.tls_stack``):
+    a worker's ``--listen adopted-fd:N`` must not cost it 12 MB."""
+    if prefix in _BUILT_IN_SERVER_TYPES:
+        return True
     from twisted.plugin import getPlugins
 
-    known = {"tcp", "tcp6", "unix", "ssl", "systemd", ADOPTED_FD_PREFIX}
-    for parser in getPlugins(IStreamServerEndpointStringParser):
-        known.add(parser.prefix)
-    return known
+    return any(parser.prefix == prefix for parser in getPlugins(IStreamServerEndpointStringParser))
 
 
 def endpoint_description(spec: str) -> str:
@@ -182,6 +193,3 @@ def endpoint_description(spec: str) -> str:
         return "%s:%d" % (ADOPTED_FD_PREFIX, int(rest))
     return _check_twisted(spec)
 
-
-#: the endpoint type ``fd:N`` maps to; the parser for it is ``rmilter.listeners.AdoptedFdParser``
-ADOPTED_FD_PREFIX = "adopted-fd"
