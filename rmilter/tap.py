@@ -88,7 +88,7 @@ def makeService(options: Any, reactor: Any = None) -> service.IService:
     set_ident(config.main.syslog_name)  # the main process of workers = N logs under it too
     from rmilter import tls_stack
 
-    tls_stack.load_reactor(with_tls=tls_stack.needs_tls(config))
+    tls_stack.load_reactor(with_tls=tls_stack.needs_tls(config), with_http=tls_stack.uses_http(config))
     from rmilter.service import RmilterService
     from rmilter.workers import WorkerChannel, WorkerSupervisor, worker_count
 

@@ -122,3 +122,72 @@ class TlsStackTests(TestCase):
         out = json.loads(done.stdout.strip().splitlines()[-1])
         self.assertEqual(out["loaded"], [])
         self.assertIn("unknown endpoint type 'nosuchtype'", out["refused"])
+
+    def test_plain_http_rspamd_loads_no_openssl_and_still_scans(self) -> None:
+        """With ``http://`` Rspamd servers only, the HTTP client is imported with pyOpenSSL
+        held back (12 MB of the idle floor), and a scan through it still gets its reply."""
+        probe = r"""
+import json, socket, sys, threading
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+port = listener.getsockname()[1]
+REPLY = b'{"action": "reject", "score": 21.5, "required_score": 15.0, "symbols": {}}'
+
+def serve():
+    conn, _ = listener.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
+    while len(body) < length:
+        body += conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(REPLY) + REPLY)
+    conn.close()
+
+threading.Thread(target=serve, daemon=True).start()
+path = sys.argv[1]
+with open(path, "a") as f:
+    f.write("spamd { servers = 127.0.0.1:%d; };\n" % port)
+from rmilter import tap
+options = tap.Options()
+options.parseOptions(["--config", path, "--listen", "tcp:%s:interface=127.0.0.1" % sys.argv[2]])
+service = tap.makeService(options)
+from twisted.internet import reactor
+from rmilter.backends.rspamd.client import RspamdClient
+from rmilter.backends.rspamd.request import MessageBody, ScanRequest
+from rmilter.startup import load_configuration
+config, _keys = load_configuration(path)
+out = {"openssl": "OpenSSL" in sys.modules, "treq": "treq" in sys.modules}
+
+def scan():
+    client = RspamdClient(config.spamd, reactor)
+    d = client.scan(ScanRequest(queue_id="PROBE1"), MessageBody(data=b"Subject: probe\r\n\r\nbody\r\n"))
+
+    def done(result):
+        out["result"] = repr(result)
+        out["action"] = getattr(getattr(result, "reply", None), "action", None)
+        out["openssl_after"] = "OpenSSL" in sys.modules
+        print(json.dumps(out))
+        reactor.stop()
+
+    d.addBoth(done)
+
+reactor.callWhenRunning(scan)
+reactor.run()
+"""
+        folder = tempfile.mkdtemp(prefix="rmilter-tls-")
+        path = os.path.join(folder, "rmilter.conf")
+        with open(path, "w") as f:
+            f.write("tempdir = %s;\n" % folder)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        done = subprocess.run([sys.executable, "-c", probe, path, str(free_port())], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertTrue(out["treq"], "the HTTP client was not imported at start")
+        self.assertFalse(out["openssl"], "pyOpenSSL loaded with plain http:// Rspamd servers only")
+        self.assertEqual(out["action"], "reject", out["result"])
+        self.assertFalse(out["openssl_after"], "a plain http:// scan loaded pyOpenSSL")

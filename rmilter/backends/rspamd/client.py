@@ -67,9 +67,11 @@ class RspamdClient:
         self.reactor = reactor
         self._rng = rng or random.Random()
         if endpoint_for is None:
-            from rmilter.backends.rspamd.tls import client_tls
+            tls = None
+            if any(s.tls for s in config.servers + config.also_check):  # pyOpenSSL only then (issue 19)
+                from rmilter.backends.rspamd.tls import client_tls
 
-            tls = client_tls(config) if any(s.tls for s in config.servers + config.also_check) else None
+                tls = client_tls(config)
 
             def endpoint_for(server: ServerSpec) -> Any:
                 return server_endpoint(reactor, server, config.connect_timeout,
