@@ -11,9 +11,10 @@ brings the first ``https://`` server is refused with a message saying to restart
 ``.tac`` file, the tests) keeps TLS as usual.
 
 Twisted's HTTP client (treq, ``twisted.web.client``) imports pyOpenSSL too, whatever the
-URL: with plain ``http://`` Rspamd servers it is imported in the same window (another
-12 MB: the Rspamd idle floor 54.5 -> 42 MB); its ``https://`` methods then raise, which no
-server of that configuration asks for.
+URL: with plain ``http://`` Rspamd servers it is imported in the same window (the idle
+floor with one such server: 54.5 -> 43.3 MB); its ``https://`` methods then raise, which no
+server of that configuration asks for.  txredisapi cannot be imported without pyOpenSSL:
+with Redis configured it is loaded after all.
 """
 from __future__ import annotations
 
