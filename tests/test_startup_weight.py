@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 from twisted.trial.unittest import TestCase
+
+from tests.harness.base import free_port, run_python_probe
 
 #: loaded only when the configuration asks for them (the modules and their reasons)
 LAZY = {
@@ -74,29 +74,14 @@ print(json.dumps(out))
 """
 
 
-def free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class StartupWeightTests(TestCase):
     def probe(self) -> dict:
         folder = tempfile.mkdtemp(prefix="rmilter-weight-")
         path = os.path.join(folder, "rmilter.conf")
         with open(path, "w") as f:
             f.write("# no backends\ntempdir = %s;\n" % folder)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        done = subprocess.run(
-            [sys.executable, "-c", PROBE, json.dumps(sorted(LAZY)), path, str(free_port()), str(free_port()), str(free_port())],
-            cwd=folder, env=env, capture_output=True, text=True, timeout=60)
-        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_python_probe(
+            PROBE, [json.dumps(sorted(LAZY)), path, str(free_port()), str(free_port()), str(free_port())], cwd=folder)
 
     def test_no_backends_loads_no_backend_stack_and_a_reload_adds_them(self) -> None:
         out = self.probe()
@@ -114,8 +99,4 @@ class StartupWeightTests(TestCase):
         """``twistd rmilter`` imports rmilter.tap, which knows workers: metrics wait for them."""
         probe = "import json, sys, rmilter.tap; print(json.dumps(sorted(m for m in %r if m in sys.modules)))" % (
             ["rmilter.metrics", "prometheus_client", "treq", "txredisapi", "dkim"],)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-        self.assertEqual(json.loads(done.stdout.strip().splitlines()[-1]), [])
+        self.assertEqual(run_python_probe(probe, []), [])

@@ -5,14 +5,13 @@ interpreter: this test process has imported pyOpenSSL long ago.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from twisted.trial.unittest import TestCase
+
+from tests.harness.base import free_port, run_python_probe
 
 PROBE = r"""
 import json, sys
@@ -50,28 +49,19 @@ reactor.run()
 HTTPS = "spamd { servers = https://127.0.0.1:%d; };\n"
 
 
-def free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
+def config_folder(config: str) -> Tuple[str, str]:
+    """A scratch folder holding rmilter.conf (CONFIG, tempdir in the folder): (folder, path)."""
+    folder = tempfile.mkdtemp(prefix="rmilter-tls-")
+    path = os.path.join(folder, "rmilter.conf")
+    with open(path, "w") as f:
+        f.write(config + "tempdir = %s;\n" % folder)
+    return folder, path
 
 
 class TlsStackTests(TestCase):
     def probe(self, first: str, later: str) -> Dict[str, Any]:
-        folder = tempfile.mkdtemp(prefix="rmilter-tls-")
-        path = os.path.join(folder, "rmilter.conf")
-        with open(path, "w") as f:
-            f.write(first + "tempdir = %s;\n" % folder)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        done = subprocess.run([sys.executable, "-c", PROBE, path, str(free_port()), later + "tempdir = %s;\n" % folder],
-                              cwd=folder, env=env, capture_output=True, text=True, timeout=60)
-        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        folder, path = config_folder(first)
+        return run_python_probe(PROBE, [path, str(free_port()), later + "tempdir = %s;\n" % folder], cwd=folder)
 
     def test_no_tls_configured_loads_no_openssl_and_refuses_a_reload_that_needs_it(self) -> None:
         out = self.probe("# no backends\n", HTTPS % free_port())
@@ -114,12 +104,7 @@ class TlsStackTests(TestCase):
             "    refused = str(e)\n"
             "print(json.dumps({'loaded': loaded, 'refused': refused}))\n"
         )
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        done = subprocess.run([sys.executable, "-c", probe], cwd=tempfile.mkdtemp(prefix="rmilter-tls-"), env=env,
-                              capture_output=True, text=True, timeout=60)
-        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-        out = json.loads(done.stdout.strip().splitlines()[-1])
+        out = run_python_probe(probe, [])
         self.assertEqual(out["loaded"], [])
         self.assertIn("unknown endpoint type 'nosuchtype'", out["refused"])
 
@@ -177,16 +162,8 @@ def scan():
 reactor.callWhenRunning(scan)
 reactor.run()
 """
-        folder = tempfile.mkdtemp(prefix="rmilter-tls-")
-        path = os.path.join(folder, "rmilter.conf")
-        with open(path, "w") as f:
-            f.write("tempdir = %s;\n" % folder)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        done = subprocess.run([sys.executable, "-c", probe, path, str(free_port())], cwd=folder, env=env,
-                              capture_output=True, text=True, timeout=60)
-        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-        out = json.loads(done.stdout.strip().splitlines()[-1])
+        folder, path = config_folder("")
+        out = run_python_probe(probe, [path, str(free_port())], cwd=folder)
         self.assertTrue(out["treq"], "the HTTP client was not imported at start")
         self.assertFalse(out["openssl"], "pyOpenSSL loaded with plain http:// Rspamd servers only")
         self.assertEqual(out["action"], "reject", out["result"])

@@ -6,15 +6,17 @@ package docstring (``tests/harness/__init__.py``) for how tests are meant to use
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, IO, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, IO, List, Optional, Sequence, TypeVar
 
 from twisted.trial.unittest import FailTest
 
@@ -86,6 +88,26 @@ def scratch_dir(name: str) -> str:
     os.makedirs(path, mode=0o755)
     os.chmod(path, 0o755)
     return path
+
+
+# --- fresh interpreters ----------------------------------------------------------------------
+
+#: the repository, put first on a probe's PYTHONPATH
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_python_probe(script: str, args: Sequence[str], cwd: Optional[str] = None, timeout: float = 60) -> Any:
+    """Run ``script`` in a fresh interpreter (``python -c``) and return the JSON of its last line.
+
+    For what an import-time decision does (the test process has imported everything long
+    ago); a non-zero exit fails with the probe's standard error.
+    """
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd or tempfile.mkdtemp(prefix="rmilter-probe-"),
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise FailTest("the probe exited with %d:\n%s" % (done.returncode, done.stderr[-3000:]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- ports ------------------------------------------------------------------------------------
