@@ -59,11 +59,16 @@ def watched(result: Dict[str, Any]) -> Dict[str, Any]:
     return rows[0]
 
 
-def cpu_ms_per_message(result: Dict[str, Any]) -> float:
-    w = watched(result)
+def cpu_s(w: Dict[str, Any]) -> float:
+    """CPU seconds of one watched process in a milterload result."""
     cpu = w.get("cpu_s")
     if cpu is None:
         cpu = (w.get("utime_s", 0.0) or 0.0) + (w.get("stime_s", 0.0) or 0.0)
+    return float(cpu)
+
+
+def cpu_ms_per_message(result: Dict[str, Any]) -> float:
+    cpu = cpu_s(watched(result))
     messages = result.get("messages") or 0
     return 1000.0 * cpu / messages if messages else 0.0
 
@@ -86,8 +91,7 @@ def run_cell(args: argparse.Namespace, config: str, size: str, conc: int,
         if workers > 1:
             rows = result.get("watched") or []
             result["watched"] = [{
-                "cpu_s": sum((w.get("cpu_s") or (w.get("utime_s", 0.0) or 0.0) + (w.get("stime_s", 0.0) or 0.0))
-                             for w in rows),
+                "cpu_s": sum(cpu_s(w) for w in rows),
                 "rss_max_kb": max((w.get("rss_max_kb", 0) for w in rows), default=0),
             }]
         return result, idle, after

@@ -9,12 +9,10 @@ feature unavailable later.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 from twisted.trial.unittest import TestCase
 
-from tests.harness.base import free_port, run_python_probe
+from tests.harness.base import free_port, probe_config, run_python_probe
 
 #: loaded only when the configuration asks for them (the modules and their reasons)
 LAZY = {
@@ -76,10 +74,7 @@ print(json.dumps(out))
 
 class StartupWeightTests(TestCase):
     def probe(self) -> dict:
-        folder = tempfile.mkdtemp(prefix="rmilter-weight-")
-        path = os.path.join(folder, "rmilter.conf")
-        with open(path, "w") as f:
-            f.write("# no backends\ntempdir = %s;\n" % folder)
+        folder, path = probe_config("# no backends\n", prefix="rmilter-weight-")
         return run_python_probe(
             PROBE, [json.dumps(sorted(LAZY)), path, str(free_port()), str(free_port()), str(free_port())], cwd=folder)
 

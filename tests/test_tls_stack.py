@@ -5,13 +5,13 @@ interpreter: this test process has imported pyOpenSSL long ago.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 from twisted.trial.unittest import TestCase
 
-from tests.harness.base import free_port, run_python_probe
+from tests.dates import message_date
+from tests.harness import GTUBE, shared_rspamd
+from tests.harness.base import free_port, probe_config, run_python_probe
 
 PROBE = r"""
 import json, sys
@@ -49,18 +49,9 @@ reactor.run()
 HTTPS = "spamd { servers = https://127.0.0.1:%d; };\n"
 
 
-def config_folder(config: str) -> Tuple[str, str]:
-    """A scratch folder holding rmilter.conf (CONFIG, tempdir in the folder): (folder, path)."""
-    folder = tempfile.mkdtemp(prefix="rmilter-tls-")
-    path = os.path.join(folder, "rmilter.conf")
-    with open(path, "w") as f:
-        f.write(config + "tempdir = %s;\n" % folder)
-    return folder, path
-
-
 class TlsStackTests(TestCase):
     def probe(self, first: str, later: str) -> Dict[str, Any]:
-        folder, path = config_folder(first)
+        folder, path = probe_config(first, prefix="rmilter-tls-")
         return run_python_probe(PROBE, [path, str(free_port()), later + "tempdir = %s;\n" % folder], cwd=folder)
 
     def test_no_tls_configured_loads_no_openssl_and_refuses_a_reload_that_needs_it(self) -> None:
@@ -110,34 +101,14 @@ class TlsStackTests(TestCase):
 
     def test_plain_http_rspamd_loads_no_openssl_and_still_scans(self) -> None:
         """With ``http://`` Rspamd servers only, the HTTP client is imported with pyOpenSSL
-        held back (12 MB of the idle floor), and a scan through it still gets its reply."""
+        held back (12 MB of the idle floor), and a scan of GTUBE on the real Rspamd through it
+        is still rejected."""
         probe = r"""
-import json, socket, sys, threading
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(1)
-port = listener.getsockname()[1]
-REPLY = b'{"action": "reject", "score": 21.5, "required_score": 15.0, "symbols": {}}'
-
-def serve():
-    conn, _ = listener.accept()
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += conn.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
-    while len(body) < length:
-        body += conn.recv(65536)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(REPLY) + REPLY)
-    conn.close()
-
-threading.Thread(target=serve, daemon=True).start()
-path = sys.argv[1]
-with open(path, "a") as f:
-    f.write("spamd { servers = 127.0.0.1:%d; };\n" % port)
+import json, sys
+path, port = sys.argv[1], sys.argv[2]
 from rmilter import tap
 options = tap.Options()
-options.parseOptions(["--config", path, "--listen", "tcp:%s:interface=127.0.0.1" % sys.argv[2]])
+options.parseOptions(["--config", path, "--listen", "tcp:%s:interface=127.0.0.1" % port])
 service = tap.makeService(options)
 from twisted.internet import reactor
 from rmilter.backends.rspamd.client import RspamdClient
@@ -148,11 +119,15 @@ out = {"openssl": "OpenSSL" in sys.modules, "treq": "treq" in sys.modules}
 
 def scan():
     client = RspamdClient(config.spamd, reactor)
-    d = client.scan(ScanRequest(queue_id="PROBE1"), MessageBody(data=b"Subject: probe\r\n\r\nbody\r\n"))
+    d = client.scan(ScanRequest(queue_id="PROBE1", envelope_from="alice@example.net",
+                                recipients=("bob@example.org",)),
+                    MessageBody(data=sys.argv[3].encode("ascii")))
 
     def done(result):
-        out["result"] = repr(result)
-        out["action"] = getattr(getattr(result, "reply", None), "action", None)
+        reply = getattr(result, "reply", None)
+        out["result"] = repr(result)[:2000]
+        out["action"] = getattr(reply, "action", None)
+        out["gtube"] = bool(reply is not None and reply.has_symbol("GTUBE"))
         out["openssl_after"] = "OpenSSL" in sys.modules
         print(json.dumps(out))
         reactor.stop()
@@ -162,9 +137,14 @@ def scan():
 reactor.callWhenRunning(scan)
 reactor.run()
 """
-        folder, path = config_folder("")
-        out = run_python_probe(probe, [path, str(free_port())], cwd=folder)
+        rspamd = shared_rspamd()
+        message = ("From: Alice <alice@example.net>\r\nTo: Bob <bob@example.org>\r\nSubject: probe\r\n"
+                   "Date: %s\r\nMessage-ID: <tls-probe@example.net>\r\n\r\n%s\r\n"
+                   % (message_date(), GTUBE.decode("ascii")))
+        folder, path = probe_config("spamd { servers = %s; };\n" % rspamd.address, prefix="rmilter-tls-")
+        out = run_python_probe(probe, [path, str(free_port()), message], cwd=folder)
         self.assertTrue(out["treq"], "the HTTP client was not imported at start")
         self.assertFalse(out["openssl"], "pyOpenSSL loaded with plain http:// Rspamd servers only")
         self.assertEqual(out["action"], "reject", out["result"])
+        self.assertTrue(out["gtube"], out["result"])
         self.assertFalse(out["openssl_after"], "a plain http:// scan loaded pyOpenSSL")

@@ -96,6 +96,17 @@ def scratch_dir(name: str) -> str:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def probe_config(config: str, prefix: str = "rmilter-probe-") -> "tuple[str, str]":
+    """A scratch folder holding ``rmilter.conf``: CONFIG, then ``tempdir`` = the folder.
+
+    Returns (folder, path) for a probe's working directory and ``--config``."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    path = os.path.join(folder, "rmilter.conf")
+    with open(path, "w") as f:
+        f.write(config + "tempdir = %s;\n" % folder)
+    return folder, path
+
+
 def run_python_probe(script: str, args: Sequence[str], cwd: Optional[str] = None, timeout: float = 60) -> Any:
     """Run ``script`` in a fresh interpreter (``python -c``) and return the JSON of its last line.
 
