@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.python.failure import Failure
 
 from rmilter.checks import copies, replies, spam
@@ -37,6 +37,7 @@ from rmilter.verdict import (
     CONTINUE,
     HEADERS_TOO_LARGE,
     Action,
+    MessageAbandoned,
     Check,
     CheckResult,
     Verdict,
@@ -89,6 +90,10 @@ class Transaction:
     results: List[CheckResult] = field(default_factory=list)
     #: name + value bytes of the headers so far (bounded by ``header_limit``)
     header_bytes: int = 0
+    #: the MTA closed the connection while a stage waited (``Pipeline.abandon``)
+    abandoned: bool = False
+    #: the backend scans in flight (Rspamd, clamd), cancelled when the message is abandoned
+    scans: Set["Deferred[CheckResult]"] = field(default_factory=set)
 
     @property
     def tag(self) -> str:
@@ -132,6 +137,8 @@ class Pipeline:
         dry run has its demanded verdict turned into a "would" (``verdict.dry_run_result``), so
         every stage below sees a result that let the message pass.
         """
+        if txn.abandoned:
+            return fail(MessageAbandoned())
         observed = bool(self.observers)
         started = txn.deps.clock.seconds() if observed else 0.0
         running = check(txn.message, txn.deps, **options)
@@ -188,7 +195,40 @@ class Pipeline:
             outcome.callback(result)
 
         running.addBoth(ended)
-        return outcome
+        return self._scan_in_flight(txn, outcome)
+
+    @staticmethod
+    def _scan_in_flight(txn: Transaction, scan: "Deferred[CheckResult]") -> "Deferred[CheckResult]":
+        """Remember a backend scan until it ends, for ``abandon`` to cancel.
+
+        (``called`` is no test: a Deferred waiting on a chained one is called but not done.)"""
+        txn.scans.add(scan)
+
+        def ended(result: Any) -> Any:
+            txn.scans.discard(scan)
+            return result
+
+        scan.addBoth(ended)
+        return scan
+
+    def abandon(self, txn: Transaction) -> None:
+        """The MTA closed the connection while a stage waited (SPEC §5.10): stop working for it.
+
+        Postfix gives up on a milter after ``milter_content_timeout`` and retries the message
+        later; scanning on would load an Rspamd that is already behind with work nobody waits
+        for, and record rates, replies and signatures for a message that was not delivered.  The
+        scans in flight are cancelled (their connections closed), no further check starts, and
+        the stage's Deferred fires soon after with a verdict the session drops.
+        """
+        if txn.abandoned:
+            return
+        txn.abandoned = True
+        scans = list(txn.scans)
+        if scans:
+            log.info("{tag}; the MTA closed the connection; {count} scan(s) in flight cancelled",
+                     tag=txn.tag, count=len(scans))
+        for scan in scans:
+            scan.cancel()
 
     def _keep(self, txn: Transaction, result: CheckResult, seconds: float = 0.0) -> CheckResult:
         if result.check in txn.runtime.dry_run:
@@ -339,6 +379,8 @@ class Pipeline:
         return self._eom(txn).addErrback(self._eom_failed, txn)
 
     def _eom_failed(self, failure: Failure, txn: Transaction) -> Verdict:
+        if failure.check(MessageAbandoned):
+            return BARE_TEMPFAIL  # nobody reads it: the MTA is gone
         log.failure("{tag}; internal error at end of message", failure, tag=txn.tag)
         self._skip_missing(txn, "skipped(internal failure)")
         return BARE_TEMPFAIL
@@ -381,7 +423,8 @@ class Pipeline:
         # -- rspamd (steps 4-5) ----------------------------------------------------------------
         spam_failed = False
         if spam_mode in ("full", "dkim"):
-            spam_result = yield self._run(txn, checks.spam, dkim_only=(spam_mode == "dkim"))
+            spam_result = yield self._scan_in_flight(
+                txn, self._run(txn, checks.spam, dkim_only=(spam_mode == "dkim")))
             results.append(spam_result)
             spam_failed = spam_result.failed
             if spam.rejected(spam_result):

@@ -16,6 +16,12 @@ from types import MappingProxyType
 from typing import Any, FrozenSet, Iterable, Mapping, Optional, Tuple, Union
 
 
+class MessageAbandoned(Exception):
+    """The MTA went away while the message waited for its checks: no further check starts.
+
+    The failure a stage's Deferred ends with then; the milter session drops it quietly."""
+
+
 class Action(enum.Enum):
     CONTINUE = "continue"
     ACCEPT = "accept"

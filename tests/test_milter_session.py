@@ -253,11 +253,32 @@ class MessageFlowTests(SynchronousTestCase):
         result = feed(session, ENVELOPE + CONTENT)[-1]
         self.assertIsInstance(result, Deferred)
         session.connection_lost()
+        self.assertEqual(pipeline.abandoned, [pipeline.messages[0]])  # its scans are cancelled
         self.assertEqual(pipeline.finished, [])
         pending.callback(v.ACCEPT)
         self.assertIsNone(self.successResultOf(result))
         self.assertEqual(pipeline.finished, [(pipeline.messages[0], None)])
         self.assertEqual(recorder.finished, 1)
+
+    def test_abandoned_stage_ends_quietly(self) -> None:
+        """The MessageAbandoned failure of an abandoned stage is no internal error; others still are."""
+        for failure, logged in ((v.MessageAbandoned(), 0), (RuntimeError("bug"), 1)):
+            pipeline = FakePipeline()
+            pending: Deferred = Deferred()
+            pipeline.answers["eom"] = pending
+            session, _, _ = make_session(pipeline)
+            result = feed(session, ENVELOPE + CONTENT)[-1]
+            session.connection_lost()
+            pending.errback(failure)
+            self.assertIsNone(self.successResultOf(result))
+            self.assertEqual(pipeline.finished, [(pipeline.messages[0], None)])
+            self.assertEqual(len(self.flushLoggedErrors(type(failure))), logged)
+
+    def test_connection_lost_between_stages_abandons_nothing(self) -> None:
+        session, pipeline, _ = make_session()
+        feed(session, ENVELOPE)
+        session.connection_lost()
+        self.assertEqual(pipeline.abandoned, [])
 
     def test_empty_body_chunk(self) -> None:
         """An empty BODY chunk is passed on and answered like any other (B35)."""

@@ -11,12 +11,13 @@ import random
 import tempfile
 from typing import Any, List, Optional, Sequence
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from rmilter.backends.rspamd import RspamdClient
 from rmilter.config.schema import (
+    ClamavConfig,
     Config,
     DkimConfig,
     GlobalConfig,
@@ -32,7 +33,7 @@ from rmilter.pipeline import Checks, Pipeline
 from rmilter.runtime import Runtime
 from rmilter.spool import run_inline
 from rmilter.summary import summary_event
-from rmilter.testing.fake_rspamd import FakeRspamd, FakeRspamdCluster, checkv2_reply
+from rmilter.testing.fake_rspamd import HANG, FakeRspamd, FakeRspamdCluster, checkv2_reply
 from rmilter.verdict import Action, AddHeader, ChangeHeader, Check, CheckResult, Verdict, reply_line, skipped, tempfail
 from tests.pipeline_support import send_until_eom
 
@@ -220,3 +221,77 @@ class VerdictThroughPipelineTests(PipelineSpamTestCase):
         self.assertEqual(verdict.action, Action.ACCEPT)
         self.assertEqual(self.fields["spam"], "ignored, temporary fail")
         self.assertEqual(self.published, [])  # no copy of unscanned mail (SPEC §6.5)
+
+
+class AbandonedMessageTests(PipelineSpamTestCase):
+    """The MTA closes the connection while Rspamd scans (SPEC §5.10): the scan stops, nothing follows."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.after_scan: List[str] = []
+        self.virus_cancelled: List[bool] = []
+        self.checks = dataclasses.replace(
+            self.checks,
+            ratelimit_record=lambda message, deps: self.record("ratelimit_record"),
+            dkim=lambda message, deps: self.record("dkim"),
+            replies_record=lambda message, deps: self.record("replies_record"),
+        )
+
+    def record(self, name: str):  # type: ignore[no-untyped-def]
+        self.after_scan.append(name)
+        return succeed(skipped(Check.RATELIMIT, "recorded by the test"))
+
+    def start(self, config: Config):  # type: ignore[no-untyped-def]
+        self.clock = Clock()
+        self.fakes.clock = self.clock
+        rspamd = RspamdClient(config.spamd, self.clock, endpoint_for=self.fakes.endpoint_for, rng=random.Random(0))
+        runtime = Runtime(Deps(config=config, clock=self.clock, run_blocking=run_inline, rspamd=rspamd))
+        pipeline = Pipeline(lambda: runtime, self.checks)
+        txn, _, d = send_until_eom(self, pipeline)
+        assert d is not None
+        self.clock.advance(0)
+        return pipeline, txn, d
+
+    def test_abandon_cancels_the_scan_and_starts_nothing_more(self) -> None:
+        self.fakes["r1"].answer(HANG)
+        pipeline, txn, d = self.start(self.config(spamd=SpamdConfig(results_timeout=30.0, retry_count=5)))
+        self.assertEqual(len(self.requests), 1)
+        [request] = self.fakes["r1"].pending
+        self.assertNoResult(d)
+        pipeline.abandon(txn)
+        self.successResultOf(d)  # at once, not after the 30 s deadline
+        self.fakes["r1"].flush()
+        self.assertTrue(request._disconnected, "the Rspamd connection was not closed")
+        self.clock.advance(200)  # no retry of a cancelled scan
+        self.assertEqual(len(self.requests), 1)
+        self.assertEqual(self.after_scan, [])  # no rate recorded, no signature, no reply record
+        self.assertEqual(self.published, [])
+        self.assertEqual(txn.scans, set())
+        self.assertEqual(self.flushLoggedErrors(), [])
+        pipeline.finish(txn, None)
+        self.assertTrue(txn.message.spool is None or txn.message.spool.closed)
+
+    def test_abandon_cancels_the_virus_scan_too(self) -> None:
+        def hanging_virus(message: MessageContext, deps: Deps):  # type: ignore[no-untyped-def]
+            def cancel(d: Any) -> None:
+                self.virus_cancelled.append(True)
+                d.callback(CheckResult(Check.VIRUS, "cancelled"))
+            return Deferred(cancel)
+
+        self.checks = dataclasses.replace(self.checks, virus=hanging_virus)
+        self.fakes["r1"].answer(HANG)
+        config = dataclasses.replace(self.config(), clamav=ClamavConfig(servers=(ServerSpec("c1", host="127.0.0.1", port=3310),)))
+        pipeline, txn, d = self.start(config)
+        self.assertEqual(len(txn.scans), 2)  # Rspamd and clamd at the same time
+        pipeline.abandon(txn)
+        self.successResultOf(d)
+        self.assertEqual(self.virus_cancelled, [True])
+        self.assertEqual(self.after_scan, [])
+
+    def test_a_scan_that_ends_normally_is_forgotten(self) -> None:
+        pipeline, txn, d = self.start(self.config())
+        self.assertEqual(self.successResultOf(d).action, Action.ACCEPT)
+        self.assertEqual(txn.scans, set())
+        self.assertEqual(self.after_scan, ["ratelimit_record", "dkim", "replies_record"])
+        pipeline.abandon(txn)  # after the verdict: nothing left to cancel, no error
+        self.assertEqual(self.flushLoggedErrors(), [])

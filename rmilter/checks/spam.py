@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 
 from rmilter.backends.rspamd import (
@@ -35,6 +35,7 @@ from rmilter.backends.rspamd import (
     Symbol,
     prepare_body,
 )
+from rmilter.backends.upstream import SCAN_CANCELLED
 from rmilter.config.schema import SpamdConfig
 if TYPE_CHECKING:  # issue 19: the client (treq) is loaded only when spamd servers are configured
     from rmilter.backends.rspamd import RspamdClient, RspamdScan
@@ -458,7 +459,10 @@ def check(message: MessageContext, deps: Deps, *, dkim_only: bool = False) -> "D
 
         failure.trap(RspamdError)
         reason = failure.getErrorMessage()
-        log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=message.tag, reason=reason)
+        if failure.value.errors[-1:] == (SCAN_CANCELLED,):
+            log.info("{tag}; spamdscan: scan cancelled ({reason})", tag=message.tag, reason=reason)
+        else:
+            log.warn("{tag}; spamdscan: scan failed after all retries: {reason}", tag=message.tag, reason=reason)
         reasons.append(reason)
         return None
 
@@ -469,6 +473,8 @@ def check(message: MessageContext, deps: Deps, *, dkim_only: bool = False) -> "D
         return dkim_only_outcome(message, spamd, result) if dkim_only else full_outcome(message, spamd, result)
 
     def internal(failure: Failure) -> CheckResult:
+        if failure.check(CancelledError):  # cancelled before the scan began (body compression)
+            return failure_outcome(spamd, SCAN_CANCELLED)
         log.failure("{tag}; spamdscan: internal error", failure, tag=message.tag)
         return failure_outcome(spamd, "internal error: %s" % (failure.getErrorMessage(),))
 

@@ -45,7 +45,7 @@ from rmilter.milter.codec import (
     Unknown,
 )
 from rmilter import verdict as verdicts
-from rmilter.verdict import BARE_TEMPFAIL, CONTINUE, Action, Verdict
+from rmilter.verdict import BARE_TEMPFAIL, CONTINUE, Action, MessageAbandoned, Verdict
 
 log = Logger(namespace="rmilter.milter")
 
@@ -222,12 +222,17 @@ class MilterSession:
         self._allowed = _STEPS[state]
 
     def connection_lost(self) -> None:
-        """The MTA went away (SPEC §5.10: like QUIT); a pending pipeline call finishes first."""
+        """The MTA went away (SPEC §5.10: like QUIT).
+
+        A pending pipeline call is told to give up (``abandon``: its scans cancelled, nothing more
+        started) and the message ends when that call returns."""
         self._lost = True
         self.warnings.close()
         self._enter(State.CLOSED)
         if self.waiting_stage is None:
             self._end_message(None)
+        elif self.message is not None:
+            self.pipeline.abandon(self.message)
 
     # -- helpers -----------------------------------------------------------------------------
     def _tag(self) -> str:
@@ -313,7 +318,8 @@ class MilterSession:
         """Reply bytes for the verdict of a (maybe asynchronous) message stage."""
         self.waiting_stage = None
         if isinstance(result, Failure):
-            log.failure("{tag}; internal error at {stage}", result, tag=self._tag(), stage=stage)
+            if not (self._lost and result.check(MessageAbandoned)):
+                log.failure("{tag}; internal error at {stage}", result, tag=self._tag(), stage=stage)
             result = BARE_TEMPFAIL
         if self._lost:
             self._end_message(None)  # the connection went away while the pipeline worked

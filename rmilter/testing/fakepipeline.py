@@ -30,6 +30,8 @@ class FakePipeline:
         self.calls: List[Tuple[Any, ...]] = []
         #: (message, verdict or None) for every pipeline.finish
         self.finished: List[Tuple[MessageContext, Optional[Verdict]]] = []
+        #: messages whose MTA went away while a stage waited
+        self.abandoned: List[MessageContext] = []
         self.messages: List[MessageContext] = []
 
     def current_runtime(self) -> Runtime:
@@ -94,6 +96,10 @@ class FakePipeline:
     def finish(self, msg: MessageContext, verdict: Optional[Verdict]) -> None:
         self.calls.append(("finish", verdict))
         self.finished.append((msg, verdict))
+
+    def abandon(self, msg: MessageContext) -> None:
+        self.calls.append(("abandon",))
+        self.abandoned.append(msg)
 
     def stages(self) -> List[str]:
         """The stage names called so far, in order."""
