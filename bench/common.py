@@ -76,7 +76,9 @@ class Rmilter:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                # longer than shutdown_timeout (30 s): a SIGKILL leaves the spool files of
+                # messages in flight behind in the tempdir
+                self.proc.wait(45)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

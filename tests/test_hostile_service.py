@@ -46,6 +46,18 @@ class CannedClamd(Protocol):
             self.transport.loseConnection()
 
 
+class SilentHttp(Protocol):
+    """An 'Rspamd' that reads the whole request and never answers (one far behind with work)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received += len(data)  # type: ignore[attr-defined]
+        if self.factory.received >= self.factory.expect and not self.factory.request_in.called:  # type: ignore[attr-defined]
+            self.factory.request_in.callback(None)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.factory.closed.append(reactor.seconds())  # type: ignore[attr-defined]
+
+
 def raw_connect(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(OPTNEG)
@@ -181,6 +193,42 @@ class HostileBackendTests(TestCase):
         self.assertEqual(len(added), 100)
         self.assertEqual(added[0].value, "v\n\tw")
         milter.wait_for_log(r"more than 100 edits of a kind; dropped: 19900 add_headers")
+
+    @defer.inlineCallbacks
+    def test_mta_gone_during_the_scan_cancels_it(self):  # type: ignore[no-untyped-def]
+        """The MTA drops the connection while Rspamd has the message: the scan is cancelled at once
+        (not after 60 s and 4 more attempts) and the spool file is deleted."""
+        body = b"x" * 76 + b"\r\n"
+        spec = MessageSpec(body=body * (2 * 1024 * 1024 // len(body)))  # on disk: over spool_memory_limit
+        factory = Factory.forProtocol(SilentHttp)
+        factory.received, factory.expect = 0, len(spec.body)  # type: ignore[attr-defined]
+        factory.request_in, factory.closed = defer.Deferred(), []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        tempdir = harness.scratch_dir("spool")
+        milter = harness.start_rmilter(
+            self, "tempdir = %s;\nspamd { servers = 127.0.0.1:%d; results_timeout = 60s; retry_count = 5; };\n"
+            % (tempdir, port.getHost().port), unix=False)
+        client = yield MilterClient.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", milter.inet_port))
+        sent = client.send_message(spec)
+        sent.addErrback(lambda _: None)  # the connection is dropped under it
+        yield factory.request_in.addTimeout(30, reactor)  # type: ignore[attr-defined]
+        self.assertEqual(len([n for n in os.listdir(tempdir) if n.startswith("msg.")]), 1)
+        dropped = reactor.seconds()
+        client.protocol.transport.abortConnection()  # as Postfix after milter_content_timeout
+        # waited for in a thread: the abort and the listener's close need this process's reactor
+        yield threads.deferToThread(milter.wait_for_log, r"spamdscan: scan cancelled")
+        yield threads.deferToThread(harness.wait_until, lambda: factory.closed or None, 10,  # type: ignore[attr-defined]
+                                    "the Rspamd connection closed")
+        self.assertLess(factory.closed[0] - dropped, 10)  # type: ignore[attr-defined]
+        yield threads.deferToThread(
+            harness.wait_until, lambda: not any(n.startswith("msg.") for n in os.listdir(tempdir)) or None, 10,
+            "the spool file deleted")
+        log = milter.log_text()
+        self.assertIn("1 scan(s) in flight cancelled", log)
+        self.assertNotIn("attempt 1 of 5", log)  # no retry, no timeout
+        self.assertNotIn("internal error", log)
+        self.assertNotIn("msg done", log)  # nothing recorded for a message nobody got an answer on
 
     @defer.inlineCallbacks
     def test_clamd_client_is_quiet(self):  # type: ignore[no-untyped-def]

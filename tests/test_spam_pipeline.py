@@ -269,7 +269,8 @@ class AbandonedMessageTests(PipelineSpamTestCase):
         self.assertEqual(txn.scans, set())
         self.assertEqual(self.flushLoggedErrors(), [])
         pipeline.finish(txn, None)
-        self.assertTrue(txn.message.spool is None or txn.message.spool.closed)
+        assert txn.message.spool is not None
+        self.assertTrue(txn.message.spool.closed)
 
     def test_abandon_cancels_the_virus_scan_too(self) -> None:
         def hanging_virus(message: MessageContext, deps: Deps):  # type: ignore[no-untyped-def]
